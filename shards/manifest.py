@@ -1,0 +1,120 @@
+"""Joining the committed shards' parts into the root's manifests and summary.
+
+Parts are read one shard at a time and streamed into the output files, so the driver's
+memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .root import RootLayout
+from .schemas import REJECTS, SHARDS, UTTERANCES
+from .tar_writer import write_atomic
+
+#: Rows per Parquet row group in the joined manifests.
+ROW_GROUP = 65_536
+
+
+class _StreamingParquet:
+    """Appends tables to one Parquet file in fixed-size row groups (deterministic layout)."""
+
+    def __init__(self, schema: pa.Schema):
+        self.buffer = io.BytesIO()
+        self._writer = pq.ParquetWriter(self.buffer, schema)
+        self._pending: list[pa.Table] = []
+        self._rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self._pending.append(table)
+        self._rows += table.num_rows
+        while self._rows >= ROW_GROUP:
+            whole = pa.concat_tables(self._pending)
+            self._writer.write_table(whole.slice(0, ROW_GROUP), row_group_size=ROW_GROUP)
+            rest = whole.slice(ROW_GROUP)
+            self._pending, self._rows = [rest], rest.num_rows
+
+    def close(self) -> bytes:
+        if self._rows:
+            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP)
+        self._writer.close()
+        return self.buffer.getvalue()
+
+
+def finalize(layout: RootLayout, num_shards: int, plan_rejects: list[dict], meta: dict,
+             run: dict) -> dict:
+    """Writes ``utterances``, ``shards``, ``rejects`` and ``summary.json`` from the parts.
+
+    Args:
+        layout: The root.
+        num_shards: Shards in the plan (all must be committed).
+        plan_rejects: Rejects from discovery, probing and planning.
+        meta: The plan's metadata (files discovered, layout).
+        run: This run's ``wall_seconds`` and ``hours_written``, for throughput.
+
+    Returns:
+        The summary.
+    """
+    utterances = _StreamingParquet(UTTERANCES)
+    rejects = _StreamingParquet(REJECTS)
+    rejects.write(pa.Table.from_pylist(plan_rejects, schema=REJECTS))
+    shard_rows = []
+    speakers: set[str] = set()
+    by_reason: collections.Counter[str] = collections.Counter()
+    by_reason.update(r["reason"] for r in plan_rejects)
+    sources_taken: set[str] = set()
+    for i in range(num_shards):
+        record = layout.read_commit(i)
+        if record is None:
+            raise RuntimeError(f"shard {layout.shard_name(i)} is not committed; rerun to finish it")
+        shard_rows.append({k: record[k] for k in SHARDS.names})
+        table = pq.read_table(layout.utterances_part(i), schema=UTTERANCES)
+        utterances.write(table)
+        speakers.update(s for s in table.column("speaker").to_pylist() if s is not None)
+        sources_taken.update(table.column("source").to_pylist())
+        part_rejects = pq.read_table(layout.rejects_part(i), schema=REJECTS)
+        rejects.write(part_rejects)
+        by_reason.update(part_rejects.column("reason").to_pylist())
+    shards = pa.Table.from_pylist(shard_rows, schema=SHARDS)
+    seconds = float(sum(r["seconds"] for r in shard_rows))
+    write_atomic(layout.manifest("utterances.parquet"), utterances.close())
+    write_atomic(layout.manifest("rejects.parquet"), rejects.close())
+    buf = io.BytesIO()
+    pq.write_table(shards, buf)
+    write_atomic(layout.manifest("shards.parquet"), buf.getvalue())
+    wall = run.get("wall_seconds") or 0.0
+    summary = {
+        "layout": meta.get("layout"),
+        "files": meta["files"],
+        "files_taken": len(sources_taken),
+        "segments": int(sum(r["samples"] for r in shard_rows)),
+        "hours": seconds / 3600.0,
+        "seconds": seconds,
+        "speakers": len(speakers),
+        "shards": num_shards,
+        "bytes": int(sum(r["bytes"] for r in shard_rows)),
+        "rejects": int(sum(by_reason.values())),
+        "rejects_by_reason": dict(sorted(by_reason.items())),
+        # Throughput of the run that finished the job (a resumed run counts its own work).
+        "throughput": {
+            "wall_seconds": wall,
+            "hours_written": run.get("hours_written", 0.0),
+            "audio_hours_per_second": run.get("hours_written", 0.0) / wall if wall else 0.0,
+            "bytes_written": run.get("bytes_written", 0),
+        },
+    }
+    write_atomic(layout.manifest("summary.json"), json.dumps(summary, indent=1, sort_keys=True).encode())
+    return summary
+
+
+def read_summary(layout: RootLayout) -> dict | None:
+    try:
+        with open(layout.manifest("summary.json"), "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,174 @@
+"""Reading what an input file is, from its header, without decoding it.
+
+A probe answers every question the plan needs (sample rate, channels, length, format,
+whether its bytes can be stored as they are) or returns a reject row with a reason code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import math
+import os
+
+import soundfile as sf
+
+from . import storage
+from .discover import Source
+from .schemas import MIN_SAMPLES, SAMPLE_RATE, Reason, Stage, reject_row
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """Header facts about one input that passed probing."""
+
+    source: Source
+    frames: int
+    sample_rate: int
+    channels: int
+    format: str
+    subtype: str
+    file_bytes: int
+    passthrough: bool
+    voice_activity: tuple[tuple[float, float], ...] | None
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.sample_rate
+
+    @property
+    def output_samples(self) -> int:
+        """Samples after resampling to 16 kHz (soxr returns ceil(frames * ratio))."""
+        return math.ceil(self.frames * SAMPLE_RATE / self.sample_rate)
+
+
+class ProbeError(Exception):
+    """An input that cannot be used, with a reject reason code."""
+
+    def __init__(self, reason: Reason, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def can_pass_through(info_format: str, subtype: str, sample_rate: int, channels: int) -> bool:
+    """True when the encoded bytes already are what a shard stores: 16 kHz mono 16-bit FLAC."""
+    return (info_format, subtype, sample_rate, channels) == ("FLAC", "PCM_16", SAMPLE_RATE, 1)
+
+
+def probe(source: Source, *, segment: str = "none") -> Probe:
+    """Reads the header of ``source`` (and its sidecar) and checks it can be used.
+
+    Args:
+        source: The input.
+        segment: ``none`` or ``vad``; pass-through is only possible for whole files.
+
+    Returns:
+        The header facts.
+
+    Raises:
+        ProbeError: With the reason the input cannot be used.
+    """
+    file_bytes = _stat(source.path)
+    if file_bytes == 0:
+        raise ProbeError(Reason.EMPTY_FILE, "file is empty (0 bytes)")
+    try:
+        with storage.open_input(source.path) as f:
+            try:
+                with sf.SoundFile(f) as snd:
+                    info = (snd.frames, snd.samplerate, snd.channels, snd.format, snd.subtype)
+                    passthrough = segment == "none" and can_pass_through(*info[3:], info[1], info[2])
+                    if passthrough and snd.frames > 0:
+                        _check_tail(snd)
+            except sf.LibsndfileError as e:
+                raise ProbeError(Reason.NOT_AUDIO, f"libsndfile cannot read it: {e}") from e
+            except (RuntimeError, TypeError) as e:
+                raise ProbeError(Reason.NOT_AUDIO, f"libsndfile cannot read it: {e}") from e
+    except PermissionError as e:
+        raise ProbeError(Reason.PERMISSION_DENIED, f"permission denied: {e}") from e
+    except OSError as e:
+        raise ProbeError(Reason.IO_ERROR, f"cannot open: {e}") from e
+    frames, sample_rate, channels, fmt, subtype = info
+    if frames <= 0:
+        raise ProbeError(Reason.NO_SAMPLES, "header declares no samples")
+    if sample_rate <= 0 or channels <= 0:
+        raise ProbeError(Reason.NOT_AUDIO, f"invalid header: {sample_rate} Hz, {channels} channels")
+    voice_activity = read_voice_activity(source.sidecar) if source.sidecar else None
+    result = Probe(source, frames, sample_rate, channels, fmt, subtype, file_bytes, passthrough,
+                   voice_activity)
+    if result.output_samples < MIN_SAMPLES:
+        raise ProbeError(
+            Reason.TOO_SHORT,
+            f"{result.output_samples} samples at 16 kHz, shorter than one 25 ms frame "
+            f"({MIN_SAMPLES} samples)",
+        )
+    return result
+
+
+def _stat(path: str) -> int:
+    if storage.is_url(path):
+        try:
+            return storage.file_size(path)
+        except (OSError, FileNotFoundError) as e:
+            raise ProbeError(Reason.MISSING, f"cannot stat: {e}") from e
+    local = storage.local_path(path)
+    try:
+        return os.stat(local).st_size
+    except FileNotFoundError as e:
+        if os.path.islink(local):
+            raise ProbeError(Reason.BROKEN_SYMLINK,
+                             f"symlink points to {os.readlink(local)!r}, which does not exist") from e
+        raise ProbeError(Reason.MISSING, "file does not exist") from e
+    except PermissionError as e:
+        raise ProbeError(Reason.PERMISSION_DENIED, f"permission denied: {e}") from e
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ProbeError(Reason.BROKEN_SYMLINK, "symlink loop") from e
+        raise ProbeError(Reason.IO_ERROR, f"cannot stat: {e}") from e
+
+
+def _check_tail(snd: sf.SoundFile) -> None:
+    """Decodes the last frame: a truncated FLAC fails here, for the cost of one seek.
+
+    Pass-through copies bytes without decoding them; a full check is ``--verify``.
+    """
+    try:
+        snd.seek(snd.frames - 1)
+        tail = snd.read(1)
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise ProbeError(Reason.TRUNCATED, f"cannot decode the last frame: {e}") from e
+    if len(tail) != 1:
+        raise ProbeError(Reason.TRUNCATED, "file ends before the length its header declares")
+
+
+def read_voice_activity(path: str) -> tuple[tuple[float, float], ...] | None:
+    """Reads ``voice_activity`` from a Libri-light sidecar (clipped to the file later)."""
+    try:
+        meta = json.loads(storage.read_text(path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProbeError(Reason.BAD_SIDECAR, f"sidecar {path} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ProbeError(Reason.BAD_SIDECAR, f"sidecar {path} is not a JSON object")
+    intervals = meta.get("voice_activity")
+    if intervals is None:
+        return None
+    try:
+        pairs = [(float(a), float(b)) for a, b in intervals]
+    except (TypeError, ValueError) as e:
+        raise ProbeError(Reason.BAD_SIDECAR,
+                         f"sidecar {path}: voice_activity is not a list of [start, end]") from e
+    if any(not (math.isfinite(a) and math.isfinite(b)) or b < a for a, b in pairs):
+        raise ProbeError(Reason.BAD_SIDECAR,
+                         f"sidecar {path}: voice_activity holds an interval with end < start or NaN")
+    return tuple(pairs)
+
+
+def probe_many(sources: list[Source], *, segment: str = "none") -> tuple[list[Probe], list[dict]]:
+    """Probes a batch; every source ends in exactly one of the two lists."""
+    probes, rejects = [], []
+    for source in sources:
+        try:
+            probes.append(probe(source, segment=segment))
+        except ProbeError as e:
+            rejects.append(reject_row(source.path, Stage.PROBE, e.reason, str(e), source.key))
+    return probes, rejects

@@ -1,0 +1,189 @@
+"""The shard stage on Ray: probe in parallel, one task per shard, resume from commits.
+
+The driver lists inputs and makes the plan (small metadata only); Ray tasks probe headers in
+batches and write shards. A worker that dies mid-shard is retried by Ray; its temporary file
+never becomes visible. A driver that dies leaves committed shards in place, and the next run
+writes only the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+import ray
+
+from . import discover, plan as planning, storage
+from .manifest import finalize, read_summary
+from .plan import ShardingOptions
+from .probe import Probe, probe_many
+from .root import RootLayout
+from .shard_job import write_shard
+
+log = logging.getLogger(__name__)
+
+#: Inputs probed by one task.
+PROBE_BATCH = 128
+
+
+class UsageError(ValueError):
+    """Arguments that cannot work; raised before any work is done."""
+
+
+@ray.remote(num_cpus=1)
+def _probe_task(sources, segment):
+    return probe_many(sources, segment=segment)
+
+
+# max_retries covers worker and node deaths (system failures); a shard's own bad inputs
+# never raise, so application errors are not retried.
+@ray.remote(num_cpus=1, max_retries=5)
+def _shard_task(root, index, rows, opts):
+    return write_shard(root, index, rows, opts)
+
+
+def validate(inputs: list[str], root: str, opts: ShardingOptions) -> None:
+    """Checks the arguments before any work; raises :class:`UsageError` saying what to do."""
+    if not inputs:
+        raise UsageError("no --input given; pass a corpus directory or a list file")
+    try:
+        opts.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if storage.is_url(root):
+        raise UsageError(f"output {root!r}: object-storage roots are not supported by the shard "
+                         "stage yet; write to a local path")
+    out = os.path.realpath(storage.local_path(root))
+    for path in inputs:
+        if not storage.exists(path):
+            raise UsageError(f"input {path!r} does not exist; pass a corpus directory or a list "
+                             "file (.tsv, .csv, .jsonl, .parquet)")
+        if storage.is_url(path):
+            continue
+        src = os.path.realpath(storage.local_path(path))
+        if os.path.isdir(src) and (out == src or out.startswith(src + os.sep)):
+            raise UsageError(f"output {root!r} lies inside input {path!r}: its shards would be "
+                             "read as inputs; choose an output outside the input tree")
+        if not os.path.isdir(src) and not src.lower().endswith(discover.LIST_EXTENSIONS):
+            raise UsageError(f"input {path!r} is a file but not a list "
+                             f"({', '.join(discover.LIST_EXTENSIONS)}); pass its directory")
+
+
+def _plan(inputs: list[str], layout: RootLayout, opts: ShardingOptions) -> planning.Plan:
+    fingerprint = planning.fingerprint(inputs, opts)
+    saved = planning.load(layout)
+    if saved is not None:
+        if saved.meta["fingerprint"] != fingerprint:
+            raise UsageError(
+                f"{layout.root} already holds a plan made from other inputs or options "
+                f"(inputs {saved.meta['inputs']}, options {saved.meta['options']}); use a new "
+                "--output, or delete its plan/, shards/ and manifest/ to start over")
+        log.info("reusing the saved plan: %d shards", len(saved.shards))
+        return saved
+    sources, rejects, layouts = [], [], []
+    for path in inputs:
+        found = discover.discover(path, opts.layout, opts.extensions)
+        sources.extend(found.sources)
+        rejects.extend(found.rejects)
+        layouts.append(found.layout)
+    log.info("discovered %d inputs (%s); probing headers", len(sources), ", ".join(layouts))
+    batches = [sources[i : i + PROBE_BATCH] for i in range(0, len(sources), PROBE_BATCH)]
+    probes: list[Probe] = []
+    for found_probes, found_rejects in ray.get([_probe_task.remote(b, opts.segment) for b in batches]):
+        probes.extend(found_probes)
+        rejects.extend(found_rejects)
+    meta = {"version": planning.PLAN_VERSION, "fingerprint": fingerprint, "inputs": inputs,
+            "options": opts.to_json(), "layout": ",".join(sorted(set(layouts))),
+            "files": len(sources) + sum(1 for r in rejects if r["stage"] == "discover")}
+    made = planning.make_plan(probes, rejects, opts, meta)
+    planning.save(layout, made)
+    return made
+
+
+def run(inputs: list[str], root: str, opts: ShardingOptions = ShardingOptions(), *,
+        progress: bool = False, on_shard: Callable[[dict], None] | None = None) -> dict:
+    """Shards a corpus into ``root``; resumes whatever an earlier run left unfinished.
+
+    Ray must be initialised (``ray.init``): locally or connected to a cluster.
+
+    Args:
+        inputs: Corpus directories or list files, local or URLs.
+        root: The dataset root to write.
+        opts: Sharding options (saved with the plan; a rerun must use the same).
+        progress: Show a progress bar in audio hours and files.
+        on_shard: Called with each finished shard's commit record.
+
+    Returns:
+        The summary written to ``ROOT/manifest/summary.json``, plus ``shards_written`` and
+        ``shards_skipped`` for this run.
+
+    Raises:
+        UsageError: Bad arguments (before any work).
+        RuntimeError: Shards that failed for reasons other than bad input (disk full, ...);
+            the others are committed and a rerun finishes the job.
+    """
+    validate(inputs, root, opts)
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not initialised: call ray.init() (or pass --address)")
+    started = time.monotonic()
+    layout = RootLayout(root)
+    layout.make_dirs()
+    for leftover in layout.temp_files():  # A killed writer's temporary files; never visible.
+        os.unlink(leftover)
+    made = _plan(inputs, layout, opts)
+    pending = [i for i in range(len(made.shards)) if layout.read_commit(i) is None]
+    skipped = len(made.shards) - len(pending)
+    summary = read_summary(layout)
+    if not pending and summary is not None:
+        log.info("nothing to do: all %d shards are committed", len(made.shards))
+        return dict(summary, shards_written=0, shards_skipped=skipped)
+    if skipped:
+        log.info("resuming: %d shards already committed, %d to write", skipped, len(pending))
+    hours_written, bytes_written, failures = _write_all(layout, made, pending, opts, progress, on_shard)
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} shard(s) failed and are not committed; rerun the same command to "
+            "retry them. First error:\n" + failures[0])
+    summary = finalize(layout, len(made.shards), made.rejects, made.meta,
+                       {"wall_seconds": time.monotonic() - started, "hours_written": hours_written,
+                        "bytes_written": bytes_written})
+    return dict(summary, shards_written=len(pending), shards_skipped=skipped)
+
+
+def _write_all(layout, made, pending, opts, progress, on_shard):
+    from tqdm import tqdm
+
+    resources = ray.cluster_resources()
+    window = max(2, int(2 * resources.get("CPU", 1)))
+    total_hours = sum(r["frames"] / r["sample_rate"] for i in pending for r in made.shards[i]) / 3600
+    bar = tqdm(total=round(total_hours, 4), unit="h", desc="audio", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}]{postfix}")
+    in_flight: dict = {}
+    queue = list(pending)
+    hours = 0.0
+    nbytes = files = 0
+    failures: list[str] = []
+    while queue or in_flight:
+        while queue and len(in_flight) < window:
+            i = queue.pop(0)
+            ref = _shard_task.remote(layout.root, i, made.shards[i], opts)
+            in_flight[ref] = i
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in done:
+            i = in_flight.pop(ref)
+            try:
+                record = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - reported together at the end.
+                failures.append(f"shard {layout.shard_name(i)}: {e}")
+                continue
+            hours += record["seconds"] / 3600
+            nbytes += record["bytes"]
+            files += len(made.shards[i])
+            bar.update(round(sum(r["frames"] / r["sample_rate"] for r in made.shards[i]) / 3600, 4))
+            bar.set_postfix(files=files, shards=f"{len(pending) - len(queue) - len(in_flight)}/{len(pending)}")
+            if on_shard is not None:
+                on_shard(record)
+    bar.close()
+    return hours, nbytes, failures

@@ -1,0 +1,144 @@
+"""Reading shards back: iterate a root in shard order, or fetch one sample by key.
+
+Members are read into memory and decoded there; nothing is ever extracted to disk, and a
+member whose name is not a plain ``KEY.ext`` (a path, a link, a device) is refused, so no
+tar can reach outside its archive.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import io
+import json
+import os
+import tarfile
+from typing import Iterator
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import soundfile as sf
+
+from . import keys
+from .root import RootLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One stored sample: its key, waveform (float32, mono), sample rate and json."""
+
+    key: str
+    waveform: np.ndarray
+    sample_rate: int
+    meta: dict
+
+
+class UnsafeMemberError(ValueError):
+    """A tar member that is not a plain file named ``KEY.ext``."""
+
+
+def _decode(data: bytes) -> tuple[np.ndarray, int]:
+    wav, rate = sf.read(io.BytesIO(data), dtype="float32")
+    return wav, rate
+
+
+def _split(member: tarfile.TarInfo) -> tuple[str, str]:
+    name = member.name
+    if not member.isreg() or "/" in name or "\\" in name or name.startswith((".", "-")):
+        raise UnsafeMemberError(f"tar member {name!r} is not a plain KEY.ext file")
+    key, _, ext = name.partition(".")
+    keys.check(key)
+    return key, ext
+
+
+def iter_shard(path: str) -> Iterator[Sample]:
+    """Yields the samples of one shard tar, in stored order."""
+    with builtins.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        pending: dict[str, dict[str, bytes]] = {}
+        for member in tar:
+            key, ext = _split(member)
+            data = tar.extractfile(member).read()
+            parts = pending.setdefault(key, {})
+            parts[ext] = data
+            if "flac" in parts and "json" in parts:
+                del pending[key]
+                wav, rate = _decode(parts["flac"])
+                yield Sample(key, wav, rate, json.loads(parts["json"]))
+        if pending:
+            raise ValueError(f"{path}: samples without both .flac and .json: {sorted(pending)[:5]}")
+
+
+def open_shards(root: str) -> Iterator[Sample]:
+    """Iterates every sample of a root in shard order (``shards.open``).
+
+    Example:
+        >>> for sample in open_shards("/data/ls"):  # doctest: +SKIP
+        ...     print(sample.key, sample.waveform.shape, sample.sample_rate)
+    """
+    layout = RootLayout(root)
+    names = pq.read_table(layout.manifest("shards.parquet"), columns=["name"]).column("name")
+    for name in names.to_pylist():
+        yield from iter_shard(os.path.join(layout.shards_dir, f"{name}.tar"))
+
+
+class Index:
+    """Random access by key through the utterances manifest's byte offsets.
+
+    Example:
+        >>> index = Index("/data/ls")  # doctest: +SKIP
+        >>> index.get("103-1240-0000").waveform.shape  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str):
+        self._layout = RootLayout(root)
+        table = pq.read_table(self._layout.manifest("utterances.parquet"),
+                              columns=["key", "shard", "offset", "size"])
+        self._rows = {k: (s, o, n) for k, s, o, n in zip(*(table.column(c).to_pylist()
+                                                           for c in table.column_names))}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, key: str) -> Sample:
+        if key not in self._rows:
+            raise KeyError(f"no sample {key!r} in {self._layout.root}")
+        return _read_at(self._layout, key, *self._rows[key])
+
+
+def _read_at(layout: RootLayout, key: str, shard: str, offset: int, size: int) -> Sample:
+    path = os.path.join(layout.shards_dir, f"{shard}.tar")
+    with builtins.open(path, "rb") as f:
+        total = os.fstat(f.fileno()).st_size
+        if offset < 512 or offset + size > total:
+            raise ValueError(f"{key!r}: offset {offset}+{size} lies outside {path} ({total} bytes)")
+        f.seek(offset)
+        flac = f.read(size)
+        # The json member follows the flac data (padded to 512 bytes); tarfile reads its
+        # header from there, PAX extensions included.
+        f.seek(offset + ((size + 511) // 512) * 512)
+        tar = tarfile.TarFile(fileobj=f, mode="r", encoding="utf-8")
+        member = tar.firstmember
+        if member is None or member.name != f"{key}.json" or not member.isreg():
+            raise ValueError(f"{path}: {key}.json does not follow {key}.flac")
+        meta = json.loads(tar.extractfile(member).read())
+    wav, rate = _decode(flac)
+    return Sample(key, wav, rate, meta)
+
+
+def get(root: str, key: str) -> Sample:
+    """Reads one sample by key, seeking straight to its bytes (``shards.get``).
+
+    For many lookups build an :class:`Index` once instead.
+    """
+    layout = RootLayout(root)
+    table = pq.read_table(layout.manifest("utterances.parquet"),
+                          columns=["key", "shard", "offset", "size"],
+                          filters=pc.field("key") == key)
+    if table.num_rows == 0:
+        raise KeyError(f"no sample {key!r} in {layout.root}")
+    row = table.slice(0, 1).to_pylist()[0]
+    return _read_at(layout, key, row["shard"], row["offset"], row["size"])

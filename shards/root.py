@@ -1,0 +1,89 @@
+"""Paths inside a dataset root (DESIGN.md, "the on-disk contract"), for the shard stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+
+from . import storage
+
+
+@dataclasses.dataclass(frozen=True)
+class RootLayout:
+    """Where each file of the shard stage lives under ``root``.
+
+    Example:
+        >>> RootLayout("/data/ls").shard_path(3)
+        '/data/ls/shards/000003.tar'
+    """
+
+    root: str
+
+    def __post_init__(self):
+        if storage.is_url(self.root):
+            raise ValueError(
+                f"output {self.root!r}: object-storage roots are not supported by the shard "
+                "stage yet; write to a local path (or a mounted bucket)"
+            )
+        object.__setattr__(self, "root", storage.local_path(self.root))
+
+    @property
+    def shards_dir(self) -> str:
+        return os.path.join(self.root, "shards")
+
+    @property
+    def manifest_dir(self) -> str:
+        return os.path.join(self.root, "manifest")
+
+    @property
+    def parts_dir(self) -> str:
+        return os.path.join(self.root, "manifest", "parts")
+
+    @property
+    def plan_dir(self) -> str:
+        return os.path.join(self.root, "plan")
+
+    def make_dirs(self) -> None:
+        for d in (self.shards_dir, self.parts_dir, self.plan_dir):
+            os.makedirs(d, exist_ok=True)
+
+    @staticmethod
+    def shard_name(index: int) -> str:
+        return f"{index:06d}"
+
+    def shard_path(self, index: int) -> str:
+        return os.path.join(self.shards_dir, f"{self.shard_name(index)}.tar")
+
+    def commit_path(self, index: int) -> str:
+        return os.path.join(self.parts_dir, f"{self.shard_name(index)}.commit.json")
+
+    def utterances_part(self, index: int) -> str:
+        return os.path.join(self.parts_dir, f"{self.shard_name(index)}.utterances.parquet")
+
+    def rejects_part(self, index: int) -> str:
+        return os.path.join(self.parts_dir, f"{self.shard_name(index)}.rejects.parquet")
+
+    def manifest(self, name: str) -> str:
+        return os.path.join(self.manifest_dir, name)
+
+    def plan_path(self, name: str) -> str:
+        return os.path.join(self.plan_dir, name)
+
+    def read_commit(self, index: int) -> dict | None:
+        """The commit record of shard ``index`` if the shard is committed and whole."""
+        try:
+            with open(self.commit_path(index), "rb") as f:
+                record = json.load(f)
+            size = os.path.getsize(self.shard_path(index))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return record if size == record["bytes"] else None
+
+    def temp_files(self) -> list[str]:
+        """Leftovers of interrupted writers (hidden ``.NAME.tmp-*`` files)."""
+        found = []
+        for d in (self.shards_dir, self.parts_dir, self.manifest_dir, self.plan_dir):
+            found.extend(glob.glob(os.path.join(d, ".*.tmp-*")))
+        return sorted(found)

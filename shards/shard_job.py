@@ -1,0 +1,220 @@
+"""Writing one planned shard: encode its inputs, write the tar and its manifest rows, commit.
+
+This is the unit of work the distributed driver hands to one Ray task; it knows nothing of
+Ray. A shard is committed when its commit record exists (written last, after the tar and
+its manifest parts are in place), so a killed writer leaves nothing that a rerun trusts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import audio, keys, storage, vad
+from .audio import AudioError, EncodedFile
+from .plan import ShardingOptions
+from .probe import ProbeError, read_voice_activity
+from .root import RootLayout
+from .schemas import MIN_SAMPLES, REJECTS, SAMPLE_RATE, UTTERANCES, Reason, Stage, reject_row
+from .tar_writer import ShardWriter, write_atomic
+
+
+@dataclasses.dataclass
+class _Output:
+    """One sample ready to be added to the tar: its key, json and manifest row."""
+
+    key: str
+    meta: dict
+    start: float
+    end: float
+    stream: int
+
+
+def write_shard(root: str, index: int, rows: list[dict], opts: ShardingOptions) -> dict:
+    """Writes shard ``index`` of the plan, unless it is already committed.
+
+    Args:
+        root: Dataset root.
+        index: Shard number.
+        rows: The plan rows of this shard, in order.
+        opts: The options the plan was made with.
+
+    Returns:
+        The shard's commit record (``name``, ``samples``, ``seconds``, ``bytes``, ``sha256``,
+        ``rejects``), with ``written`` telling whether this call wrote it.
+    """
+    layout = RootLayout(root)
+    done = layout.read_commit(index)
+    if done is not None:
+        return dict(done, written=False)
+    writer = ShardWriter(layout.shard_path(index))
+    utterances, rejects = [], []
+    try:
+        for plan_row in rows:
+            try:
+                _write_input(writer, layout.shard_name(index), plan_row, opts, utterances, rejects)
+            except AudioError as e:
+                rejects.append(reject_row(plan_row["source"], Stage.SHARD, e.reason, str(e),
+                                          plan_row["key"]))
+        _write_parquet(layout.utterances_part(index), utterances, UTTERANCES)
+        _write_parquet(layout.rejects_part(index), rejects, REJECTS)
+        nbytes, sha256 = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    record = {
+        "name": layout.shard_name(index),
+        "samples": len(utterances),
+        "seconds": sum(u["duration"] for u in utterances),
+        "bytes": nbytes,
+        "sha256": sha256,
+        "rejects": len(rejects),
+    }
+    write_atomic(layout.commit_path(index), json.dumps(record, sort_keys=True).encode())
+    return dict(record, written=True)
+
+
+def _write_parquet(path: str, rows: list[dict], schema: pa.Schema) -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    write_atomic(path, buf.getvalue())
+
+
+def _base_meta(row: dict) -> dict:
+    meta = {
+        "source": row["source"],
+        "speaker": row["speaker"],
+        "group": row["group"],
+        "original_sample_rate": row["sample_rate"],
+        "original_channels": row["channels"],
+        "original_format": f"{row['format']}/{row['subtype']}",
+        "sample_rate": SAMPLE_RATE,
+    }
+    if row["text"] is not None:
+        meta["text"] = row["text"]
+    return meta
+
+
+def _manifest_row(shard: str, key: str, member, num_samples: int, row: dict, start: float,
+                  end: float, passthrough: bool) -> dict:
+    return {
+        "key": key, "shard": shard, "offset": member.offset, "size": member.size,
+        "num_samples": num_samples, "sample_rate": SAMPLE_RATE,
+        "duration": num_samples / SAMPLE_RATE, "source": row["source"], "start": start,
+        "end": end, "speaker": row["speaker"], "group": row["group"], "sha256": member.sha256,
+        "original_sample_rate": row["sample_rate"], "original_channels": row["channels"],
+        "passthrough": passthrough,
+    }
+
+
+def _write_input(writer: ShardWriter, shard: str, row: dict, opts: ShardingOptions,
+                 utterances: list, rejects: list) -> None:
+    duration = row["frames"] / row["sample_rate"]
+    if row["passthrough"]:
+        _pass_through(writer, shard, row, opts, utterances, duration)
+        return
+    with EncodedFile() as enc:
+        outputs = list(_encode(enc, row, opts, duration, rejects))
+        # Only now, with the whole input decoded, does any of it enter the tar.
+        for out in outputs:
+            stream, size = enc.open_stream(out.stream)
+            member = writer.add(out.key, stream, size, out.meta)
+            utterances.append(_manifest_row(shard, out.key, member, out.meta["num_samples"], row,
+                                            out.start, out.end, False))
+
+
+def _pass_through(writer: ShardWriter, shard: str, row: dict, opts: ShardingOptions,
+                  utterances: list, duration: float) -> None:
+    if opts.verify:
+        audio.verify_decodes(row["source"])
+    with storage.open_input(row["source"]) as f:
+        size = os.fstat(f.fileno()).st_size if hasattr(f, "fileno") else storage.file_size(row["source"])
+        if size != row["file_bytes"]:
+            raise AudioError(Reason.IO_ERROR,
+                             f"file changed since it was planned ({row['file_bytes']} -> {size} bytes)")
+        meta = dict(_base_meta(row), key=row["key"], num_samples=row["frames"], start=0.0,
+                    end=duration, passthrough=True)
+        member = writer.add(row["key"], f, size, meta)
+    utterances.append(_manifest_row(shard, row["key"], member, row["frames"], row, 0.0, duration, True))
+
+
+def _encode(enc: EncodedFile, row: dict, opts: ShardingOptions, duration: float,
+            rejects: list) -> Iterator[_Output]:
+    """Encodes the samples of one input into ``enc`` and yields what describes them."""
+    base = _base_meta(row)
+    if opts.segment == "none":
+        enc.begin()
+        for block in audio.iter_16k(row["source"]):
+            enc.write(block)
+        n = enc.end()
+        if n < MIN_SAMPLES:
+            raise AudioError(Reason.TOO_SHORT, f"{n} samples at 16 kHz, fewer than {MIN_SAMPLES}")
+        meta = dict(base, key=row["key"], num_samples=n, start=0.0, end=duration, passthrough=False)
+        yield _Output(row["key"], meta, 0.0, duration, 0)
+        return
+
+    segments, how = _segments(row, opts, duration)
+    if not segments:
+        raise AudioError(Reason.NO_SPEECH, f"no voice activity found ({how['vad']})")
+    ranges = [(i, a, b) for i, seg in enumerate(segments) for a, b in seg.sample_ranges()]
+    counts = [0] * len(segments)
+    streams = [-1] * len(segments)
+    current = -1
+    position = 0
+    j = 0
+    for block in audio.iter_16k(row["source"]):
+        end = position + len(block)
+        k = j
+        while k < len(ranges) and ranges[k][1] < end:
+            seg, a, b = ranges[k]
+            lo, hi = max(a, position), min(b, end)
+            if hi > lo:
+                if seg != current:  # Segments are in time order: at most one is open.
+                    if current >= 0:
+                        counts[current] = enc.end()
+                    streams[seg] = len(enc.streams)
+                    enc.begin()
+                    current = seg
+                enc.write(block[lo - position : hi - position])
+            k += 1
+        while j < len(ranges) and ranges[j][2] <= end:
+            j += 1
+        position = end
+    if current >= 0:
+        counts[current] = enc.end()
+    for i, seg in enumerate(segments):
+        key = keys.segment_key(row["key"], i)
+        if counts[i] < MIN_SAMPLES:  # Encoded (or not even reached) but never stored.
+            rejects.append(reject_row(
+                row["source"], Stage.SHARD, Reason.TOO_SHORT,
+                f"segment {i} ({seg.start:.3f}-{seg.end:.3f} s) has {counts[i]} samples, "
+                f"fewer than {MIN_SAMPLES}", key))
+            continue
+        meta = dict(base, key=key, num_samples=counts[i], start=seg.start, end=seg.end,
+                    passthrough=False, segment=dict(how, index=i,
+                                                    intervals=[list(x) for x in seg.intervals]))
+        yield _Output(key, meta, seg.start, seg.end, streams[i])
+
+
+def _segments(row: dict, opts: ShardingOptions, duration: float):
+    if row["sidecar"] is not None:
+        try:  # The plan keeps the sidecar's path, not its intervals.
+            intervals = read_voice_activity(row["sidecar"])
+        except ProbeError as e:
+            raise AudioError(e.reason, str(e)) from e
+        if intervals is not None:
+            clipped, clipping = vad.clip(intervals, duration)
+            how = {"vad": "sidecar", "clipped_intervals": clipping.clipped,
+                   "dropped_intervals": clipping.dropped}
+            return vad.group(clipped, opts.target_seconds), how
+    detector = vad.Detector(opts.vad)
+    for block in audio.iter_16k(row["source"]):
+        detector.feed(block)
+    intervals, _ = vad.clip(detector.intervals(), duration)
+    return vad.group(intervals, opts.target_seconds), {"vad": opts.vad}

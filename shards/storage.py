@@ -1,0 +1,101 @@
+"""Input storage: local paths, ``file://`` and any pyarrow filesystem URL (``s3://`` ...).
+
+Local paths take the fast path (``os.scandir``, plain ``open``), which also keeps the
+operating system's own errors (a broken symlink, a permission denied) distinguishable.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import BinaryIO, Iterator
+
+import pyarrow.fs as pafs
+
+
+def is_url(path: str) -> bool:
+    """True for ``scheme://...`` locations other than ``file://``."""
+    return "://" in path and not path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    """Strips ``file://`` and returns an absolute local path."""
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _remote(url: str) -> tuple[pafs.FileSystem, str]:
+    fs, path = pafs.FileSystem.from_uri(url)
+    return fs, path
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0] + "://"
+
+
+def join(base: str, relative: str) -> str:
+    """Joins a relative path onto a local path or URL."""
+    if is_url(base):
+        return base.rstrip("/") + "/" + relative.lstrip("/")
+    return os.path.join(base, relative)
+
+
+def dirname(path: str) -> str:
+    return posixpath.dirname(path) if is_url(path) else os.path.dirname(path)
+
+
+def isdir(path: str) -> bool:
+    if is_url(path):
+        fs, p = _remote(path)
+        return fs.get_file_info(p).type == pafs.FileType.Directory
+    return os.path.isdir(local_path(path))
+
+
+def exists(path: str) -> bool:
+    if is_url(path):
+        fs, p = _remote(path)
+        return fs.get_file_info(p).type != pafs.FileType.NotFound
+    return os.path.lexists(local_path(path))
+
+
+def walk_files(root: str) -> Iterator[str]:
+    """Yields every file under ``root`` (recursively) as a path relative to it, sorted.
+
+    Broken symlinks are yielded too, so that they can be rejected with a reason rather than
+    vanish. Directories are not followed through symlinks (no cycles).
+    """
+    if is_url(root):
+        fs, base = _remote(root)
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        rels = [
+            posixpath.relpath(i.path, base) for i in infos if i.type == pafs.FileType.File
+        ]
+        yield from sorted(rels)
+        return
+    base = local_path(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, base)
+        for name in sorted(filenames):
+            yield name if rel_dir == "." else os.path.join(rel_dir, name)
+
+
+def open_input(path: str) -> BinaryIO:
+    """Opens a file for binary reading (seekable), local or remote."""
+    if is_url(path):
+        fs, p = _remote(path)
+        return fs.open_input_file(p)
+    return open(local_path(path), "rb")
+
+
+def read_text(path: str) -> str:
+    with open_input(path) as f:
+        return f.read().decode("utf-8")
+
+
+def file_size(path: str) -> int:
+    if is_url(path):
+        fs, p = _remote(path)
+        return fs.get_file_info(p).size
+    return os.stat(local_path(path)).st_size
