@@ -13,7 +13,6 @@ import os
 import re
 from typing import Iterable
 
-import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -193,10 +192,17 @@ def _discover_list(path: str) -> Discovery:
             continue
         full = rel if os.path.isabs(rel) or storage.is_url(rel) else storage.join(base, rel)
         given = cols.get("key", [None] * len(cols["path"]))[i]
-        key = keys.sanitize(str(given)) if given not in (None, "") else keys.from_parts(*_stem(rel).split("/"))
+        key = keys.sanitize(str(given)) if given not in (None, "") else _key_from_path(full, base)
         sources.append(Source(full, key, _opt(cols, "speaker", i), _opt(cols, "group", i),
                               _opt(cols, "text", i), _sidecar_for(full)))
     return Discovery("list", sources, rejects)
+
+
+def _key_from_path(full: str, base: str) -> str:
+    """Key of a listed file without one: its path below the list's folder, else its stem."""
+    prefix = base.rstrip("/") + "/"
+    rel = full[len(prefix):] if full.startswith(prefix) else full.rsplit("/", 1)[-1]
+    return keys.from_parts(*_stem(rel).split("/"))
 
 
 def _opt(cols: dict, name: str, i: int) -> str | None:
@@ -237,6 +243,3 @@ def _fairseq_tsv(path: str) -> Discovery:
     return Discovery("list", sources, rejects)
 
 
-def table_of(sources: list[Source]) -> pa.Table:
-    """The sources as an Arrow table (for logs and debugging)."""
-    return pa.Table.from_pylist([dataclasses.asdict(s) for s in sources])

@@ -1,0 +1,111 @@
+import os
+import pwd
+
+import pytest
+import soundfile as sf
+
+from shards.discover import Source
+from shards.probe import ProbeError, probe
+from tests.conftest import tone
+from tests.corpora import write_bad_corpus
+
+# Files whose problem shows in the header; the others fail later, while decoding.
+PROBE_REASONS = {
+    "truncated.flac": "truncated",
+    "empty.flac": "empty_file",
+    "header_only.wav": "no_samples",
+    "text_named.flac": "not_audio",
+    "broken_link.flac": "broken_symlink",
+    "tiny_300_samples.wav": "too_short",
+    "bad_sidecar.flac": "bad_sidecar",
+}
+
+
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    write_bad_corpus(str(root))
+    return root
+
+
+def _source(path, sidecar=None):
+    return Source(str(path), "k", sidecar=sidecar)
+
+
+@pytest.mark.parametrize("name,reason", sorted(PROBE_REASONS.items()))
+def test_bad_headers_are_rejected_with_a_reason(bad_dir, name, reason):
+    sidecar = str(bad_dir / "bad_sidecar.json") if name == "bad_sidecar.flac" else None
+    with pytest.raises(ProbeError) as err:
+        probe(_source(bad_dir / name, sidecar))
+    assert err.value.reason.value == reason
+    assert str(err.value)  # Every reject says what is wrong in words.
+
+
+def test_a_missing_file_is_rejected_as_missing(tmp_path):
+    with pytest.raises(ProbeError) as err:
+        probe(_source(tmp_path / "nope.flac"))
+    assert err.value.reason.value == "missing"
+
+
+def test_16k_mono_16bit_flac_passes_through_and_other_audio_does_not(bad_dir):
+    assert probe(_source(bad_dir / "good_16k.flac")).passthrough
+    assert not probe(_source(bad_dir / "good_16k.flac"), segment="vad").passthrough
+    assert not probe(_source(bad_dir / "rate_44k1.flac")).passthrough
+    assert not probe(_source(bad_dir / "eight_channels.wav")).passthrough
+
+
+def test_probe_reports_header_facts_without_decoding(bad_dir):
+    p = probe(_source(bad_dir / "rate_44k1.flac"))
+    assert (p.sample_rate, p.channels, p.format, p.frames) == (44100, 1, "FLAC", 22050)
+    assert p.output_samples == 8000
+    assert probe(_source(bad_dir / "exactly_400_samples.wav")).output_samples == 400
+
+
+def test_24bit_16k_mono_flac_is_transcoded_to_16bit(tmp_path):
+    sf.write(tmp_path / "a.flac", tone(0.5, 16000), 16000, subtype="PCM_24")
+    assert not probe(_source(tmp_path / "a.flac")).passthrough
+
+
+def test_unreadable_permissions_are_rejected(tmp_path):
+    """Root reads anything, so when run as root the probe runs in a forked child that has
+    dropped to an unprivileged user (the code is already loaded, nothing is executed anew)."""
+    folder = tmp_path / "perm"
+    folder.mkdir()
+    path = folder / "locked.flac"
+    sf.write(path, tone(0.5, 16000), 16000)
+    os.chmod(path, 0o000)
+    for parent in path.parents:  # Let an unprivileged user reach the file (not read it).
+        if str(parent) in ("/", "/tmp"):
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o011)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # The child: drop root, probe, report the reason, exit at once.
+        try:
+            if os.geteuid() == 0:
+                nobody = pwd.getpwnam("nobody")
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+            try:
+                probe(Source(str(path), "k"))
+                answer = b"accepted"
+            except ProbeError as e:
+                answer = e.reason.value.encode()
+            os.write(write_end, answer)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    answer = os.read(read_end, 100).decode()
+    os.close(read_end)
+    assert answer == "permission_denied"
+
+
+def test_a_truncated_wav_is_found_from_its_header_promising_more_data(tmp_path):
+    sf.write(tmp_path / "x.wav", tone(1.0, 16000), 16000)
+    data = (tmp_path / "x.wav").read_bytes()
+    (tmp_path / "x.wav").write_bytes(data[: len(data) - 8000])
+    with pytest.raises(ProbeError, match="header declares 32000") as err:
+        probe(_source(tmp_path / "x.wav"))
+    assert err.value.reason.value == "truncated"
