@@ -8,12 +8,12 @@ Two workloads on the same synthetic corpus (default 2,000 files of 3.6 s, 2.0 au
   to 16 kHz (soxr) and encodes to FLAC. Baseline: lhotse's ``CutSet.to_shar`` with the cuts
   resampled to 16 kHz and ``recording`` stored as FLAC.
 
-Every run gets two cores (Ray ``num_cpus=2``; lhotse ``num_jobs=2``), a warm page cache (all
-inputs are read once before each timed run) and a fresh output directory. Each timed span
+Every contender gets two cores (Ray ``num_cpus=2``; lhotse ``num_jobs=2``), a warm page
+cache (all inputs are read once before each timed run) and a fresh output path. A timed span
 goes from the corpus directory to finished shards: listing and probing the inputs is inside
-it for both us and lhotse. Ray and lhotse are imported and Ray is started before any timing.
+it for us and lhotse alike. Starting Ray and importing lhotse are not.
 
-Prints ``RESULT`` lines (one per workload) and a table, for example::
+Prints one ``RESULT`` line per workload, then a table, for example::
 
     RESULT bench=shards.passthrough hours=2.00 ours_hours_per_s=... ratio_vs_tar=... target=0.5
 
@@ -28,6 +28,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import gzip
+import io
 import json
 import math
 import os
@@ -46,12 +47,17 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import soundfile as sf
 import soxr
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # Run as a script from anywhere, without installing the package.
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH_DIR)
+# This file is named like the ``shards`` package: with its directory on sys.path, ``import
+# shards`` would find this script. Ray also copies the script's directory (and the current
+# one) onto its workers' sys.path, so the directory is dropped here and main() runs from REPO.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != BENCH_DIR]
+sys.path.insert(0, REPO)
 
 from shards.synthetic import speechlike
 
-#: Bump when the corpus generator changes, so cached corpora are rebuilt.
+#: Bump when the corpus generator changes, so cached corpora are made again.
 CORPUS_VERSION = 1
 
 #: Cores given to every contender.
@@ -91,7 +97,7 @@ class Corpus:
 
 
 def _make_file(job: tuple[str, str, int, float]) -> float:
-    """Writes file ``index`` of the corpus in both formats; returns its 16 kHz duration.
+    """Writes file ``index`` of the corpus in both formats; returns its duration in seconds.
 
     Speech-like audio is made at 48 kHz and downsampled with soxr for the FLAC copy, so both
     directories hold the same signal.
@@ -106,7 +112,7 @@ def _make_file(job: tuple[str, str, int, float]) -> float:
 
 
 def build_corpus(workdir: str, files: int, seconds: float) -> Corpus:
-    """Generates the corpus under ``workdir``, or reuses one made by an earlier run.
+    """Makes the corpus under ``workdir``, or reuses the one an earlier run made.
 
     A corpus is complete once its ``corpus.json`` exists (written last); a half-made one
     from an interrupted run is thrown away and made again.
@@ -124,7 +130,7 @@ def build_corpus(workdir: str, files: int, seconds: float) -> Corpus:
     flac_dir, wav_dir = os.path.join(root, "flac16k"), os.path.join(root, "wav48k")
     os.makedirs(flac_dir)
     os.makedirs(wav_dir)
-    print(f"corpus: generating {files} files of {seconds:g} s in {root} ...", flush=True)
+    print(f"corpus: making {files} files of {seconds:g} s in {root} ...", flush=True)
     started = time.perf_counter()
     jobs = [(flac_dir, wav_dir, i, seconds) for i in range(files)]
     with concurrent.futures.ProcessPoolExecutor(CORES) as pool:
@@ -132,8 +138,19 @@ def build_corpus(workdir: str, files: int, seconds: float) -> Corpus:
     meta = dict(want, flac_dir=flac_dir, wav_dir=wav_dir, seconds=total)
     with open(stamp, "w") as f:
         json.dump(meta, f, indent=1)
-    print(f"corpus: done in {time.perf_counter() - started:.1f} s", flush=True)
+    print(f"corpus: made in {time.perf_counter() - started:.1f} s", flush=True)
     return Corpus(flac_dir, wav_dir, files, total)
+
+
+def build_warmup(workdir: str, corpus: Corpus) -> str:
+    """A directory of two FLAC and two WAV files, for the untimed first call of the stage."""
+    root = os.path.join(workdir, "warmup-input")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    for directory in (corpus.flac_dir, corpus.wav_dir):
+        for path in list_files(directory)[:2]:
+            shutil.copy(path, root)
+    return root
 
 
 def list_files(directory: str) -> list[str]:
@@ -165,10 +182,18 @@ def fresh_path(path: str) -> str:
     return path
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    """Wall seconds of ``fn()`` and its result."""
+def remove(path: str) -> None:
+    """Drops a finished run's output, so the disk holds one output at a time."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def timed(fn: Callable[..., object], *args) -> tuple[float, object]:
+    """Wall seconds of ``fn(*args)``, and its result."""
     started = time.perf_counter()
-    result = fn()
+    result = fn(*args)
     return time.perf_counter() - started, result
 
 
@@ -177,17 +202,17 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def run_ours(input_dir: str, root: str, shard_files: int) -> dict:
-    """The shard stage, as a user calls it (Ray already started)."""
+    """The shard stage, called as a user calls it (Ray already started)."""
     from shards.plan import ShardingOptions
     from shards.ray_sharding import run
 
-    # Shards are cut by file count (the same count lhotse gets), never by bytes.
+    # Shards are cut by file count, the same count lhotse gets, never by bytes.
     opts = ShardingOptions(layout="dir", shard_bytes=1 << 40, max_samples=shard_files)
     return run([input_dir], root, opts)
 
 
 def run_tar(input_dir: str, out_tar: str, fsync: bool) -> None:
-    """GNU tar of the directory; with ``fsync``, also flushes the tar to disk as we do."""
+    """GNU tar of the directory; with ``fsync``, the tar is also flushed to disk, as ours is."""
     subprocess.run(["tar", "-cf", out_tar, "-C", input_dir, "."], check=True)
     if fsync:
         fd = os.open(out_tar, os.O_RDONLY)
@@ -207,12 +232,36 @@ def run_lhotse(wav_dir: str, out_dir: str, shard_files: int) -> dict:
                         num_jobs=CORES)
 
 
+def lhotse_child(wav_dir: str, out_dir: str, shard_files: int) -> None:
+    """Entry point of the lhotse subprocess: times :func:`run_lhotse`, prints JSON.
+
+    lhotse forks worker pools, and a fork of a process that holds Ray's gRPC threads can
+    hang, so lhotse runs in a process of its own. The clock starts after its imports, as
+    ours starts after ``ray.init``.
+    """
+    import lhotse  # noqa: F401 - imported before the clock starts.
+
+    seconds, paths = timed(run_lhotse, wav_dir, out_dir, shard_files)
+    print(json.dumps({"seconds": seconds, "paths": paths}), flush=True)
+
+
+def run_lhotse_subprocess(wav_dir: str, out_dir: str, shard_files: int) -> tuple[float, dict]:
+    """Runs :func:`lhotse_child` in a fresh interpreter; returns its seconds and output paths."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--lhotse-child", wav_dir, out_dir,
+           str(shard_files)]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"lhotse failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["seconds"], result["paths"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks
 
 
 def check_ours(summary: dict, corpus: Corpus, passthrough: bool) -> None:
-    """Every input is one utterance of the right length, with nothing rejected."""
+    """Every input became one utterance of the same length, and nothing was rejected."""
     problems = []
     if summary["segments"] != corpus.files or summary["files_taken"] != corpus.files:
         problems.append(f"{summary['segments']} utterances from {summary['files_taken']} files, "
@@ -227,14 +276,28 @@ def check_ours(summary: dict, corpus: Corpus, passthrough: bool) -> None:
         raise AssertionError("shard stage output is wrong: " + "; ".join(problems))
 
 
-def check_passthrough_bytes(root: str, corpus: Corpus) -> None:
-    """The first shard's first FLAC member is the input file, byte for byte."""
-    with tarfile.open(os.path.join(root, "shards", "000000.tar")) as tar:
+def _first_flac(tar_path: str) -> tuple[str, bytes]:
+    with tarfile.open(tar_path) as tar:
         member = next(m for m in tar if m.name.endswith(".flac"))
-        data = tar.extractfile(member).read()
-    with open(os.path.join(corpus.flac_dir, member.name), "rb") as f:
-        if f.read() != data:
-            raise AssertionError(f"{member.name} in the shard differs from the input file")
+        return os.path.basename(member.name), tar.extractfile(member).read()
+
+
+def check_16k_flac(name: str, data: bytes, who: str) -> None:
+    """A stored member really is 16 kHz mono FLAC (the resampling was done)."""
+    info = sf.info(io.BytesIO(data))
+    if (info.format, info.samplerate, info.channels) != ("FLAC", FLAC_RATE, 1):
+        raise AssertionError(f"{who}: {name} is {info.format} {info.samplerate} Hz "
+                             f"{info.channels} ch, expected FLAC {FLAC_RATE} Hz mono")
+
+
+def check_ours_shards(root: str, corpus: Corpus, passthrough: bool) -> None:
+    """The first shard's first member is 16 kHz FLAC; with pass-through, the input's bytes."""
+    name, data = _first_flac(os.path.join(root, "shards", "000000.tar"))
+    check_16k_flac(name, data, "ours")
+    if passthrough:
+        with open(os.path.join(corpus.flac_dir, name), "rb") as f:
+            if f.read() != data:
+                raise AssertionError(f"{name} in the shard differs from the input file")
 
 
 def check_tar(out_tar: str, corpus: Corpus) -> None:
@@ -245,10 +308,11 @@ def check_tar(out_tar: str, corpus: Corpus) -> None:
 
 
 def check_lhotse(out_dir: str, paths: dict, corpus: Corpus, shard_files: int) -> None:
-    """lhotse wrote the expected number of shards, and its cut manifests list every file."""
+    """lhotse wrote every shard, its cut manifests list every file, and it stored 16 kHz."""
     expected = math.ceil(corpus.files / shard_files)
-    tars = [p for p in paths.get("recording", []) if os.path.exists(p)]
-    manifests = sorted(n for n in os.listdir(out_dir) if n.startswith("cuts.") and n.endswith(".jsonl.gz"))
+    tars = sorted(p for p in paths.get("recording", []) if os.path.exists(p))
+    manifests = sorted(n for n in os.listdir(out_dir)
+                       if n.startswith("cuts.") and n.endswith(".jsonl.gz"))
     if len(tars) != expected or len(manifests) != expected:
         raise AssertionError(f"lhotse wrote {len(tars)} recording tars and {len(manifests)} cut "
                              f"manifests, expected {expected} of each")
@@ -257,120 +321,130 @@ def check_lhotse(out_dir: str, paths: dict, corpus: Corpus, shard_files: int) ->
     for name in manifests:
         with gzip.open(os.path.join(out_dir, name), "rt") as f:
             for line in f:
-                cut = json.loads(line)
                 cuts += 1
-                seconds += cut["duration"]
+                seconds += json.loads(line)["duration"]
     if cuts != corpus.files or not math.isclose(seconds, corpus.seconds, rel_tol=1e-3):
         raise AssertionError(f"lhotse manifests list {cuts} cuts ({seconds:.1f} s), expected "
                              f"{corpus.files} ({corpus.seconds:.1f} s)")
+    check_16k_flac(*_first_flac(tars[0]), "lhotse")
 
 
 # ---------------------------------------------------------------------------------------------
 # Workloads
 
 
-def _median_run(fn: Callable[[int], float], repeats: int) -> tuple[float, list[float]]:
-    times = [fn(i) for i in range(repeats)]
-    return statistics.median(times), times
+def warm_up(workdir: str, corpus: Corpus) -> float:
+    """One untimed call of the stage on four files; returns its seconds.
+
+    The first task a Ray worker runs imports the project (numpy, soundfile, pyarrow, ...);
+    that is paid once per cluster, not once per corpus, so it is kept out of the timed runs
+    and reported on its own.
+    """
+    source = build_warmup(workdir, corpus)
+    root = fresh_path(os.path.join(workdir, "runs", "warmup"))
+    seconds, _ = timed(run_ours, source, root, 1)
+    remove(root)
+    shutil.rmtree(source)
+    return seconds
 
 
 def bench_passthrough(corpus: Corpus, workdir: str, shard_files: int, repeats: int) -> dict:
-    """Times the shard stage and tar on the FLAC directory; median of ``repeats`` runs each."""
+    """Times the stage, tar and tar + fsync on the FLAC directory, taking turns.
+
+    Each round runs every contender once, so a load that comes and goes on the machine
+    falls on all of them; the median round is reported.
+    """
     out = os.path.join(workdir, "runs")
-    in_bytes = dir_bytes(corpus.flac_dir)
-
-    def ours(i: int) -> float:
-        root = fresh_path(os.path.join(out, f"passthrough-ours-{i}"))
+    times: dict[str, list[float]] = {"ours": [], "tar": [], "tar_fsync": []}
+    for _ in range(repeats):
+        root = fresh_path(os.path.join(out, "passthrough-ours"))
         warm_cache(corpus.flac_dir)
-        seconds, summary = timed(lambda: run_ours(corpus.flac_dir, root, shard_files))
+        seconds, summary = timed(run_ours, corpus.flac_dir, root, shard_files)
         check_ours(summary, corpus, passthrough=True)
-        check_passthrough_bytes(root, corpus)
-        shutil.rmtree(root)
-        return seconds
-
-    def tar(i: int, fsync: bool = False) -> float:
-        target = fresh_path(os.path.join(out, f"passthrough-tar-{i}.tar"))
-        warm_cache(corpus.flac_dir)
-        seconds, _ = timed(lambda: run_tar(corpus.flac_dir, target, fsync))
-        check_tar(target, corpus)
-        os.unlink(target)
-        return seconds
-
-    ours_s, ours_all = _median_run(ours, repeats)
-    tar_s, tar_all = _median_run(tar, repeats)
-    tar_sync_s, _ = _median_run(lambda i: tar(i, fsync=True), repeats)
-    return {
-        "in_bytes": in_bytes, "ours_s": ours_s, "ours_all": ours_all, "tar_s": tar_s,
-        "tar_all": tar_all, "tar_sync_s": tar_sync_s,
-    }
+        check_ours_shards(root, corpus, passthrough=True)
+        remove(root)
+        times["ours"].append(seconds)
+        for name, fsync in (("tar", False), ("tar_fsync", True)):
+            target = fresh_path(os.path.join(out, "passthrough.tar"))
+            warm_cache(corpus.flac_dir)
+            seconds, _ = timed(run_tar, corpus.flac_dir, target, fsync)
+            check_tar(target, corpus)
+            remove(target)
+            times[name].append(seconds)
+    return {"in_bytes": dir_bytes(corpus.flac_dir), "times": times}
 
 
-def bench_lhotse(corpus: Corpus, workdir: str, shard_files: int) -> dict:
-    """Times lhotse's Shar export of the WAV directory (one run)."""
-    shar = fresh_path(os.path.join(workdir, "runs", "transcode-lhotse"))
-    warm_cache(corpus.wav_dir)
-    seconds, paths = timed(lambda: run_lhotse(corpus.wav_dir, shar, shard_files))
-    check_lhotse(shar, paths, corpus, shard_files)
-    nbytes = sum(os.path.getsize(p) for p in paths["recording"])
-    shutil.rmtree(shar)
-    return {"lhotse_s": seconds, "lhotse_bytes": nbytes}
+def bench_transcode(corpus: Corpus, workdir: str, shard_files: int, repeats: int) -> dict:
+    """Times the stage and lhotse on the WAV directory, taking turns (see above)."""
+    out = os.path.join(workdir, "runs")
+    times: dict[str, list[float]] = {"ours": [], "lhotse": []}
+    sizes: dict[str, int] = {}
+    for _ in range(repeats):
+        root = fresh_path(os.path.join(out, "transcode-ours"))
+        warm_cache(corpus.wav_dir)
+        seconds, summary = timed(run_ours, corpus.wav_dir, root, shard_files)
+        check_ours(summary, corpus, passthrough=False)
+        check_ours_shards(root, corpus, passthrough=False)
+        remove(root)
+        times["ours"].append(seconds)
+        sizes["ours"] = summary["bytes"]
 
-
-def bench_ours_transcode(corpus: Corpus, workdir: str, shard_files: int) -> dict:
-    """Times the shard stage on the WAV directory (one run)."""
-    root = fresh_path(os.path.join(workdir, "runs", "transcode-ours"))
-    warm_cache(corpus.wav_dir)
-    seconds, summary = timed(lambda: run_ours(corpus.wav_dir, root, shard_files))
-    check_ours(summary, corpus, passthrough=False)
-    shutil.rmtree(root)
-    return {"in_bytes": dir_bytes(corpus.wav_dir), "ours_s": seconds, "ours_bytes": summary["bytes"]}
+        shar = fresh_path(os.path.join(out, "transcode-lhotse"))
+        warm_cache(corpus.wav_dir)
+        seconds, paths = run_lhotse_subprocess(corpus.wav_dir, shar, shard_files)
+        check_lhotse(shar, paths, corpus, shard_files)
+        sizes["lhotse"] = sum(os.path.getsize(p) for p in paths["recording"])
+        remove(shar)
+        times["lhotse"].append(seconds)
+    return {"in_bytes": dir_bytes(corpus.wav_dir), "times": times, "sizes": sizes}
 
 
 # ---------------------------------------------------------------------------------------------
 # Report
 
 
-def report(corpus: Corpus, passthrough: dict | None, transcode: dict | None) -> None:
+def report(corpus: Corpus, shard_files: int, warmup_s: float, passthrough: dict | None,
+           transcode: dict | None) -> None:
     """Prints the RESULT lines, then a table for people."""
     h = corpus.hours
     rows = []
     if passthrough:
-        p = passthrough
-        mb = p["in_bytes"] / 1e6
+        mb = passthrough["in_bytes"] / 1e6
+        s = {k: statistics.median(v) for k, v in passthrough["times"].items()}
         print(f"RESULT bench=shards.passthrough hours={h:.2f} "
-              f"ours_hours_per_s={h / p['ours_s']:.3f} tar_hours_per_s={h / p['tar_s']:.3f} "
-              f"ours_MBps={mb / p['ours_s']:.1f} tar_MBps={mb / p['tar_s']:.1f} "
-              f"ratio_vs_tar={p['tar_s'] / p['ours_s']:.3f} "
-              f"tar_fsync_hours_per_s={h / p['tar_sync_s']:.3f} "
-              f"ratio_vs_tar_fsync={p['tar_sync_s'] / p['ours_s']:.3f} "
-              f"target={TARGET_VS_TAR}")
-        rows += [
-            ("pass-through", "ours (shard stage)", p["ours_s"], h / p["ours_s"], mb / p["ours_s"]),
-            ("pass-through", "GNU tar", p["tar_s"], h / p["tar_s"], mb / p["tar_s"]),
-            ("pass-through", "GNU tar + fsync", p["tar_sync_s"], h / p["tar_sync_s"],
-             mb / p["tar_sync_s"]),
-        ]
+              f"ours_hours_per_s={h / s['ours']:.3f} tar_hours_per_s={h / s['tar']:.3f} "
+              f"ours_MBps={mb / s['ours']:.1f} tar_MBps={mb / s['tar']:.1f} "
+              f"ratio_vs_tar={s['tar'] / s['ours']:.3f} "
+              f"tar_fsync_hours_per_s={h / s['tar_fsync']:.3f} "
+              f"ratio_vs_tar_fsync={s['tar_fsync'] / s['ours']:.3f} target={TARGET_VS_TAR}")
+        for key, label in (("ours", "ours (shard stage)"), ("tar", "GNU tar"),
+                           ("tar_fsync", "GNU tar + fsync")):
+            rows.append(("pass-through", label, passthrough["times"][key], h, mb))
     if transcode:
-        t = transcode
-        mb = t["in_bytes"] / 1e6
+        mb = transcode["in_bytes"] / 1e6
+        s = {k: statistics.median(v) for k, v in transcode["times"].items()}
         print(f"RESULT bench=shards.transcode hours={h:.2f} "
-              f"ours_hours_per_s={h / t['ours_s']:.3f} lhotse_hours_per_s={h / t['lhotse_s']:.3f} "
-              f"ratio_vs_lhotse={t['lhotse_s'] / t['ours_s']:.3f} target={TARGET_VS_LHOTSE}")
-        rows += [
-            ("transcode", "ours (shard stage)", t["ours_s"], h / t["ours_s"], mb / t["ours_s"]),
-            ("transcode", "lhotse to_shar", t["lhotse_s"], h / t["lhotse_s"], mb / t["lhotse_s"]),
-        ]
+              f"ours_hours_per_s={h / s['ours']:.3f} lhotse_hours_per_s={h / s['lhotse']:.3f} "
+              f"ours_MBps={mb / s['ours']:.1f} lhotse_MBps={mb / s['lhotse']:.1f} "
+              f"ratio_vs_lhotse={s['lhotse'] / s['ours']:.3f} target={TARGET_VS_LHOTSE}")
+        for key, label in (("ours", "ours (shard stage)"), ("lhotse", "lhotse to_shar")):
+            rows.append(("transcode", label, transcode["times"][key], h, mb))
+
     print()
-    print(f"corpus: {corpus.files} files, {h:.2f} audio hours; {CORES} cores each; warm page cache")
-    print(f"{'workload':<13} {'contender':<20} {'seconds':>8} {'audio-h/s':>10} {'input MB/s':>11}")
-    for workload, name, seconds, hps, mbps in rows:
-        print(f"{workload:<13} {name:<20} {seconds:>8.2f} {hps:>10.3f} {mbps:>11.1f}")
-    if passthrough:
-        runs = ", ".join(f"{s:.2f}" for s in passthrough["ours_all"])
-        print(f"pass-through runs of ours (s): {runs}; median reported")
+    print(f"{corpus.files} files, {h:.2f} audio hours, {shard_files} files per shard, "
+          f"{CORES} cores per contender, warm page cache; median of the runs")
+    print(f"{'workload':<13} {'contender':<19} {'median s':>9} {'audio-h/s':>10} "
+          f"{'input MB/s':>11}  runs (s)")
+    for workload, label, runs, hours, mb in rows:
+        med = statistics.median(runs)
+        each = " ".join(f"{r:.2f}" for r in runs)
+        print(f"{workload:<13} {label:<19} {med:>9.2f} {hours / med:>10.3f} {mb / med:>11.1f}  {each}")
     if transcode:
-        print(f"transcoded FLAC bytes: ours {transcode['ours_bytes'] / 1e6:.1f} MB, "
-              f"lhotse {transcode['lhotse_bytes'] / 1e6:.1f} MB")
+        sizes = transcode["sizes"]
+        print(f"transcoded FLAC: ours {sizes['ours'] / 1e6:.1f} MB of shards, lhotse "
+              f"{sizes['lhotse'] / 1e6:.1f} MB of recording tars")
+    print(f"first call of the stage (Ray workers import the project; untimed above): "
+          f"{warmup_s:.2f} s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,49 +455,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=os.path.join(REPO, "bench-output"),
                         help="corpus cache and scratch outputs (default: %(default)s)")
-    parser.add_argument("--files", type=int, default=2000, help="files in the corpus (default: %(default)s)")
+    parser.add_argument("--files", type=int, default=2000,
+                        help="files in the corpus (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=3.6,
                         help="seconds per file (default: %(default)s)")
     parser.add_argument("--shard-files", type=int, default=None,
-                        help="files per shard, for us and lhotse alike (default: files / 8, so "
-                             "both cores stay busy)")
+                        help="files per shard, for us and lhotse alike (default: a quarter of "
+                             "the files per core, so both cores stay busy to the end)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs per pass-through contender; the median is reported "
+                        help="timed runs of each contender; the median is reported "
                              "(default: %(default)s)")
     parser.add_argument("--only", choices=("passthrough", "transcode"), default=None,
                         help="run one workload only")
+    parser.add_argument("--lhotse-child", nargs=3, metavar=("WAV_DIR", "OUT", "SHARD_FILES"),
+                        help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.lhotse_child:
+        wav_dir, out_dir, shard_files = args.lhotse_child
+        lhotse_child(wav_dir, out_dir, int(shard_files))
+        return 0
     workdir = os.path.abspath(args.workdir)
-    shard_files = args.shard_files or max(1, math.ceil(args.files / 8))
+    os.chdir(REPO)  # Ray puts the current directory on its workers' sys.path (see above).
+    shard_files = args.shard_files or max(1, math.ceil(args.files / (4 * CORES)))
     corpus = build_corpus(workdir, args.files, args.seconds)
-    print(f"corpus: {corpus.files} files, {corpus.hours:.3f} h; {shard_files} files per shard",
-          flush=True)
-
-    lhotse_part = None
-    if args.only in (None, "transcode"):
-        # lhotse forks its worker processes, so it runs before Ray starts: a fork of a process
-        # that holds Ray's gRPC threads can hang. Importing it first keeps imports untimed,
-        # as Ray's start is for us.
-        import lhotse  # noqa: F401
-
-        lhotse_part = bench_lhotse(corpus, workdir, shard_files)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.1f} before the benchmark; other work on this "
+              "machine makes the numbers noisy", flush=True)
 
     import ray
 
     ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False)
-    passthrough = transcode = None
     try:
+        warmup_s = warm_up(workdir, corpus)
+        passthrough = transcode = None
         if args.only in (None, "passthrough"):
+            print("timing pass-through ...", flush=True)
             passthrough = bench_passthrough(corpus, workdir, shard_files, args.repeats)
-        if lhotse_part is not None:
-            transcode = dict(lhotse_part, **bench_ours_transcode(corpus, workdir, shard_files))
+        if args.only in (None, "transcode"):
+            print("timing transcoding ...", flush=True)
+            transcode = bench_transcode(corpus, workdir, shard_files, args.repeats)
     finally:
         ray.shutdown()
-    report(corpus, passthrough, transcode)
+    report(corpus, shard_files, warmup_s, passthrough, transcode)
     return 0
 
 

@@ -10,11 +10,15 @@ log = logging.getLogger(__name__)
 
 def add_ray_arguments(parser) -> None:
     group = parser.add_argument_group("ray")
-    group.add_argument("--address", default=None,
-                       help="Ray cluster to join (also RAY_ADDRESS; under `ray job submit` it is "
-                            "set for you). Default: start Ray in this process.")
-    group.add_argument("--num-cpus", type=int, default=None,
-                       help="CPUs for in-process local Ray (default: all).")
+    group.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (also RAY_ADDRESS; under `ray job submit` it is "
+        "set for you). Default: start Ray in this process.",
+    )
+    group.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs for in-process local Ray (default: all)."
+    )
 
 
 def connect(args) -> None:

@@ -23,31 +23,67 @@ from ._ray import add_ray_arguments, connect
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.shard", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="corpus directories or list files (.tsv .csv .jsonl .parquet), "
-                             "local paths or URLs")
+        prog="python -m pipelines.shard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="corpus directories or list files (.tsv .csv .jsonl .parquet), local paths or URLs",
+    )
     parser.add_argument("--output", required=True, metavar="ROOT", help="dataset root to write")
-    parser.add_argument("--layout", default="auto", choices=LAYOUTS,
-                        help="input layout (default: %(default)s, detects librispeech, "
-                             "librilight or dir)")
-    parser.add_argument("--segment", default="none", choices=("none", "vad"),
-                        help="one sample per file, or voice-activity segments (default: %(default)s)")
-    parser.add_argument("--target-seconds", type=float, default=30.0,
-                        help="voiced seconds per segment with --segment vad (default: %(default)s)")
-    parser.add_argument("--vad", default="webrtc", choices=("webrtc", "energy"),
-                        help="detector for files without a voice_activity sidecar (default: %(default)s)")
-    parser.add_argument("--shard-bytes", default="1GiB",
-                        help="largest shard size (default: %(default)s)")
-    parser.add_argument("--max-samples", type=int, default=10_000,
-                        help="most samples per shard (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="shuffle inputs across shards with this seed (default: key order)")
-    parser.add_argument("--verify", action="store_true",
-                        help="fully decode files whose bytes are copied as they are")
-    parser.add_argument("--extensions", default=",".join(AUDIO_EXTENSIONS),
-                        help="audio extensions taken from directory trees (default: %(default)s)")
+    parser.add_argument(
+        "--layout",
+        default="auto",
+        choices=LAYOUTS,
+        help="input layout (default: %(default)s, detects librispeech, librilight or dir)",
+    )
+    parser.add_argument(
+        "--segment",
+        default="none",
+        choices=("none", "vad"),
+        help="one sample per file, or voice-activity segments (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--target-seconds",
+        type=float,
+        default=30.0,
+        help="voiced seconds per segment with --segment vad (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--vad",
+        default="webrtc",
+        choices=("webrtc", "energy"),
+        help="detector for files without a voice_activity sidecar (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shard-bytes", default="1GiB", help="largest shard size (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-samples",
+        type=int,
+        default=10_000,
+        help="most samples per shard (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="shuffle inputs across shards with this seed (default: key order)",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="fully decode files whose bytes are copied as they are",
+    )
+    parser.add_argument(
+        "--extensions",
+        default=",".join(AUDIO_EXTENSIONS),
+        help="audio extensions taken from directory trees (default: %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ray_arguments(parser)
     return parser
@@ -55,15 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from(args) -> ShardingOptions:
     return ShardingOptions(
-        layout=args.layout, segment=args.segment, target_seconds=args.target_seconds,
-        shard_bytes=parse_size(args.shard_bytes), max_samples=args.max_samples, seed=args.seed,
-        verify=args.verify, vad=args.vad,
-        extensions=tuple(e.strip().lower().lstrip(".") for e in args.extensions.split(",") if e.strip()))
+        layout=args.layout,
+        segment=args.segment,
+        target_seconds=args.target_seconds,
+        shard_bytes=parse_size(args.shard_bytes),
+        max_samples=args.max_samples,
+        seed=args.seed,
+        verify=args.verify,
+        vad=args.vad,
+        extensions=tuple(
+            e.strip().lower().lstrip(".") for e in args.extensions.split(",") if e.strip()
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from shards.ray_sharding import UsageError, run, validate
 
     try:
@@ -82,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     if summary["shards_written"] == 0:
         print(f"nothing to do: {summary['shards']} shards in {args.output} were already committed")
     else:
-        print(f"wrote {summary['shards_written']} shard(s) to {args.output}: "
-              f"{summary['hours']:.3f} h in {summary['segments']} samples, "
-              f"{summary['rejects']} rejected")
+        print(
+            f"wrote {summary['shards_written']} shard(s) to {args.output}: "
+            f"{summary['hours']:.3f} h in {summary['segments']} samples, "
+            f"{summary['rejects']} rejected"
+        )
     return 0
 
 

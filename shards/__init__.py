@@ -10,6 +10,6 @@ Reading back::
 
 from .plan import ShardingOptions, parse_size
 from .reader import Index, Sample, get, iter_shard
-from .reader import open_shards as open  # noqa: A001 - the package's documented reader name.
+from .reader import open_shards as open
 
 __all__ = ["Index", "Sample", "ShardingOptions", "get", "iter_shard", "open", "parse_size"]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import tempfile
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -65,8 +66,9 @@ def iter_16k(path: str, block_frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray
                 finite = np.isfinite(block)
                 if not finite.all():
                     bad = int(np.flatnonzero(~finite.all(axis=1))[0])
-                    raise AudioError(Reason.NON_FINITE,
-                                     f"NaN or Inf sample at frame {position + bad}")
+                    raise AudioError(
+                        Reason.NON_FINITE, f"NaN or Inf sample at frame {position + bad}"
+                    )
                 position += len(block)
                 mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
                 if resampler is None:
@@ -76,8 +78,10 @@ def iter_16k(path: str, block_frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray
                     if len(out):
                         yield out
             if position < declared:
-                raise AudioError(Reason.TRUNCATED,
-                                 f"decoded {position} of the {declared} frames the header declares")
+                raise AudioError(
+                    Reason.TRUNCATED,
+                    f"decoded {position} of the {declared} frames the header declares",
+                )
             if resampler is not None:
                 out = resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
                 if len(out):
@@ -168,8 +172,15 @@ class EncodedFile:
     def begin(self) -> None:
         self._base = self.spool.seek(0, io.SEEK_END)
         self._samples = 0
-        self._snd = sf.SoundFile(_Window(self.spool, self._base), "w", SAMPLE_RATE, 1, "PCM_16",
-                                 format="FLAC", compression_level=self._compression)
+        self._snd = sf.SoundFile(
+            _Window(self.spool, self._base),
+            "w",
+            SAMPLE_RATE,
+            1,
+            "PCM_16",
+            format="FLAC",
+            compression_level=self._compression,
+        )
 
     def write(self, x: np.ndarray) -> None:
         self._snd.write(to_pcm16(x))
@@ -194,7 +205,7 @@ class EncodedFile:
             self._snd.close()
         self.spool.close()
 
-    def __enter__(self) -> "EncodedFile":
+    def __enter__(self) -> EncodedFile:
         return self
 
     def __exit__(self, *exc) -> None:

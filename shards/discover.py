@@ -11,7 +11,7 @@ import dataclasses
 import io
 import os
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
@@ -135,7 +135,9 @@ def _tree(root: str, files: list[str], extensions, *, librilight: bool) -> list[
             out.append(Source(storage.join(root, rel), key, speaker, book, None, sidecar))
         else:
             group = "/".join(parts[:-1]) or None
-            out.append(Source(storage.join(root, rel), keys.from_parts(*parts), None, group, None, sidecar))
+            out.append(
+                Source(storage.join(root, rel), keys.from_parts(*parts), None, group, None, sidecar)
+            )
     return out
 
 
@@ -181,27 +183,44 @@ def _discover_list(path: str) -> Discovery:
             f"list {path!r} has no 'path' column (columns: {', '.join(table.column_names)}); "
             "add one holding each audio file's path, absolute or relative to the list"
         )
-    cols = {c: table.column(c).to_pylist() for c in ("path", "key", "speaker", "group", "text")
-            if c in table.column_names}
+    cols = {
+        c: table.column(c).to_pylist()
+        for c in ("path", "key", "speaker", "group", "text")
+        if c in table.column_names
+    }
     sources, rejects = [], []
     for i, rel in enumerate(cols["path"]):
         line = i + 2 if lower.endswith(".csv") else i + 1
         if not isinstance(rel, str) or not rel.strip():
-            rejects.append(reject_row(f"{path}:{line}", Stage.DISCOVER, Reason.BAD_LIST_ENTRY,
-                                      f"row {line} has no path"))
+            rejects.append(
+                reject_row(
+                    f"{path}:{line}",
+                    Stage.DISCOVER,
+                    Reason.BAD_LIST_ENTRY,
+                    f"row {line} has no path",
+                )
+            )
             continue
         full = rel if os.path.isabs(rel) or storage.is_url(rel) else storage.join(base, rel)
         given = cols.get("key", [None] * len(cols["path"]))[i]
         key = keys.sanitize(str(given)) if given not in (None, "") else _key_from_path(full, base)
-        sources.append(Source(full, key, _opt(cols, "speaker", i), _opt(cols, "group", i),
-                              _opt(cols, "text", i), _sidecar_for(full)))
+        sources.append(
+            Source(
+                full,
+                key,
+                _opt(cols, "speaker", i),
+                _opt(cols, "group", i),
+                _opt(cols, "text", i),
+                _sidecar_for(full),
+            )
+        )
     return Discovery("list", sources, rejects)
 
 
 def _key_from_path(full: str, base: str) -> str:
     """Key of a listed file without one: its path below the list's folder, else its stem."""
     prefix = base.rstrip("/") + "/"
-    rel = full[len(prefix):] if full.startswith(prefix) else full.rsplit("/", 1)[-1]
+    rel = full[len(prefix) :] if full.startswith(prefix) else full.rsplit("/", 1)[-1]
     return keys.from_parts(*_stem(rel).split("/"))
 
 
@@ -232,14 +251,26 @@ def _fairseq_tsv(path: str) -> Discovery:
             continue
         fields = line.split("\t")
         if len(fields) != 2 or not fields[1].strip().isdigit() or not fields[0].strip():
-            rejects.append(reject_row(f"{path}:{n}", Stage.DISCOVER, Reason.BAD_LIST_ENTRY,
-                                      f"line {n} is not 'relpath<TAB>num_samples': {line[:200]!r}"))
+            rejects.append(
+                reject_row(
+                    f"{path}:{n}",
+                    Stage.DISCOVER,
+                    Reason.BAD_LIST_ENTRY,
+                    f"line {n} is not 'relpath<TAB>num_samples': {line[:200]!r}",
+                )
+            )
             continue
         rel = fields[0].strip()
         full = storage.join(root, rel)
         parts = _stem(rel).split("/")
-        sources.append(Source(full, keys.from_parts(*parts), None, "/".join(parts[:-1]) or None,
-                              None, _sidecar_for(full)))
+        sources.append(
+            Source(
+                full,
+                keys.from_parts(*parts),
+                None,
+                "/".join(parts[:-1]) or None,
+                None,
+                _sidecar_for(full),
+            )
+        )
     return Discovery("list", sources, rejects)
-
-

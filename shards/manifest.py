@@ -46,8 +46,9 @@ class _StreamingParquet:
         return self.buffer.getvalue()
 
 
-def finalize(layout: RootLayout, num_shards: int, plan_rejects: list[dict], meta: dict,
-             run: dict) -> dict:
+def finalize(
+    layout: RootLayout, num_shards: int, plan_rejects: list[dict], meta: dict, run: dict
+) -> dict:
     """Writes ``utterances``, ``shards``, ``rejects`` and ``summary.json`` from the parts.
 
     Args:
@@ -108,7 +109,9 @@ def finalize(layout: RootLayout, num_shards: int, plan_rejects: list[dict], meta
             "bytes_written": run.get("bytes_written", 0),
         },
     }
-    write_atomic(layout.manifest("summary.json"), json.dumps(summary, indent=1, sort_keys=True).encode())
+    write_atomic(
+        layout.manifest("summary.json"), json.dumps(summary, indent=1, sort_keys=True).encode()
+    )
     return summary
 
 

@@ -31,9 +31,26 @@ PLAN_VERSION = 1
 _SAMPLE_OVERHEAD = 2048
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -119,14 +136,15 @@ def estimate(p: Probe, opts: ShardingOptions) -> tuple[int, int]:
     if opts.segment == "none":
         samples = 1
     elif p.voice_activity is not None:
-        samples = max(1, len(vad.group(vad.clip(p.voice_activity, p.duration)[0], opts.target_seconds)))
+        samples = max(
+            1, len(vad.group(vad.clip(p.voice_activity, p.duration)[0], opts.target_seconds))
+        )
     else:
         samples = max(1, math.ceil(p.duration / opts.target_seconds))
     return nbytes + samples * _SAMPLE_OVERHEAD, samples
 
 
-def make_plan(probes: list[Probe], rejects: list[dict], opts: ShardingOptions,
-              meta: dict) -> Plan:
+def make_plan(probes: list[Probe], rejects: list[dict], opts: ShardingOptions, meta: dict) -> Plan:
     """Dedupes keys, orders the inputs and packs them into shards.
 
     The first source (in path order) of a key is kept; every other one is rejected with
@@ -139,9 +157,15 @@ def make_plan(probes: list[Probe], rejects: list[dict], opts: ShardingOptions,
         if first is None:
             kept[p.source.key] = p
         else:
-            rejects.append(reject_row(
-                p.source.path, Stage.PLAN, Reason.DUPLICATE_KEY,
-                f"key {p.source.key!r} is already taken by {first.source.path}", p.source.key))
+            rejects.append(
+                reject_row(
+                    p.source.path,
+                    Stage.PLAN,
+                    Reason.DUPLICATE_KEY,
+                    f"key {p.source.key!r} is already taken by {first.source.path}",
+                    p.source.key,
+                )
+            )
     ordered = list(kept.values())
     if opts.seed is not None:
         ordered = [ordered[i] for i in np.random.default_rng(opts.seed).permutation(len(ordered))]
@@ -149,7 +173,11 @@ def make_plan(probes: list[Probe], rejects: list[dict], opts: ShardingOptions,
     size = count = 0
     for p in ordered:
         nbytes, nsamples = estimate(p, opts)
-        if shards and shards[-1] and (size + nbytes > opts.shard_bytes or count + nsamples > opts.max_samples):
+        if (
+            shards
+            and shards[-1]
+            and (size + nbytes > opts.shard_bytes or count + nsamples > opts.max_samples)
+        ):
             shards.append([])
             size = count = 0
         if not shards:
@@ -164,17 +192,29 @@ def make_plan(probes: list[Probe], rejects: list[dict], opts: ShardingOptions,
 def _row(shard: int, p: Probe, nbytes: int, nsamples: int) -> dict:
     s = p.source
     return {
-        "shard": shard, "key": s.key, "source": s.path, "sidecar": s.sidecar,
-        "speaker": s.speaker, "group": s.group, "text": s.text, "frames": p.frames,
-        "sample_rate": p.sample_rate, "channels": p.channels, "format": p.format,
-        "subtype": p.subtype, "file_bytes": p.file_bytes, "passthrough": p.passthrough,
-        "est_bytes": nbytes, "est_samples": nsamples,
+        "shard": shard,
+        "key": s.key,
+        "source": s.path,
+        "sidecar": s.sidecar,
+        "speaker": s.speaker,
+        "group": s.group,
+        "text": s.text,
+        "frames": p.frames,
+        "sample_rate": p.sample_rate,
+        "channels": p.channels,
+        "format": p.format,
+        "subtype": p.subtype,
+        "file_bytes": p.file_bytes,
+        "passthrough": p.passthrough,
+        "est_bytes": nbytes,
+        "est_samples": nsamples,
     }
 
 
 def fingerprint(inputs: list[str], opts: ShardingOptions) -> str:
-    blob = json.dumps({"inputs": inputs, "options": opts.to_json(), "version": PLAN_VERSION},
-                      sort_keys=True).encode()
+    blob = json.dumps(
+        {"inputs": inputs, "options": opts.to_json(), "version": PLAN_VERSION}, sort_keys=True
+    ).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -187,11 +227,16 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 def save(layout: RootLayout, plan: Plan) -> None:
     """Writes the plan; ``plan.json`` goes last and is what marks the plan as complete."""
     rows = [row for shard in plan.shards for row in shard]
-    write_atomic(layout.plan_path("plan.parquet"), _parquet_bytes(pa.Table.from_pylist(rows, schema=PLAN)))
-    write_atomic(layout.plan_path("rejects.parquet"),
-                 _parquet_bytes(pa.Table.from_pylist(plan.rejects, schema=REJECTS)))
-    write_atomic(layout.plan_path("plan.json"),
-                 json.dumps(plan.meta, sort_keys=True, indent=1).encode())
+    write_atomic(
+        layout.plan_path("plan.parquet"), _parquet_bytes(pa.Table.from_pylist(rows, schema=PLAN))
+    )
+    write_atomic(
+        layout.plan_path("rejects.parquet"),
+        _parquet_bytes(pa.Table.from_pylist(plan.rejects, schema=REJECTS)),
+    )
+    write_atomic(
+        layout.plan_path("plan.json"), json.dumps(plan.meta, sort_keys=True, indent=1).encode()
+    )
 
 
 def load(layout: RootLayout) -> Plan | None:

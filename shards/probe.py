@@ -78,7 +78,9 @@ def probe(source: Source, *, segment: str = "none") -> Probe:
             try:
                 with sf.SoundFile(f) as snd:
                     info = (snd.frames, snd.samplerate, snd.channels, snd.format, snd.subtype)
-                    passthrough = segment == "none" and can_pass_through(*info[3:], info[1], info[2])
+                    passthrough = segment == "none" and can_pass_through(
+                        *info[3:], info[1], info[2]
+                    )
                     if passthrough and snd.frames > 0:
                         _check_tail(snd)
                     _check_declared_length(snd)
@@ -96,8 +98,9 @@ def probe(source: Source, *, segment: str = "none") -> Probe:
     if sample_rate <= 0 or channels <= 0:
         raise ProbeError(Reason.NOT_AUDIO, f"invalid header: {sample_rate} Hz, {channels} channels")
     voice_activity = read_voice_activity(source.sidecar) if source.sidecar else None
-    result = Probe(source, frames, sample_rate, channels, fmt, subtype, file_bytes, passthrough,
-                   voice_activity)
+    result = Probe(
+        source, frames, sample_rate, channels, fmt, subtype, file_bytes, passthrough, voice_activity
+    )
     if result.output_samples < MIN_SAMPLES:
         raise ProbeError(
             Reason.TOO_SHORT,
@@ -118,8 +121,10 @@ def _stat(path: str) -> int:
         return os.stat(local).st_size
     except FileNotFoundError as e:
         if os.path.islink(local):
-            raise ProbeError(Reason.BROKEN_SYMLINK,
-                             f"symlink points to {os.readlink(local)!r}, which does not exist") from e
+            raise ProbeError(
+                Reason.BROKEN_SYMLINK,
+                f"symlink points to {os.readlink(local)!r}, which does not exist",
+            ) from e
         raise ProbeError(Reason.MISSING, "file does not exist") from e
     except PermissionError as e:
         raise ProbeError(Reason.PERMISSION_DENIED, f"permission denied: {e}") from e
@@ -152,8 +157,9 @@ def _check_declared_length(snd: sf.SoundFile) -> None:
     """Rejects a file whose audio chunk is shorter than its header declares."""
     m = _SHORT_CHUNK.search(snd.extra_info or "")
     if m and int(m.group(2)) < int(m.group(1)):
-        raise ProbeError(Reason.TRUNCATED,
-                         f"audio data is {m.group(2)} bytes, the header declares {m.group(1)}")
+        raise ProbeError(
+            Reason.TRUNCATED, f"audio data is {m.group(2)} bytes, the header declares {m.group(1)}"
+        )
 
 
 def read_voice_activity(path: str) -> tuple[tuple[float, float], ...] | None:
@@ -170,11 +176,14 @@ def read_voice_activity(path: str) -> tuple[tuple[float, float], ...] | None:
     try:
         pairs = [(float(a), float(b)) for a, b in intervals]
     except (TypeError, ValueError) as e:
-        raise ProbeError(Reason.BAD_SIDECAR,
-                         f"sidecar {path}: voice_activity is not a list of [start, end]") from e
+        raise ProbeError(
+            Reason.BAD_SIDECAR, f"sidecar {path}: voice_activity is not a list of [start, end]"
+        ) from e
     if any(not (math.isfinite(a) and math.isfinite(b)) or b < a for a, b in pairs):
-        raise ProbeError(Reason.BAD_SIDECAR,
-                         f"sidecar {path}: voice_activity holds an interval with end < start or NaN")
+        raise ProbeError(
+            Reason.BAD_SIDECAR,
+            f"sidecar {path}: voice_activity holds an interval with end < start or NaN",
+        )
     return tuple(pairs)
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import ray
 
-from . import discover, plan as planning, storage
+from . import discover, storage
+from . import plan as planning
 from .manifest import finalize, read_summary
 from .plan import ShardingOptions
 from .probe import Probe, probe_many
@@ -53,22 +54,30 @@ def validate(inputs: list[str], root: str, opts: ShardingOptions) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     if storage.is_url(root):
-        raise UsageError(f"output {root!r}: object-storage roots are not supported by the shard "
-                         "stage yet; write to a local path")
+        raise UsageError(
+            f"output {root!r}: object-storage roots are not supported by the shard "
+            "stage yet; write to a local path"
+        )
     out = os.path.realpath(storage.local_path(root))
     for path in inputs:
         if not storage.exists(path):
-            raise UsageError(f"input {path!r} does not exist; pass a corpus directory or a list "
-                             "file (.tsv, .csv, .jsonl, .parquet)")
+            raise UsageError(
+                f"input {path!r} does not exist; pass a corpus directory or a list "
+                "file (.tsv, .csv, .jsonl, .parquet)"
+            )
         if storage.is_url(path):
             continue
         src = os.path.realpath(storage.local_path(path))
         if os.path.isdir(src) and (out == src or out.startswith(src + os.sep)):
-            raise UsageError(f"output {root!r} lies inside input {path!r}: its shards would be "
-                             "read as inputs; choose an output outside the input tree")
+            raise UsageError(
+                f"output {root!r} lies inside input {path!r}: its shards would be "
+                "read as inputs; choose an output outside the input tree"
+            )
         if not os.path.isdir(src) and not src.lower().endswith(discover.LIST_EXTENSIONS):
-            raise UsageError(f"input {path!r} is a file but not a list "
-                             f"({', '.join(discover.LIST_EXTENSIONS)}); pass its directory")
+            raise UsageError(
+                f"input {path!r} is a file but not a list "
+                f"({', '.join(discover.LIST_EXTENSIONS)}); pass its directory"
+            )
 
 
 def _plan(inputs: list[str], layout: RootLayout, opts: ShardingOptions) -> planning.Plan:
@@ -79,7 +88,8 @@ def _plan(inputs: list[str], layout: RootLayout, opts: ShardingOptions) -> plann
             raise UsageError(
                 f"{layout.root} already holds a plan made from other inputs or options "
                 f"(inputs {saved.meta['inputs']}, options {saved.meta['options']}); use a new "
-                "--output, or delete its plan/, shards/ and manifest/ to start over")
+                "--output, or delete its plan/, shards/ and manifest/ to start over"
+            )
         log.info("reusing the saved plan: %d shards", len(saved.shards))
         return saved
     sources, rejects, layouts = [], [], []
@@ -91,19 +101,32 @@ def _plan(inputs: list[str], layout: RootLayout, opts: ShardingOptions) -> plann
     log.info("discovered %d inputs (%s); probing headers", len(sources), ", ".join(layouts))
     batches = [sources[i : i + PROBE_BATCH] for i in range(0, len(sources), PROBE_BATCH)]
     probes: list[Probe] = []
-    for found_probes, found_rejects in ray.get([_probe_task.remote(b, opts.segment) for b in batches]):
+    for found_probes, found_rejects in ray.get(
+        [_probe_task.remote(b, opts.segment) for b in batches]
+    ):
         probes.extend(found_probes)
         rejects.extend(found_rejects)
-    meta = {"version": planning.PLAN_VERSION, "fingerprint": fingerprint, "inputs": inputs,
-            "options": opts.to_json(), "layout": ",".join(sorted(set(layouts))),
-            "files": len(sources) + sum(1 for r in rejects if r["stage"] == "discover")}
+    meta = {
+        "version": planning.PLAN_VERSION,
+        "fingerprint": fingerprint,
+        "inputs": inputs,
+        "options": opts.to_json(),
+        "layout": ",".join(sorted(set(layouts))),
+        "files": len(sources) + sum(1 for r in rejects if r["stage"] == "discover"),
+    }
     made = planning.make_plan(probes, rejects, opts, meta)
     planning.save(layout, made)
     return made
 
 
-def run(inputs: list[str], root: str, opts: ShardingOptions = ShardingOptions(), *,
-        progress: bool = False, on_shard: Callable[[dict], None] | None = None) -> dict:
+def run(
+    inputs: list[str],
+    root: str,
+    opts: ShardingOptions | None = None,
+    *,
+    progress: bool = False,
+    on_shard: Callable[[dict], None] | None = None,
+) -> dict:
     """Shards a corpus into ``root``; resumes whatever an earlier run left unfinished.
 
     Ray must be initialised (``ray.init``): locally or connected to a cluster.
@@ -124,6 +147,7 @@ def run(inputs: list[str], root: str, opts: ShardingOptions = ShardingOptions(),
         RuntimeError: Shards that failed for reasons other than bad input (disk full, ...);
             the others are committed and a rerun finishes the job.
     """
+    opts = ShardingOptions() if opts is None else opts
     validate(inputs, root, opts)
     if not ray.is_initialized():
         raise RuntimeError("Ray is not initialised: call ray.init() (or pass --address)")
@@ -141,14 +165,27 @@ def run(inputs: list[str], root: str, opts: ShardingOptions = ShardingOptions(),
         return dict(summary, shards_written=0, shards_skipped=skipped)
     if skipped:
         log.info("resuming: %d shards already committed, %d to write", skipped, len(pending))
-    hours_written, bytes_written, failures = _write_all(layout, made, pending, opts, progress, on_shard)
+    hours_written, bytes_written, failures = _write_all(
+        layout, made, pending, opts, progress, on_shard
+    )
     if failures:
         raise RuntimeError(
             f"{len(failures)} shard(s) failed and are not committed; rerun the same command to "
-            "retry them. First error:\n" + failures[0])
-    summary = finalize(layout, len(made.shards), made.rejects, made.meta,
-                       {"wall_seconds": time.monotonic() - started, "hours_written": hours_written,
-                        "bytes_written": bytes_written})
+            "retry them. First error:\n" + failures[0]
+        )
+    for leftover in layout.temp_files():  # All tasks are done: no writer is alive.
+        os.unlink(leftover)
+    summary = finalize(
+        layout,
+        len(made.shards),
+        made.rejects,
+        made.meta,
+        {
+            "wall_seconds": time.monotonic() - started,
+            "hours_written": hours_written,
+            "bytes_written": bytes_written,
+        },
+    )
     return dict(summary, shards_written=len(pending), shards_skipped=skipped)
 
 
@@ -157,9 +194,16 @@ def _write_all(layout, made, pending, opts, progress, on_shard):
 
     resources = ray.cluster_resources()
     window = max(2, int(2 * resources.get("CPU", 1)))
-    total_hours = sum(r["frames"] / r["sample_rate"] for i in pending for r in made.shards[i]) / 3600
-    bar = tqdm(total=round(total_hours, 4), unit="h", desc="audio", disable=not progress,
-               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}]{postfix}")
+    total_hours = (
+        sum(r["frames"] / r["sample_rate"] for i in pending for r in made.shards[i]) / 3600
+    )
+    bar = tqdm(
+        total=round(total_hours, 4),
+        unit="h",
+        desc="audio",
+        disable=not progress,
+        bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}]{postfix}",
+    )
     in_flight: dict = {}
     queue = list(pending)
     hours = 0.0
@@ -175,14 +219,16 @@ def _write_all(layout, made, pending, opts, progress, on_shard):
             i = in_flight.pop(ref)
             try:
                 record = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - reported together at the end.
+            except Exception as e:
                 failures.append(f"shard {layout.shard_name(i)}: {e}")
                 continue
             hours += record["seconds"] / 3600
             nbytes += record["bytes"]
             files += len(made.shards[i])
             bar.update(round(sum(r["frames"] / r["sample_rate"] for r in made.shards[i]) / 3600, 4))
-            bar.set_postfix(files=files, shards=f"{len(pending) - len(queue) - len(in_flight)}/{len(pending)}")
+            bar.set_postfix(
+                files=files, shards=f"{len(pending) - len(queue) - len(in_flight)}/{len(pending)}"
+            )
             if on_shard is not None:
                 on_shard(record)
     bar.close()

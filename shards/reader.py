@@ -13,7 +13,7 @@ import io
 import json
 import os
 import tarfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow.compute as pc
@@ -92,10 +92,15 @@ class Index:
 
     def __init__(self, root: str):
         self._layout = RootLayout(root)
-        table = pq.read_table(self._layout.manifest("utterances.parquet"),
-                              columns=["key", "shard", "offset", "size"])
-        self._rows = {k: (s, o, n) for k, s, o, n in zip(*(table.column(c).to_pylist()
-                                                           for c in table.column_names))}
+        table = pq.read_table(
+            self._layout.manifest("utterances.parquet"), columns=["key", "shard", "offset", "size"]
+        )
+        self._rows = {
+            k: (s, o, n)
+            for k, s, o, n in zip(
+                *(table.column(c).to_pylist() for c in table.column_names), strict=True
+            )
+        }
 
     def __contains__(self, key: str) -> bool:
         return key in self._rows
@@ -135,9 +140,11 @@ def get(root: str, key: str) -> Sample:
     For many lookups build an :class:`Index` once instead.
     """
     layout = RootLayout(root)
-    table = pq.read_table(layout.manifest("utterances.parquet"),
-                          columns=["key", "shard", "offset", "size"],
-                          filters=pc.field("key") == key)
+    table = pq.read_table(
+        layout.manifest("utterances.parquet"),
+        columns=["key", "shard", "offset", "size"],
+        filters=pc.field("key") == key,
+    )
     if table.num_rows == 0:
         raise KeyError(f"no sample {key!r} in {layout.root}")
     row = table.slice(0, 1).to_pylist()[0]

@@ -111,7 +111,9 @@ class Reason(str, enum.Enum):
     IO_ERROR = "io_error"
 
 
-def reject_row(source: str, stage: Stage, reason: Reason, message: str, key: str | None = None) -> dict:
+def reject_row(
+    source: str, stage: Stage, reason: Reason, message: str, key: str | None = None
+) -> dict:
     """Builds one ``REJECTS`` row."""
     return {
         "source": source,

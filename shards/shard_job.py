@@ -8,10 +8,11 @@ its manifest parts are in place), so a killed writer leaves nothing that a rerun
 from __future__ import annotations
 
 import dataclasses
+import glob
 import io
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,7 +23,7 @@ from .plan import ShardingOptions
 from .probe import ProbeError, read_voice_activity
 from .root import RootLayout
 from .schemas import MIN_SAMPLES, REJECTS, SAMPLE_RATE, UTTERANCES, Reason, Stage, reject_row
-from .tar_writer import ShardWriter, write_atomic
+from .tar_writer import ShardWriter, temp_prefix, write_atomic
 
 
 @dataclasses.dataclass
@@ -53,6 +54,9 @@ def write_shard(root: str, index: int, rows: list[dict], opts: ShardingOptions) 
     done = layout.read_commit(index)
     if done is not None:
         return dict(done, written=False)
+    # An earlier attempt at this shard died mid-write (Ray runs one attempt at a time).
+    for stale in glob.glob(temp_prefix(layout.shard_path(index)) + "*"):
+        os.unlink(stale)
     writer = ShardWriter(layout.shard_path(index))
     utterances, rejects = [], []
     try:
@@ -60,8 +64,9 @@ def write_shard(root: str, index: int, rows: list[dict], opts: ShardingOptions) 
             try:
                 _write_input(writer, layout.shard_name(index), plan_row, opts, utterances, rejects)
             except AudioError as e:
-                rejects.append(reject_row(plan_row["source"], Stage.SHARD, e.reason, str(e),
-                                          plan_row["key"]))
+                rejects.append(
+                    reject_row(plan_row["source"], Stage.SHARD, e.reason, str(e), plan_row["key"])
+                )
         _write_parquet(layout.utterances_part(index), utterances, UTTERANCES)
         _write_parquet(layout.rejects_part(index), rejects, REJECTS)
         nbytes, sha256 = writer.commit()
@@ -101,20 +106,44 @@ def _base_meta(row: dict) -> dict:
     return meta
 
 
-def _manifest_row(shard: str, key: str, member, num_samples: int, row: dict, start: float,
-                  end: float, passthrough: bool) -> dict:
+def _manifest_row(
+    shard: str,
+    key: str,
+    member,
+    num_samples: int,
+    row: dict,
+    start: float,
+    end: float,
+    passthrough: bool,
+) -> dict:
     return {
-        "key": key, "shard": shard, "offset": member.offset, "size": member.size,
-        "num_samples": num_samples, "sample_rate": SAMPLE_RATE,
-        "duration": num_samples / SAMPLE_RATE, "source": row["source"], "start": start,
-        "end": end, "speaker": row["speaker"], "group": row["group"], "sha256": member.sha256,
-        "original_sample_rate": row["sample_rate"], "original_channels": row["channels"],
+        "key": key,
+        "shard": shard,
+        "offset": member.offset,
+        "size": member.size,
+        "num_samples": num_samples,
+        "sample_rate": SAMPLE_RATE,
+        "duration": num_samples / SAMPLE_RATE,
+        "source": row["source"],
+        "start": start,
+        "end": end,
+        "speaker": row["speaker"],
+        "group": row["group"],
+        "sha256": member.sha256,
+        "original_sample_rate": row["sample_rate"],
+        "original_channels": row["channels"],
         "passthrough": passthrough,
     }
 
 
-def _write_input(writer: ShardWriter, shard: str, row: dict, opts: ShardingOptions,
-                 utterances: list, rejects: list) -> None:
+def _write_input(
+    writer: ShardWriter,
+    shard: str,
+    row: dict,
+    opts: ShardingOptions,
+    utterances: list,
+    rejects: list,
+) -> None:
     duration = row["frames"] / row["sample_rate"]
     if row["passthrough"]:
         _pass_through(writer, shard, row, opts, utterances, duration)
@@ -125,27 +154,51 @@ def _write_input(writer: ShardWriter, shard: str, row: dict, opts: ShardingOptio
         for out in outputs:
             stream, size = enc.open_stream(out.stream)
             member = writer.add(out.key, stream, size, out.meta)
-            utterances.append(_manifest_row(shard, out.key, member, out.meta["num_samples"], row,
-                                            out.start, out.end, False))
+            utterances.append(
+                _manifest_row(
+                    shard, out.key, member, out.meta["num_samples"], row, out.start, out.end, False
+                )
+            )
 
 
-def _pass_through(writer: ShardWriter, shard: str, row: dict, opts: ShardingOptions,
-                  utterances: list, duration: float) -> None:
+def _pass_through(
+    writer: ShardWriter,
+    shard: str,
+    row: dict,
+    opts: ShardingOptions,
+    utterances: list,
+    duration: float,
+) -> None:
     if opts.verify:
         audio.verify_decodes(row["source"])
     with storage.open_input(row["source"]) as f:
-        size = os.fstat(f.fileno()).st_size if hasattr(f, "fileno") else storage.file_size(row["source"])
+        size = (
+            os.fstat(f.fileno()).st_size
+            if hasattr(f, "fileno")
+            else storage.file_size(row["source"])
+        )
         if size != row["file_bytes"]:
-            raise AudioError(Reason.IO_ERROR,
-                             f"file changed since it was planned ({row['file_bytes']} -> {size} bytes)")
-        meta = dict(_base_meta(row), key=row["key"], num_samples=row["frames"], start=0.0,
-                    end=duration, passthrough=True)
+            raise AudioError(
+                Reason.IO_ERROR,
+                f"file changed since it was planned ({row['file_bytes']} -> {size} bytes)",
+            )
+        meta = dict(
+            _base_meta(row),
+            key=row["key"],
+            num_samples=row["frames"],
+            start=0.0,
+            end=duration,
+            passthrough=True,
+        )
         member = writer.add(row["key"], f, size, meta)
-    utterances.append(_manifest_row(shard, row["key"], member, row["frames"], row, 0.0, duration, True))
+    utterances.append(
+        _manifest_row(shard, row["key"], member, row["frames"], row, 0.0, duration, True)
+    )
 
 
-def _encode(enc: EncodedFile, row: dict, opts: ShardingOptions, duration: float,
-            rejects: list) -> Iterator[_Output]:
+def _encode(
+    enc: EncodedFile, row: dict, opts: ShardingOptions, duration: float, rejects: list
+) -> Iterator[_Output]:
     """Encodes the samples of one input into ``enc`` and yields what describes them."""
     base = _base_meta(row)
     if opts.segment == "none":
@@ -191,14 +244,26 @@ def _encode(enc: EncodedFile, row: dict, opts: ShardingOptions, duration: float,
     for i, seg in enumerate(segments):
         key = keys.segment_key(row["key"], i)
         if counts[i] < MIN_SAMPLES:  # Encoded (or not even reached) but never stored.
-            rejects.append(reject_row(
-                row["source"], Stage.SHARD, Reason.TOO_SHORT,
-                f"segment {i} ({seg.start:.3f}-{seg.end:.3f} s) has {counts[i]} samples, "
-                f"fewer than {MIN_SAMPLES}", key))
+            rejects.append(
+                reject_row(
+                    row["source"],
+                    Stage.SHARD,
+                    Reason.TOO_SHORT,
+                    f"segment {i} ({seg.start:.3f}-{seg.end:.3f} s) has {counts[i]} samples, "
+                    f"fewer than {MIN_SAMPLES}",
+                    key,
+                )
+            )
             continue
-        meta = dict(base, key=key, num_samples=counts[i], start=seg.start, end=seg.end,
-                    passthrough=False, segment=dict(how, index=i,
-                                                    intervals=[list(x) for x in seg.intervals]))
+        meta = dict(
+            base,
+            key=key,
+            num_samples=counts[i],
+            start=seg.start,
+            end=seg.end,
+            passthrough=False,
+            segment=dict(how, index=i, intervals=[list(x) for x in seg.intervals]),
+        )
         yield _Output(key, meta, seg.start, seg.end, streams[i])
 
 
@@ -210,8 +275,11 @@ def _segments(row: dict, opts: ShardingOptions, duration: float):
             raise AudioError(e.reason, str(e)) from e
         if intervals is not None:
             clipped, clipping = vad.clip(intervals, duration)
-            how = {"vad": "sidecar", "clipped_intervals": clipping.clipped,
-                   "dropped_intervals": clipping.dropped}
+            how = {
+                "vad": "sidecar",
+                "clipped_intervals": clipping.clipped,
+                "dropped_intervals": clipping.dropped,
+            }
             return vad.group(clipped, opts.target_seconds), how
     detector = vad.Detector(opts.vad)
     for block in audio.iter_16k(row["source"]):

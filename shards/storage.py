@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
@@ -68,9 +69,7 @@ def walk_files(root: str) -> Iterator[str]:
     if is_url(root):
         fs, base = _remote(root)
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        rels = [
-            posixpath.relpath(i.path, base) for i in infos if i.type == pafs.FileType.File
-        ]
+        rels = [posixpath.relpath(i.path, base) for i in infos if i.type == pafs.FileType.File]
         yield from sorted(rels)
         return
     base = local_path(root)

@@ -96,8 +96,13 @@ class ShardWriter:
         self.temp_path = f"{temp_prefix(final_path)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._raw = open(self.temp_path, "wb")
         self._out = _HashingWriter(self._raw)
-        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.PAX_FORMAT,
-                                 encoding="utf-8", copybufsize=_COPY_BUFFER)
+        self._tar = tarfile.open(
+            fileobj=self._out,
+            mode="w",
+            format=tarfile.PAX_FORMAT,
+            encoding="utf-8",
+            copybufsize=_COPY_BUFFER,
+        )
         self._keys: set[str] = set()
 
     def _info(self, name: str, size: int) -> tarfile.TarInfo:
@@ -121,7 +126,10 @@ class ShardWriter:
         info = self._info(f"{key}.flac", size)
         self._tar.addfile(info, reader)
         # addfile works on a copy of ``info``; the data ends at the tar's offset, padded to 512.
-        offset = self._tar.offset - ((size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        offset = (
+            self._tar.offset
+            - ((size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        )
         member = Member(offset, size, reader.hash.hexdigest())
         body = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
         self._tar.addfile(self._info(f"{key}.json", len(body)), io.BytesIO(body))
@@ -141,7 +149,7 @@ class ShardWriter:
         """Drops the temporary file."""
         try:
             self._tar.close()
-        except Exception:  # noqa: BLE001 - the tar is being thrown away anyway.
+        except Exception:
             pass
         self._raw.close()
         if os.path.exists(self.temp_path):

@@ -14,7 +14,7 @@ whose model is compiled into the package) or a plain energy detector.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -102,8 +102,13 @@ class Detector:
         min_silence: Shortest pause that splits speech, seconds (shorter pauses are bridged).
     """
 
-    def __init__(self, method: str = "webrtc", aggressiveness: int = 2,
-                 min_speech: float = 0.1, min_silence: float = 0.3):
+    def __init__(
+        self,
+        method: str = "webrtc",
+        aggressiveness: int = 2,
+        min_speech: float = 0.1,
+        min_silence: float = 0.3,
+    ):
         if method not in DETECTORS:
             raise ValueError(f"unknown VAD {method!r}; choose one of {', '.join(DETECTORS)}")
         self.method = method
@@ -144,13 +149,17 @@ class Detector:
         return _runs(speech, _FRAME / SAMPLE_RATE, self._min_speech, self._min_silence)
 
 
-def _runs(speech: np.ndarray, frame_seconds: float, min_speech: float,
-          min_silence: float) -> list[Interval]:
+def _runs(
+    speech: np.ndarray, frame_seconds: float, min_speech: float, min_silence: float
+) -> list[Interval]:
     runs: list[list[int]] = []
     for i in np.flatnonzero(speech):
         if runs and (i - runs[-1][1]) * frame_seconds < min_silence:
             runs[-1][1] = i + 1
         else:
             runs.append([i, i + 1])
-    return [(a * frame_seconds, b * frame_seconds) for a, b in runs
-            if (b - a) * frame_seconds >= min_speech]
+    return [
+        (a * frame_seconds, b * frame_seconds)
+        for a, b in runs
+        if (b - a) * frame_seconds >= min_speech
+    ]

@@ -9,8 +9,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,14 @@ def ray_local():
     ray.shutdown()
 
 
-def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1,
-         amplitude: float = 0.3, seed: int = 0) -> np.ndarray:
+def tone(
+    seconds: float,
+    rate: int,
+    freq: float = 440.0,
+    channels: int = 1,
+    amplitude: float = 0.3,
+    seed: int = 0,
+) -> np.ndarray:
     """A sine plus a little seeded noise; shape (n,) or (n, channels)."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(round(seconds * rate))) / rate

@@ -29,7 +29,7 @@ EXPECTED = {
     "rate_48k.wav": None,
     "tiny_300_samples.wav": "too_short",
     "exactly_400_samples.wav": None,
-    "dup key.wav": None,          # key "dup_key": the first in path order wins...
+    "dup key.wav": None,  # key "dup_key": the first in path order wins...
     "dup_key.wav": "duplicate_key",  # ...and this one is rejected, never overwritten.
     "spaces and dots.v2.wav": None,
     "ünïcödé_名前.wav": None,

@@ -27,7 +27,9 @@ def test_librilight_tree_is_detected_with_sidecars_and_speaker_book_stem_keys(tm
     found = discover(str(tmp_path))
     assert found.layout == "librilight"
     assert [s.key for s in found.sources] == [
-        "200_book_0_librivox_chapter_00_reader_64kb", "200_book_0_librivox_chapter_01_reader_64kb"]
+        "200_book_0_librivox_chapter_00_reader_64kb",
+        "200_book_0_librivox_chapter_01_reader_64kb",
+    ]
     assert all(s.sidecar and s.sidecar.endswith(".json") for s in found.sources)
     assert found.sources[0].path == paths[0]
     assert (found.sources[0].speaker, found.sources[0].group) == ("200", "book_0_librivox")
@@ -37,7 +39,9 @@ def test_any_tree_takes_audio_by_extension_recursively_and_ignores_the_rest(tmp_
     (tmp_path / "a").mkdir()
     sf.write(tmp_path / "a" / "x.wav", tone(0.1, 16000), 16000)
     (tmp_path / "b" / "c").mkdir(parents=True)
-    sf.write(tmp_path / "b" / "c" / "y.OGG", tone(0.1, 16000), 16000, format="OGG", subtype="VORBIS")
+    sf.write(
+        tmp_path / "b" / "c" / "y.OGG", tone(0.1, 16000), 16000, format="OGG", subtype="VORBIS"
+    )
     (tmp_path / "notes.txt").write_text("not audio")
     found = discover(str(tmp_path))
     assert found.layout == "dir"
@@ -62,11 +66,15 @@ def test_fairseq_tsv_list_resolves_paths_against_its_root_line_and_rejects_bad_l
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_tabular_lists_take_path_and_optional_key_speaker_text(tmp_path, fmt):
     sf.write(tmp_path / "one.wav", tone(0.2, 16000), 16000)
-    rows = [{"path": "one.wav", "key": "utt.1", "speaker": "s1", "text": "hello"},
-            {"path": str(tmp_path / "one.wav"), "key": None, "speaker": None, "text": None}]
+    rows = [
+        {"path": "one.wav", "key": "utt.1", "speaker": "s1", "text": "hello"},
+        {"path": str(tmp_path / "one.wav"), "key": None, "speaker": None, "text": None},
+    ]
     lst = tmp_path / f"list.{fmt}"
     if fmt == "csv":
-        lst.write_text("path,key,speaker,text\none.wav,utt.1,s1,hello\n" + f"{tmp_path / 'one.wav'},,,\n")
+        lst.write_text(
+            "path,key,speaker,text\none.wav,utt.1,s1,hello\n" + f"{tmp_path / 'one.wav'},,,\n"
+        )
     elif fmt == "jsonl":
         lst.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     else:

@@ -17,7 +17,7 @@ from shards import synthetic
 from shards.plan import ShardingOptions
 from shards.ray_sharding import UsageError, run
 from tests.conftest import tone
-from tests.corpora import EXPECTED, write_bad_corpus, write_vad_corpus
+from tests.corpora import write_bad_corpus, write_vad_corpus
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -47,7 +47,9 @@ def librilight(tmp_path_factory):
     return root
 
 
-def test_librispeech_is_passed_through_byte_for_byte_with_a_complete_manifest(librispeech, tmp_path):
+def test_librispeech_is_passed_through_byte_for_byte_with_a_complete_manifest(
+    librispeech, tmp_path
+):
     src, keys = librispeech
     summary = run([str(src)], str(tmp_path), ShardingOptions(max_samples=5))
     assert summary["layout"] == "librispeech"
@@ -92,7 +94,9 @@ def test_reading_back_with_open_get_index_and_plain_webdataset_agree(librispeech
 
 
 def test_librilight_vad_segments_follow_the_sidecar_and_stitch_voiced_audio(librilight, tmp_path):
-    summary = run([str(librilight)], str(tmp_path), ShardingOptions(segment="vad", target_seconds=8))
+    summary = run(
+        [str(librilight)], str(tmp_path), ShardingOptions(segment="vad", target_seconds=8)
+    )
     assert summary["layout"] == "librilight" and summary["rejects"] == 0
     samples = list(shards.open(str(tmp_path)))
     assert summary["segments"] == len(samples) > summary["files"]
@@ -109,8 +113,12 @@ def test_librilight_vad_segments_follow_the_sidecar_and_stitch_voiced_audio(libr
             voiced = sum(b - a for a, b in s.meta["segment"]["intervals"])
             n_intervals = len(s.meta["segment"]["intervals"])
             assert voiced <= 8 or n_intervals == 1  # Greedy up to the target, never cut inside.
-            expected = np.concatenate([original[int(a * 16000) : int(b * 16000)]
-                                       for a, b in s.meta["segment"]["intervals"]])
+            expected = np.concatenate(
+                [
+                    original[int(a * 16000) : int(b * 16000)]
+                    for a, b in s.meta["segment"]["intervals"]
+                ]
+            )
             np.testing.assert_allclose(s.waveform, expected, atol=1 / 32768)
 
 
@@ -121,8 +129,11 @@ def test_files_without_sidecars_are_segmented_by_the_detector(librilight, tmp_pa
         target = bare / flac.relative_to(librilight)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(flac.read_bytes())
-    summary = run([str(bare)], str(tmp_path / "root"),
-                  ShardingOptions(segment="vad", vad=detector, target_seconds=8))
+    summary = run(
+        [str(bare)],
+        str(tmp_path / "root"),
+        ShardingOptions(segment="vad", vad=detector, target_seconds=8),
+    )
     samples = list(shards.open(str(tmp_path / "root")))
     assert len(samples) == summary["segments"] > 4
     assert {s.meta["segment"]["vad"] for s in samples} == {detector}
@@ -179,8 +190,12 @@ def test_every_bad_input_is_accounted_for_with_its_reason(tmp_path):
     assert "dup key.wav" in dup["message"]
     eight = next(u for u in utts if u["key"] == "eight_channels")
     assert eight["original_channels"] == 8
-    plain = {s["__key__"] for s in wds.WebDataset(
-        sorted(str(p) for p in (tmp_path / "root" / "shards").glob("*.tar")), shardshuffle=False)}
+    plain = {
+        s["__key__"]
+        for s in wds.WebDataset(
+            sorted(str(p) for p in (tmp_path / "root" / "shards").glob("*.tar")), shardshuffle=False
+        )
+    }
     assert plain == keys
 
 
@@ -200,8 +215,11 @@ def test_verify_decodes_pass_through_files_and_rejects_corrupt_ones(tmp_path):
 
 def test_sidecar_intervals_outside_the_file_are_clipped_or_rejected_as_no_speech(tmp_path):
     write_vad_corpus(str(tmp_path / "in"))
-    summary = run([str(tmp_path / "in")], str(tmp_path / "root"),
-                  ShardingOptions(layout="dir", segment="vad", target_seconds=30))
+    summary = run(
+        [str(tmp_path / "in")],
+        str(tmp_path / "root"),
+        ShardingOptions(layout="dir", segment="vad", target_seconds=30),
+    )
     samples = {s.key: s for s in shards.open(str(tmp_path / "root"))}
     late = samples["late_0000"].meta["segment"]
     assert late["intervals"] == [[0.5, 1.5], [2.5, 3.0]]
@@ -210,7 +228,9 @@ def test_sidecar_intervals_outside_the_file_are_clipped_or_rejected_as_no_speech
     assert summary["rejects_by_reason"] == {"no_speech": 1}
 
 
-def test_reruns_are_byte_identical_and_a_finished_job_does_no_work(librispeech, librilight, tmp_path):
+def test_reruns_are_byte_identical_and_a_finished_job_does_no_work(
+    librispeech, librilight, tmp_path
+):
     src, _ = librispeech
     opts = ShardingOptions(max_samples=3, seed=11)
     inputs = [str(src), str(librilight)]
@@ -262,12 +282,15 @@ def test_seeded_shuffle_changes_the_order_deterministically(librispeech, tmp_pat
     assert in_order == sorted(keys) and shuffled != in_order and sorted(shuffled) == in_order
 
 
-@pytest.mark.parametrize("inputs,root,opts,message", [
-    (["/nonexistent/corpus"], "out", ShardingOptions(), "does not exist"),
-    (["IN"], "IN/inside", ShardingOptions(), "inside input"),
-    (["IN"], "out", ShardingOptions(layout="timit"), "unknown layout"),
-    (["IN"], "out", ShardingOptions(segment="words"), "unknown segmentation"),
-])
+@pytest.mark.parametrize(
+    "inputs,root,opts,message",
+    [
+        (["/nonexistent/corpus"], "out", ShardingOptions(), "does not exist"),
+        (["IN"], "IN/inside", ShardingOptions(), "inside input"),
+        (["IN"], "out", ShardingOptions(layout="timit"), "unknown layout"),
+        (["IN"], "out", ShardingOptions(segment="words"), "unknown segmentation"),
+    ],
+)
 def test_bad_arguments_fail_before_any_work(librispeech, tmp_path, inputs, root, opts, message):
     src, _ = librispeech
     inputs = [str(src) if i == "IN" else i for i in inputs]

@@ -16,8 +16,11 @@ def _write(path, samples):
     return members, size, sha
 
 
-SAMPLES = [("a", b"fLaC" + bytes(range(256)) * 3), ("b" * 120, b"fLaC" + b"x" * 1000),
-           ("ünï", b"fLaC-3")]
+SAMPLES = [
+    ("a", b"fLaC" + bytes(range(256)) * 3),
+    ("b" * 120, b"fLaC" + b"x" * 1000),
+    ("ünï", b"fLaC-3"),
+]
 
 
 def test_nothing_appears_under_the_final_name_before_commit(tmp_path):
@@ -49,7 +52,7 @@ def test_member_offsets_point_at_the_data_even_with_long_and_unicode_names(tmp_p
     members, size, _ = _write(tmp_path / "s.tar", SAMPLES)
     blob = (tmp_path / "s.tar").read_bytes()
     assert len(blob) == size
-    for (key, data), m in zip(SAMPLES, members):
+    for (_, data), m in zip(SAMPLES, members, strict=True):
         assert blob[m.offset : m.offset + m.size] == data
         assert m.sha256 == hashlib.sha256(data).hexdigest()
 
@@ -63,7 +66,9 @@ def test_headers_carry_no_time_or_owner(tmp_path):
 
 def test_webdataset_reads_the_samples_by_key(tmp_path):
     _write(tmp_path / "s.tar", SAMPLES)
-    got = {s["__key__"]: s["flac"] for s in wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False)}
+    got = {
+        s["__key__"]: s["flac"] for s in wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False)
+    }
     assert got == dict(SAMPLES)
 
 

@@ -9,7 +9,10 @@ def test_group_joins_greedily_up_to_the_target_like_cut_by_vad():
     intervals = [(0.0, 4.0), (5.0, 9.0), (10.0, 13.0), (14.0, 15.0)]
     segments = vad.group(intervals, target_seconds=8.0)
     # 4 + 4 = 8 fits (not > 8); adding 3 would pass 8, so a new segment starts.
-    assert [s.intervals for s in segments] == [((0.0, 4.0), (5.0, 9.0)), ((10.0, 13.0), (14.0, 15.0))]
+    assert [s.intervals for s in segments] == [
+        ((0.0, 4.0), (5.0, 9.0)),
+        ((10.0, 13.0), (14.0, 15.0)),
+    ]
 
 
 def test_an_interval_longer_than_the_target_is_never_cut():
