@@ -110,14 +110,35 @@ def discover(
         if layout == "auto":
             layout = detect_layout(path)
         return _discover_list(path)
-    files = list(storage.walk_files(path))
+    files, rejects = _utf8_names(path, storage.walk_files(path), extensions)
     if layout == "auto":
         layout = detect_layout(path, files)
     if layout == "librispeech":
-        return Discovery(layout, _librispeech(path, files, extensions), [])
+        return Discovery(layout, _librispeech(path, files, extensions), rejects)
     if layout == "librilight":
-        return Discovery(layout, _tree(path, files, extensions, librilight=True), [])
-    return Discovery(layout, _tree(path, files, extensions, librilight=False), [])
+        return Discovery(layout, _tree(path, files, extensions, librilight=True), rejects)
+    return Discovery(layout, _tree(path, files, extensions, librilight=False), rejects)
+
+
+def _utf8_names(root: str, files: Iterable[str], extensions) -> tuple[list[str], list[dict]]:
+    """Splits off file names that are not valid UTF-8: no manifest could store them."""
+    good, rejects = [], []
+    for rel in files:
+        try:
+            rel.encode("utf-8")
+            good.append(rel)
+        except UnicodeEncodeError:
+            if _is_audio(rel, extensions):
+                shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                rejects.append(
+                    reject_row(
+                        storage.join(root, shown),
+                        Stage.DISCOVER,
+                        Reason.BAD_NAME,
+                        "file name is not valid UTF-8; rename it",
+                    )
+                )
+    return good, rejects
 
 
 def _tree(root: str, files: list[str], extensions, *, librilight: bool) -> list[Source]:

@@ -98,6 +98,11 @@ def _plan(inputs: list[str], layout: RootLayout, opts: ShardingOptions) -> plann
         sources.extend(found.sources)
         rejects.extend(found.rejects)
         layouts.append(found.layout)
+    if not sources and not rejects:
+        raise UsageError(
+            f"found no audio in {', '.join(inputs)} (layout {opts.layout}, extensions "
+            f"{','.join(opts.extensions)}); check the path, --layout and --extensions"
+        )
     log.info("discovered %d inputs (%s); probing headers", len(sources), ", ".join(layouts))
     batches = [sources[i : i + PROBE_BATCH] for i in range(0, len(sources), PROBE_BATCH)]
     probes: list[Probe] = []

@@ -107,6 +107,7 @@ class Reason(str, enum.Enum):
     DUPLICATE_KEY = "duplicate_key"
     BAD_SIDECAR = "bad_sidecar"
     BAD_LIST_ENTRY = "bad_list_entry"
+    BAD_NAME = "bad_name"
     NO_SPEECH = "no_speech"
     IO_ERROR = "io_error"
 

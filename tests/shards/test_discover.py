@@ -108,3 +108,15 @@ def test_detect_layout_of_a_plain_file_that_is_not_a_list(tmp_path):
 def test_broken_symlinks_are_discovered_so_they_can_be_rejected(tmp_path):
     os.symlink(tmp_path / "gone.flac", tmp_path / "link.flac")
     assert [s.key for s in discover(str(tmp_path)).sources] == ["link"]
+
+
+def test_file_names_that_are_not_utf8_are_rejected_not_crashed_on(tmp_path):
+    sf.write(tmp_path / "fine.wav", tone(0.1, 16000), 16000)
+    bad = os.path.join(os.fsencode(tmp_path), b"caf\xe9.wav")  # Latin-1 bytes.
+    sf.write(tmp_path / "tmp.wav", tone(0.1, 16000), 16000)
+    os.rename(os.path.join(os.fsencode(tmp_path), b"tmp.wav"), bad)
+    found = discover(str(tmp_path))
+    assert [s.key for s in found.sources] == ["fine"]
+    assert [(r["reason"], r["source"].endswith("caf\ufffd.wav")) for r in found.rejects] == [
+        ("bad_name", True)
+    ]

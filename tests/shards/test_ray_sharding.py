@@ -282,6 +282,12 @@ def test_seeded_shuffle_changes_the_order_deterministically(librispeech, tmp_pat
     assert in_order == sorted(keys) and shuffled != in_order and sorted(shuffled) == in_order
 
 
+def test_an_input_without_audio_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="found no audio"):
+        run([str(tmp_path / "empty")], str(tmp_path / "root"))
+
+
 @pytest.mark.parametrize(
     "inputs,root,opts,message",
     [
