@@ -55,7 +55,7 @@ REPO = os.path.dirname(BENCH_DIR)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != BENCH_DIR]
 sys.path.insert(0, REPO)
 
-from shards.synthetic import speechlike
+from shards.synthetic import speechlike  # noqa: E402 - after the sys.path fix above.
 
 #: Bump when the corpus generator changes, so cached corpora are made again.
 CORPUS_VERSION = 1
@@ -162,14 +162,35 @@ def dir_bytes(directory: str) -> int:
 
 
 def warm_cache(directory: str) -> None:
-    """Reads every file once, so each contender starts from the same (warm) page cache.
-
-    Dropping the cache needs root; a warm cache for everyone is the fair alternative.
-    """
+    """Reads every file once, so each contender starts from the same (warm) page cache."""
     for path in list_files(directory):
         with open(path, "rb") as f:
             while f.read(1 << 20):
                 pass
+
+
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+def can_drop_cache() -> bool:
+    """Dropping the page cache needs root (and a kernel that lets this container do it)."""
+    try:
+        with open(DROP_CACHES, "w") as f:
+            f.write("1")
+        return True
+    except OSError:
+        return False
+
+
+def cold_cache(directory: str) -> None:
+    """Writes dirty pages back, then drops the page cache: every input is read from disk,
+    as the first pass over a corpus on network or cold local storage reads it."""
+    os.sync()
+    with open(DROP_CACHES, "w") as f:
+        f.write("3")
+
+
+CACHES = {"warm": warm_cache, "cold": cold_cache}
 
 
 def fresh_path(path: str) -> str:
@@ -188,6 +209,29 @@ def remove(path: str) -> None:
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.unlink(path)
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """Cores busy over the next ``seconds``, from ``/proc/stat``; 0 where there is none.
+
+    Sampled just before timing: the load average lags by a minute, so it would still blame
+    the corpus generation that just finished.
+    """
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user .. steal
+        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError):
+        return 0.0
+    if total1 == total0:
+        return 0.0
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
 
 
 def timed(fn: Callable[..., object], *args) -> tuple[float, object]:
@@ -228,8 +272,9 @@ def run_lhotse(wav_dir: str, out_dir: str, shard_files: int) -> dict:
 
     recordings = RecordingSet.from_dir(wav_dir, "*.wav", num_jobs=CORES)
     cuts = CutSet.from_manifests(recordings=recordings).resample(FLAC_RATE)
-    return cuts.to_shar(out_dir, fields={"recording": "flac"}, shard_size=shard_files,
-                        num_jobs=CORES)
+    return cuts.to_shar(
+        out_dir, fields={"recording": "flac"}, shard_size=shard_files, num_jobs=CORES
+    )
 
 
 def lhotse_child(wav_dir: str, out_dir: str, shard_files: int) -> None:
@@ -247,8 +292,14 @@ def lhotse_child(wav_dir: str, out_dir: str, shard_files: int) -> None:
 
 def run_lhotse_subprocess(wav_dir: str, out_dir: str, shard_files: int) -> tuple[float, dict]:
     """Runs :func:`lhotse_child` in a fresh interpreter; returns its seconds and output paths."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--lhotse-child", wav_dir, out_dir,
-           str(shard_files)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--lhotse-child",
+        wav_dir,
+        out_dir,
+        str(shard_files),
+    ]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"lhotse failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
@@ -264,12 +315,16 @@ def check_ours(summary: dict, corpus: Corpus, passthrough: bool) -> None:
     """Every input became one utterance of the same length, and nothing was rejected."""
     problems = []
     if summary["segments"] != corpus.files or summary["files_taken"] != corpus.files:
-        problems.append(f"{summary['segments']} utterances from {summary['files_taken']} files, "
-                        f"expected {corpus.files}")
+        problems.append(
+            f"{summary['segments']} utterances from {summary['files_taken']} files, "
+            f"expected {corpus.files}"
+        )
     if summary["rejects"]:
         problems.append(f"{summary['rejects']} rejects: {summary['rejects_by_reason']}")
     if not math.isclose(summary["seconds"], corpus.seconds, rel_tol=1e-3):
-        problems.append(f"{summary['seconds']:.1f} s of audio written, expected {corpus.seconds:.1f}")
+        problems.append(
+            f"{summary['seconds']:.1f} s of audio written, expected {corpus.seconds:.1f}"
+        )
     if passthrough and summary["bytes"] < dir_bytes(corpus.flac_dir):
         problems.append("shards are smaller than the FLAC files they should hold verbatim")
     if problems:
@@ -286,8 +341,10 @@ def check_16k_flac(name: str, data: bytes, who: str) -> None:
     """A stored member really is 16 kHz mono FLAC (the resampling was done)."""
     info = sf.info(io.BytesIO(data))
     if (info.format, info.samplerate, info.channels) != ("FLAC", FLAC_RATE, 1):
-        raise AssertionError(f"{who}: {name} is {info.format} {info.samplerate} Hz "
-                             f"{info.channels} ch, expected FLAC {FLAC_RATE} Hz mono")
+        raise AssertionError(
+            f"{who}: {name} is {info.format} {info.samplerate} Hz "
+            f"{info.channels} ch, expected FLAC {FLAC_RATE} Hz mono"
+        )
 
 
 def check_ours_shards(root: str, corpus: Corpus, passthrough: bool) -> None:
@@ -311,11 +368,14 @@ def check_lhotse(out_dir: str, paths: dict, corpus: Corpus, shard_files: int) ->
     """lhotse wrote every shard, its cut manifests list every file, and it stored 16 kHz."""
     expected = math.ceil(corpus.files / shard_files)
     tars = sorted(p for p in paths.get("recording", []) if os.path.exists(p))
-    manifests = sorted(n for n in os.listdir(out_dir)
-                       if n.startswith("cuts.") and n.endswith(".jsonl.gz"))
+    manifests = sorted(
+        n for n in os.listdir(out_dir) if n.startswith("cuts.") and n.endswith(".jsonl.gz")
+    )
     if len(tars) != expected or len(manifests) != expected:
-        raise AssertionError(f"lhotse wrote {len(tars)} recording tars and {len(manifests)} cut "
-                             f"manifests, expected {expected} of each")
+        raise AssertionError(
+            f"lhotse wrote {len(tars)} recording tars and {len(manifests)} cut "
+            f"manifests, expected {expected} of each"
+        )
     cuts = 0
     seconds = 0.0
     for name in manifests:
@@ -324,8 +384,10 @@ def check_lhotse(out_dir: str, paths: dict, corpus: Corpus, shard_files: int) ->
                 cuts += 1
                 seconds += json.loads(line)["duration"]
     if cuts != corpus.files or not math.isclose(seconds, corpus.seconds, rel_tol=1e-3):
-        raise AssertionError(f"lhotse manifests list {cuts} cuts ({seconds:.1f} s), expected "
-                             f"{corpus.files} ({corpus.seconds:.1f} s)")
+        raise AssertionError(
+            f"lhotse manifests list {cuts} cuts ({seconds:.1f} s), expected "
+            f"{corpus.files} ({corpus.seconds:.1f} s)"
+        )
     check_16k_flac(*_first_flac(tars[0]), "lhotse")
 
 
@@ -348,17 +410,21 @@ def warm_up(workdir: str, corpus: Corpus) -> float:
     return seconds
 
 
-def bench_passthrough(corpus: Corpus, workdir: str, shard_files: int, repeats: int) -> dict:
+def bench_passthrough(
+    corpus: Corpus, workdir: str, shard_files: int, repeats: int, cache: str = "warm"
+) -> dict:
     """Times the stage, tar and tar + fsync on the FLAC directory, taking turns.
 
     Each round runs every contender once, so a load that comes and goes on the machine
-    falls on all of them; the median round is reported.
+    falls on all of them; each contender's median run is reported. ``cache`` says whether
+    each run starts from a warm or a dropped page cache.
     """
+    prepare = CACHES[cache]
     out = os.path.join(workdir, "runs")
     times: dict[str, list[float]] = {"ours": [], "tar": [], "tar_fsync": []}
     for _ in range(repeats):
         root = fresh_path(os.path.join(out, "passthrough-ours"))
-        warm_cache(corpus.flac_dir)
+        prepare(corpus.flac_dir)
         seconds, summary = timed(run_ours, corpus.flac_dir, root, shard_files)
         check_ours(summary, corpus, passthrough=True)
         check_ours_shards(root, corpus, passthrough=True)
@@ -366,12 +432,12 @@ def bench_passthrough(corpus: Corpus, workdir: str, shard_files: int, repeats: i
         times["ours"].append(seconds)
         for name, fsync in (("tar", False), ("tar_fsync", True)):
             target = fresh_path(os.path.join(out, "passthrough.tar"))
-            warm_cache(corpus.flac_dir)
+            prepare(corpus.flac_dir)
             seconds, _ = timed(run_tar, corpus.flac_dir, target, fsync)
             check_tar(target, corpus)
             remove(target)
             times[name].append(seconds)
-    return {"in_bytes": dir_bytes(corpus.flac_dir), "times": times}
+    return {"in_bytes": dir_bytes(corpus.flac_dir), "times": times, "cache": cache}
 
 
 def bench_transcode(corpus: Corpus, workdir: str, shard_files: int, repeats: int) -> dict:
@@ -403,48 +469,70 @@ def bench_transcode(corpus: Corpus, workdir: str, shard_files: int, repeats: int
 # Report
 
 
-def report(corpus: Corpus, shard_files: int, warmup_s: float, passthrough: dict | None,
-           transcode: dict | None) -> None:
+def report(
+    corpus: Corpus,
+    shard_files: int,
+    warmup_s: float,
+    passthroughs: list[dict],
+    transcode: dict | None,
+) -> None:
     """Prints the RESULT lines, then a table for people."""
     h = corpus.hours
     rows = []
-    if passthrough:
+    for passthrough in passthroughs:
+        cache = passthrough["cache"]
         mb = passthrough["in_bytes"] / 1e6
         s = {k: statistics.median(v) for k, v in passthrough["times"].items()}
-        print(f"RESULT bench=shards.passthrough hours={h:.2f} "
-              f"ours_hours_per_s={h / s['ours']:.3f} tar_hours_per_s={h / s['tar']:.3f} "
-              f"ours_MBps={mb / s['ours']:.1f} tar_MBps={mb / s['tar']:.1f} "
-              f"ratio_vs_tar={s['tar'] / s['ours']:.3f} "
-              f"tar_fsync_hours_per_s={h / s['tar_fsync']:.3f} "
-              f"ratio_vs_tar_fsync={s['tar_fsync'] / s['ours']:.3f} target={TARGET_VS_TAR}")
-        for key, label in (("ours", "ours (shard stage)"), ("tar", "GNU tar"),
-                           ("tar_fsync", "GNU tar + fsync")):
-            rows.append(("pass-through", label, passthrough["times"][key], h, mb))
+        print(
+            f"RESULT bench=shards.passthrough cache={cache} hours={h:.2f} "
+            f"ours_hours_per_s={h / s['ours']:.3f} tar_hours_per_s={h / s['tar']:.3f} "
+            f"ours_MBps={mb / s['ours']:.1f} tar_MBps={mb / s['tar']:.1f} "
+            f"ratio_vs_tar={s['tar'] / s['ours']:.3f} "
+            f"tar_fsync_hours_per_s={h / s['tar_fsync']:.3f} "
+            f"ratio_vs_tar_fsync={s['tar_fsync'] / s['ours']:.3f} target={TARGET_VS_TAR}"
+        )
+        for key, label in (
+            ("ours", "ours (shard stage)"),
+            ("tar", "GNU tar"),
+            ("tar_fsync", "GNU tar + fsync"),
+        ):
+            rows.append((f"pass-thr/{cache}", label, passthrough["times"][key], h, mb))
     if transcode:
         mb = transcode["in_bytes"] / 1e6
         s = {k: statistics.median(v) for k, v in transcode["times"].items()}
-        print(f"RESULT bench=shards.transcode hours={h:.2f} "
-              f"ours_hours_per_s={h / s['ours']:.3f} lhotse_hours_per_s={h / s['lhotse']:.3f} "
-              f"ours_MBps={mb / s['ours']:.1f} lhotse_MBps={mb / s['lhotse']:.1f} "
-              f"ratio_vs_lhotse={s['lhotse'] / s['ours']:.3f} target={TARGET_VS_LHOTSE}")
+        print(
+            f"RESULT bench=shards.transcode hours={h:.2f} "
+            f"ours_hours_per_s={h / s['ours']:.3f} lhotse_hours_per_s={h / s['lhotse']:.3f} "
+            f"ours_MBps={mb / s['ours']:.1f} lhotse_MBps={mb / s['lhotse']:.1f} "
+            f"ratio_vs_lhotse={s['lhotse'] / s['ours']:.3f} target={TARGET_VS_LHOTSE}"
+        )
         for key, label in (("ours", "ours (shard stage)"), ("lhotse", "lhotse to_shar")):
             rows.append(("transcode", label, transcode["times"][key], h, mb))
 
     print()
-    print(f"{corpus.files} files, {h:.2f} audio hours, {shard_files} files per shard, "
-          f"{CORES} cores per contender, warm page cache; median of the runs")
-    print(f"{'workload':<13} {'contender':<19} {'median s':>9} {'audio-h/s':>10} "
-          f"{'input MB/s':>11}  runs (s)")
+    print(
+        f"{corpus.files} files, {h:.2f} audio hours, {shard_files} files per shard, "
+        f"{CORES} cores per contender; transcoding from a warm page cache; median of the runs"
+    )
+    print(
+        f"{'workload':<13} {'contender':<19} {'median s':>9} {'audio-h/s':>10} "
+        f"{'input MB/s':>11}  runs (s)"
+    )
     for workload, label, runs, hours, mb in rows:
         med = statistics.median(runs)
         each = " ".join(f"{r:.2f}" for r in runs)
-        print(f"{workload:<13} {label:<19} {med:>9.2f} {hours / med:>10.3f} {mb / med:>11.1f}  {each}")
+        print(
+            f"{workload:<13} {label:<19} {med:>9.2f} {hours / med:>10.3f} {mb / med:>11.1f}  {each}"
+        )
     if transcode:
         sizes = transcode["sizes"]
-        print(f"transcoded FLAC: ours {sizes['ours'] / 1e6:.1f} MB of shards, lhotse "
-              f"{sizes['lhotse'] / 1e6:.1f} MB of recording tars")
-    print(f"first call of the stage (Ray workers import the project; untimed above): "
-          f"{warmup_s:.2f} s")
+        print(
+            f"transcoded FLAC: ours {sizes['ours'] / 1e6:.1f} MB of shards, lhotse "
+            f"{sizes['lhotse'] / 1e6:.1f} MB of recording tars"
+        )
+    print(
+        f"first call of the stage (Ray workers import the project; untimed above): {warmup_s:.2f} s"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,22 +541,36 @@ def report(corpus: Corpus, shard_files: int, warmup_s: float, passthrough: dict 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default=os.path.join(REPO, "bench-output"),
-                        help="corpus cache and scratch outputs (default: %(default)s)")
-    parser.add_argument("--files", type=int, default=2000,
-                        help="files in the corpus (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=3.6,
-                        help="seconds per file (default: %(default)s)")
-    parser.add_argument("--shard-files", type=int, default=None,
-                        help="files per shard, for us and lhotse alike (default: a quarter of "
-                             "the files per core, so both cores stay busy to the end)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs of each contender; the median is reported "
-                             "(default: %(default)s)")
-    parser.add_argument("--only", choices=("passthrough", "transcode"), default=None,
-                        help="run one workload only")
-    parser.add_argument("--lhotse-child", nargs=3, metavar=("WAV_DIR", "OUT", "SHARD_FILES"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--workdir",
+        default=os.path.join(REPO, "bench-output"),
+        help="corpus cache and scratch outputs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--files", type=int, default=2000, help="files in the corpus (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=3.6, help="seconds per file (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--shard-files",
+        type=int,
+        default=None,
+        help="files per shard, for us and lhotse alike (default: a quarter of "
+        "the files per core, so both cores stay busy to the end)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed runs of each contender; the median is reported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--only", choices=("passthrough", "transcode"), default=None, help="run one workload only"
+    )
+    parser.add_argument(
+        "--lhotse-child", nargs=3, metavar=("WAV_DIR", "OUT", "SHARD_FILES"), help=argparse.SUPPRESS
+    )
     return parser.parse_args(argv)
 
 
@@ -482,20 +584,29 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO)  # Ray puts the current directory on its workers' sys.path (see above).
     shard_files = args.shard_files or max(1, math.ceil(args.files / (4 * CORES)))
     corpus = build_corpus(workdir, args.files, args.seconds)
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"warning: load average {load:.1f} before the benchmark; other work on this "
-              "machine makes the numbers noisy", flush=True)
+    busy = busy_cores()
+    if busy > 0.3:
+        print(
+            f"warning: {busy:.1f} cores were busy with other work just before the benchmark; "
+            "the numbers will be noisy",
+            flush=True,
+        )
 
     import ray
 
     ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False)
     try:
         warmup_s = warm_up(workdir, corpus)
-        passthrough = transcode = None
+        passthrough, transcode = [], None
         if args.only in (None, "passthrough"):
-            print("timing pass-through ...", flush=True)
-            passthrough = bench_passthrough(corpus, workdir, shard_files, args.repeats)
+            caches = ["warm", "cold"] if can_drop_cache() else ["warm"]
+            if "cold" not in caches:
+                print("cannot drop the page cache here (needs root): warm cache only", flush=True)
+            for cache in caches:
+                print(f"timing pass-through, {cache} cache ...", flush=True)
+                passthrough.append(
+                    bench_passthrough(corpus, workdir, shard_files, args.repeats, cache)
+                )
         if args.only in (None, "transcode"):
             print("timing transcoding ...", flush=True)
             transcode = bench_transcode(corpus, workdir, shard_files, args.repeats)

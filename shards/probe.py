@@ -15,7 +15,7 @@ import re
 
 import soundfile as sf
 
-from . import storage
+from . import flac, storage
 from .discover import Source
 from .schemas import MIN_SAMPLES, SAMPLE_RATE, Reason, Stage, reject_row
 
@@ -75,19 +75,7 @@ def probe(source: Source, *, segment: str = "none") -> Probe:
         raise ProbeError(Reason.EMPTY_FILE, "file is empty (0 bytes)")
     try:
         with storage.open_input(source.path) as f:
-            try:
-                with sf.SoundFile(f) as snd:
-                    info = (snd.frames, snd.samplerate, snd.channels, snd.format, snd.subtype)
-                    passthrough = segment == "none" and can_pass_through(
-                        *info[3:], info[1], info[2]
-                    )
-                    if passthrough and snd.frames > 0:
-                        _check_tail(snd)
-                    _check_declared_length(snd)
-            except sf.LibsndfileError as e:
-                raise ProbeError(Reason.NOT_AUDIO, f"libsndfile cannot read it: {e}") from e
-            except (RuntimeError, TypeError) as e:
-                raise ProbeError(Reason.NOT_AUDIO, f"libsndfile cannot read it: {e}") from e
+            info, passthrough = _read_header(f, segment)
     except PermissionError as e:
         raise ProbeError(Reason.PERMISSION_DENIED, f"permission denied: {e}") from e
     except OSError as e:
@@ -108,6 +96,27 @@ def probe(source: Source, *, segment: str = "none") -> Probe:
             f"({MIN_SAMPLES} samples)",
         )
     return result
+
+
+def _read_header(f, segment: str) -> tuple[tuple, bool]:
+    """Header facts and whether the bytes can be stored as they are.
+
+    FLAC's STREAMINFO is read directly (:mod:`shards.flac`, 42 bytes); everything else goes
+    through libsndfile. Whether a pass-through file is whole is checked when it is copied
+    (:func:`check_whole`), from the bytes read for the copy.
+    """
+    stream = flac.read_streaminfo(f)
+    if stream is not None:
+        info = (stream.total_samples, stream.sample_rate, stream.channels, "FLAC", stream.subtype)
+        return info, segment == "none" and can_pass_through(*info[3:], info[1], info[2])
+    f.seek(0)
+    try:
+        with sf.SoundFile(f) as snd:
+            info = (snd.frames, snd.samplerate, snd.channels, snd.format, snd.subtype)
+            _check_declared_length(snd)
+            return info, segment == "none" and can_pass_through(*info[3:], info[1], info[2])
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ProbeError(Reason.NOT_AUDIO, f"libsndfile cannot read it: {e}") from e
 
 
 def _stat(path: str) -> int:
@@ -134,11 +143,32 @@ def _stat(path: str) -> int:
         raise ProbeError(Reason.IO_ERROR, f"cannot stat: {e}") from e
 
 
-def _check_tail(snd: sf.SoundFile) -> None:
-    """Decodes the last frame: a truncated FLAC fails here, for the cost of one seek.
+def check_whole(f, size: int) -> None:
+    """Checks that a FLAC about to be copied as it is ends with its last frame whole.
 
+    The fast path checks the last frame's CRC and sample range (:mod:`shards.flac`); a file
+    it cannot vouch for (a trailing tag, say) is asked of libsndfile, whose answer is final.
     Pass-through copies bytes without decoding them; a full check is ``--verify``.
+
+    Raises:
+        ProbeError: ``truncated``.
     """
+    f.seek(0)
+    stream = flac.read_streaminfo(f)
+    if stream is not None and flac.last_frame_is_whole(f, size, stream):
+        f.seek(0)
+        return
+    f.seek(0)
+    try:
+        with sf.SoundFile(f) as snd:
+            _check_tail(snd)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ProbeError(Reason.TRUNCATED, f"cannot decode the last frame: {e}") from e
+    f.seek(0)
+
+
+def _check_tail(snd: sf.SoundFile) -> None:
+    """Decodes the last frame: a truncated FLAC fails here, for the cost of one seek."""
     try:
         snd.seek(snd.frames - 1)
         tail = snd.read(1)
@@ -187,10 +217,21 @@ def read_voice_activity(path: str) -> tuple[tuple[float, float], ...] | None:
     return tuple(pairs)
 
 
+#: Files whose reads are announced to the kernel ahead of probing them.
+PROBE_AHEAD = 32
+
+
 def probe_many(sources: list[Source], *, segment: str = "none") -> tuple[list[Probe], list[dict]]:
-    """Probes a batch; every source ends in exactly one of the two lists."""
+    """Probes a batch; every source ends in exactly one of the two lists, in input order.
+
+    Probing waits on storage (a small read a file); asking the kernel to read the next
+    files ahead (``posix_fadvise``) keeps a cold disk busy without threads, which on a warm
+    cache would cost more in GIL hand-offs than the reads themselves.
+    """
     probes, rejects = [], []
-    for source in sources:
+    ahead = storage.ReadAhead([s.path for s in sources], PROBE_AHEAD, head_only=True)
+    for i, source in enumerate(sources):
+        ahead.advance(i)
         try:
             probes.append(probe(source, segment=segment))
         except ProbeError as e:

@@ -25,7 +25,7 @@ from .shard_job import write_shard
 
 log = logging.getLogger(__name__)
 
-#: Inputs probed by one task.
+#: Fewest inputs probed by one task (more when there are many, a few tasks per CPU).
 PROBE_BATCH = 128
 
 
@@ -104,7 +104,10 @@ def _plan(inputs: list[str], layout: RootLayout, opts: ShardingOptions) -> plann
             f"{','.join(opts.extensions)}); check the path, --layout and --extensions"
         )
     log.info("discovered %d inputs (%s); probing headers", len(sources), ", ".join(layouts))
-    batches = [sources[i : i + PROBE_BATCH] for i in range(0, len(sources), PROBE_BATCH)]
+    per_task = max(
+        PROBE_BATCH, -(-len(sources) // (4 * int(ray.cluster_resources().get("CPU", 1))))
+    )
+    batches = [sources[i : i + per_task] for i in range(0, len(sources), per_task)]
     probes: list[Probe] = []
     for found_probes, found_rejects in ray.get(
         [_probe_task.remote(b, opts.segment) for b in batches]

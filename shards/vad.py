@@ -124,6 +124,9 @@ class Detector:
         self._energies: list[float] = []
 
     def feed(self, block: np.ndarray) -> None:
+        """Takes the next block of the 16 kHz stream (float32, or int16 scaled by 32768)."""
+        if block.dtype == np.int16:
+            block = np.multiply(block, np.float32(1 / 32768), dtype=np.float32)
         data = np.concatenate([self._pending, block]) if len(self._pending) else block
         n = len(data) // _FRAME
         frames = data[: n * _FRAME].reshape(n, _FRAME)

@@ -95,3 +95,15 @@ def test_a_multi_hour_file_streams_in_bounded_memory(tmp_path):
         tracemalloc.stop()
     assert total == hours * 3600 * 16000
     assert peak < 64 << 20, f"peak {peak / 2**20:.0f} MiB: the file was not streamed"
+
+
+@pytest.mark.parametrize("rate,channels", [(16000, 1), (44100, 1), (16000, 2), (48000, 3)])
+def test_16bit_files_read_as_int16_give_exactly_what_the_float_path_gives(tmp_path, rate, channels):
+    x = tone(0.8, rate, channels=channels)
+    sf.write(tmp_path / "int.wav", x, rate, subtype="PCM_16")
+    as_int, _ = sf.read(tmp_path / "int.wav", dtype="int16")
+    sf.write(tmp_path / "float.wav", as_int.astype(np.float32) / 32768, rate, subtype="FLOAT")
+    fast = np.concatenate(list(iter_16k(str(tmp_path / "int.wav"), block_frames=5000)))
+    slow = np.concatenate(list(iter_16k(str(tmp_path / "float.wav"), block_frames=5000)))
+    assert fast.dtype == (np.int16 if (rate, channels) == (16000, 1) else np.float32)
+    np.testing.assert_array_equal(audio.to_pcm16(fast), audio.to_pcm16(slow))

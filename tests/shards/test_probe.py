@@ -5,13 +5,12 @@ import pytest
 import soundfile as sf
 
 from shards.discover import Source
-from shards.probe import ProbeError, probe
+from shards.probe import ProbeError, check_whole, probe
 from tests.conftest import tone
 from tests.corpora import write_bad_corpus
 
 # Files whose problem shows in the header; the others fail later, while decoding.
 PROBE_REASONS = {
-    "truncated.flac": "truncated",
     "empty.flac": "empty_file",
     "header_only.wav": "no_samples",
     "text_named.flac": "not_audio",
@@ -39,6 +38,24 @@ def test_bad_headers_are_rejected_with_a_reason(bad_dir, name, reason):
         probe(_source(bad_dir / name, sidecar))
     assert err.value.reason.value == reason
     assert str(err.value)  # Every reject says what is wrong in words.
+
+
+def test_a_truncated_pass_through_flac_is_caught_before_it_is_copied(bad_dir):
+    p = probe(_source(bad_dir / "truncated.flac"))  # The header alone looks fine.
+    assert p.passthrough
+    with open(bad_dir / "truncated.flac", "rb") as f, pytest.raises(ProbeError) as err:
+        check_whole(f, p.file_bytes)
+    assert err.value.reason.value == "truncated"
+    with open(bad_dir / "good_16k.flac", "rb") as f:
+        check_whole(f, os.path.getsize(bad_dir / "good_16k.flac"))
+
+
+def test_a_flac_with_a_trailing_tag_is_vouched_for_by_libsndfile(tmp_path):
+    sf.write(tmp_path / "a.flac", tone(1.0, 16000), 16000)
+    tagged = (tmp_path / "a.flac").read_bytes() + b"TAG" + bytes(125)  # An ID3v1 tag.
+    (tmp_path / "a.flac").write_bytes(tagged)
+    with open(tmp_path / "a.flac", "rb") as f:
+        check_whole(f, len(tagged))
 
 
 def test_a_missing_file_is_rejected_as_missing(tmp_path):

@@ -6,7 +6,8 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from shards.tar_writer import ShardWriter
+from shards import tar_writer
+from shards.tar_writer import ShardWriter, SourceReadError
 
 
 def _write(path, samples):
@@ -86,3 +87,55 @@ def test_a_repeated_key_is_refused(tmp_path):
     with pytest.raises(ValueError, match="already"):
         w.add("a", io.BytesIO(b"y"), 1, {})
     w.abort()
+
+
+def test_output_is_byte_for_byte_what_tarfile_writes_for_the_same_members(tmp_path):
+    _write(tmp_path / "ours.tar", SAMPLES)
+    with tarfile.open(
+        tmp_path / "ref.tar", "w", format=tarfile.PAX_FORMAT, encoding="utf-8"
+    ) as ref:
+        for key, data in SAMPLES:
+            body = ('{"key":"' + key + '"}').encode()
+            for name, payload in ((f"{key}.flac", data), (f"{key}.json", body)):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode, info.uid, info.gid = len(payload), 0, 0o444, 0, 0
+                info.uname = info.gname = ""
+                ref.addfile(info, io.BytesIO(payload))
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
+
+
+class _Failing(io.RawIOBase):
+    """A source that yields some bytes and then fails, like a file on a lost mount."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        self.calls += 1
+        if self.calls == 1:
+            return b"fLaC" * 10
+        raise OSError("Input/output error")
+
+
+def test_a_source_failing_mid_copy_is_rolled_back_and_the_shard_stays_valid(tmp_path):
+    w = ShardWriter(str(tmp_path / "s.tar"))
+    w.add("a", io.BytesIO(b"first"), 5, {"key": "a"})
+    with pytest.raises(SourceReadError, match="Input/output error"):
+        w.add("b", _Failing(), 1000, {"key": "b"})
+    with pytest.raises(SourceReadError, match="ended 5 bytes early"):
+        w.add("c", io.BytesIO(b"short"), 10, {"key": "c"})
+    w.add("d", io.BytesIO(b"last"), 4, {"key": "d"})
+    size, sha = w.commit()
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        assert tar.getnames() == ["a.flac", "a.json", "d.flac", "d.json"]
+    assert hashlib.sha256((tmp_path / "s.tar").read_bytes()).hexdigest() == sha
+    assert size == (tmp_path / "s.tar").stat().st_size
+
+
+@pytest.mark.parametrize("name", ["a.flac", "x" * 95 + ".flac", "x" * 96 + ".flac", "ä.json"])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 8**11 - 1, 8**11])
+def test_fast_headers_equal_tarfiles_own(name, size):
+    assert tar_writer._header(name, size) == tar_writer._tarfile_header(name, size)
