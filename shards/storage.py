@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import urllib.parse
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -36,14 +37,20 @@ def _scheme(url: str) -> str:
 
 
 def join(base: str, relative: str) -> str:
-    """Joins a relative path onto a local path or URL."""
+    """Joins a relative path onto a local path or URL (keeping a URL's query, which may carry
+    options such as ``?endpoint_override=...``)."""
     if is_url(base):
-        return base.rstrip("/") + "/" + relative.lstrip("/")
+        parts = urllib.parse.urlsplit(base)
+        path = parts.path.rstrip("/") + "/" + relative.lstrip("/")
+        return urllib.parse.urlunsplit(parts._replace(path=path))
     return os.path.join(base, relative)
 
 
 def dirname(path: str) -> str:
-    return posixpath.dirname(path) if is_url(path) else os.path.dirname(path)
+    if is_url(path):
+        parts = urllib.parse.urlsplit(path)
+        return urllib.parse.urlunsplit(parts._replace(path=posixpath.dirname(parts.path)))
+    return os.path.dirname(path)
 
 
 def isdir(path: str) -> bool:
