@@ -17,7 +17,15 @@ import soundfile as sf
 
 from . import flac, storage
 from .discover import Source
-from .schemas import MIN_SAMPLES, SAMPLE_RATE, Reason, Stage, reject_row
+from .schemas import (
+    MAX_SOURCE_RATE,
+    MIN_SAMPLES,
+    MIN_SOURCE_RATE,
+    SAMPLE_RATE,
+    Reason,
+    Stage,
+    reject_row,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +91,12 @@ def probe(source: Source, *, segment: str = "none") -> Probe:
     frames, sample_rate, channels, fmt, subtype = info
     if frames <= 0:
         raise ProbeError(Reason.NO_SAMPLES, "header declares no samples")
-    if sample_rate <= 0 or channels <= 0:
-        raise ProbeError(Reason.NOT_AUDIO, f"invalid header: {sample_rate} Hz, {channels} channels")
+    if not MIN_SOURCE_RATE <= sample_rate <= MAX_SOURCE_RATE or channels <= 0:
+        raise ProbeError(
+            Reason.NOT_AUDIO,
+            f"unusable header: {sample_rate} Hz, {channels} channels (rates from "
+            f"{MIN_SOURCE_RATE} to {MAX_SOURCE_RATE} Hz are taken)",
+        )
     voice_activity = read_voice_activity(source.sidecar) if source.sidecar else None
     result = Probe(
         source, frames, sample_rate, channels, fmt, subtype, file_bytes, passthrough, voice_activity

@@ -16,6 +16,9 @@ SAMPLE_RATE = 16_000
 #: Shortest sample kept: one 25 ms analysis window at 16 kHz.
 MIN_SAMPLES = 400
 
+#: Source sample rates taken (a header outside this range is not audio we can resample).
+MIN_SOURCE_RATE, MAX_SOURCE_RATE = 2_000, 768_000
+
 UTTERANCES = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
@@ -110,6 +113,8 @@ class Reason(str, enum.Enum):
     BAD_NAME = "bad_name"
     NO_SPEECH = "no_speech"
     IO_ERROR = "io_error"
+    #: Anything else a file made the decoder or resampler raise (the message names it).
+    UNEXPECTED = "unexpected_error"
 
 
 def reject_row(

@@ -11,6 +11,7 @@ import dataclasses
 import glob
 import io
 import json
+import logging
 import os
 from collections.abc import Iterator
 
@@ -24,6 +25,8 @@ from .probe import ProbeError, check_whole, read_voice_activity
 from .root import RootLayout
 from .schemas import MIN_SAMPLES, REJECTS, SAMPLE_RATE, UTTERANCES, Reason, Stage, reject_row
 from .tar_writer import ShardWriter, SourceReadError, fsync_dir, temp_prefix, write_atomic
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -72,6 +75,17 @@ def write_shard(root: str, index: int, rows: list[dict], opts: ShardingOptions) 
             except AudioError as e:
                 rejects.append(
                     reject_row(plan_row["source"], Stage.SHARD, e.reason, str(e), plan_row["key"])
+                )
+            except Exception as e:  # One odd file must not fail its shard.
+                log.warning("unexpected error on %s", plan_row["source"], exc_info=True)
+                rejects.append(
+                    reject_row(
+                        plan_row["source"],
+                        Stage.SHARD,
+                        Reason.UNEXPECTED,
+                        f"{type(e).__name__}: {e}",
+                        plan_row["key"],
+                    )
                 )
         _write_parquet(layout.utterances_part(index), utterances, UTTERANCES)
         _write_parquet(layout.rejects_part(index), rejects, REJECTS)

@@ -126,3 +126,10 @@ def test_a_truncated_wav_is_found_from_its_header_promising_more_data(tmp_path):
     with pytest.raises(ProbeError, match="header declares 32000") as err:
         probe(_source(tmp_path / "x.wav"))
     assert err.value.reason.value == "truncated"
+
+
+def test_an_absurd_sample_rate_is_not_audio(tmp_path):
+    sf.write(tmp_path / "slow.wav", tone(1.0, 1000), 1000)
+    with pytest.raises(ProbeError, match="1000 Hz") as err:
+        probe(_source(tmp_path / "slow.wav"))
+    assert err.value.reason.value == "not_audio"
