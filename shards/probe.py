@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from typing import NamedTuple
 
 import soundfile as sf
 
@@ -60,9 +61,22 @@ class ProbeError(Exception):
         self.reason = reason
 
 
-def can_pass_through(info_format: str, subtype: str, sample_rate: int, channels: int) -> bool:
-    """True when the encoded bytes already are what a shard stores: 16 kHz mono 16-bit FLAC."""
-    return (info_format, subtype, sample_rate, channels) == ("FLAC", "PCM_16", SAMPLE_RATE, 1)
+class Header(NamedTuple):
+    frames: int
+    sample_rate: int
+    channels: int
+    format: str
+    subtype: str
+
+    def passes_through(self, segment: str) -> bool:
+        """True when the encoded bytes already are what a shard stores, 16 kHz mono 16-bit
+        FLAC, and are stored whole (no segmentation)."""
+        return segment == "none" and (
+            self.format,
+            self.subtype,
+            self.sample_rate,
+            self.channels,
+        ) == ("FLAC", "PCM_16", SAMPLE_RATE, 1)
 
 
 def probe(source: Source, *, segment: str = "none") -> Probe:
@@ -110,7 +124,7 @@ def probe(source: Source, *, segment: str = "none") -> Probe:
     return result
 
 
-def _read_header(f, segment: str) -> tuple[tuple, bool]:
+def _read_header(f, segment: str) -> tuple[Header, bool]:
     """Header facts and whether the bytes can be stored as they are.
 
     FLAC's STREAMINFO is read directly (:mod:`shards.flac`, 42 bytes); everything else goes
@@ -119,14 +133,16 @@ def _read_header(f, segment: str) -> tuple[tuple, bool]:
     """
     stream = flac.read_streaminfo(f)
     if stream is not None:
-        info = (stream.total_samples, stream.sample_rate, stream.channels, "FLAC", stream.subtype)
-        return info, segment == "none" and can_pass_through(*info[3:], info[1], info[2])
+        header = Header(
+            stream.total_samples, stream.sample_rate, stream.channels, "FLAC", stream.subtype
+        )
+        return header, header.passes_through(segment)
     f.seek(0)
     try:
         with sf.SoundFile(f) as snd:
-            info = (snd.frames, snd.samplerate, snd.channels, snd.format, snd.subtype)
+            header = Header(snd.frames, snd.samplerate, snd.channels, snd.format, snd.subtype)
             _check_declared_length(snd)
-            return info, segment == "none" and can_pass_through(*info[3:], info[1], info[2])
+            return header, header.passes_through(segment)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise ProbeError(Reason.NOT_AUDIO, f"libsndfile cannot read it: {e}") from e
 

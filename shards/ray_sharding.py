@@ -8,6 +8,7 @@ writes only the rest.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -197,14 +198,17 @@ def run(
     return dict(summary, shards_written=len(pending), shards_skipped=skipped)
 
 
+def _planned_hours(rows: list[dict]) -> float:
+    """Source audio hours of a shard's inputs, from their headers (for progress)."""
+    return sum(r["frames"] / r["sample_rate"] for r in rows) / 3600
+
+
 def _write_all(layout, made, pending, opts, progress, on_shard):
     from tqdm import tqdm
 
     resources = ray.cluster_resources()
     window = max(2, int(2 * resources.get("CPU", 1)))
-    total_hours = (
-        sum(r["frames"] / r["sample_rate"] for i in pending for r in made.shards[i]) / 3600
-    )
+    total_hours = sum(_planned_hours(made.shards[i]) for i in pending)
     bar = tqdm(
         total=round(total_hours, 4),
         unit="h",
@@ -213,13 +217,13 @@ def _write_all(layout, made, pending, opts, progress, on_shard):
         bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}]{postfix}",
     )
     in_flight: dict = {}
-    queue = list(pending)
+    queue = collections.deque(pending)
     hours = 0.0
     nbytes = files = 0
     failures: list[str] = []
     while queue or in_flight:
         while queue and len(in_flight) < window:
-            i = queue.pop(0)
+            i = queue.popleft()
             ref = _shard_task.remote(layout.root, i, made.shards[i], opts)
             in_flight[ref] = i
         done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -233,7 +237,7 @@ def _write_all(layout, made, pending, opts, progress, on_shard):
             hours += record["seconds"] / 3600
             nbytes += record["bytes"]
             files += len(made.shards[i])
-            bar.update(round(sum(r["frames"] / r["sample_rate"] for r in made.shards[i]) / 3600, 4))
+            bar.update(round(_planned_hours(made.shards[i]), 4))
             bar.set_postfix(
                 files=files, shards=f"{len(pending) - len(queue) - len(in_flight)}/{len(pending)}"
             )
