@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import io
 import json
 import os
 
@@ -82,7 +83,7 @@ def test_reading_back_with_open_get_index_and_plain_webdataset_agree(librispeech
     assert [s["__key__"] for s in plain] == order
     for s in plain:
         key = s["__key__"]
-        wav, rate = sf.read(__import__("io").BytesIO(s["flac"]), dtype="float32")
+        wav, rate = sf.read(io.BytesIO(s["flac"]), dtype="float32")
         got = shards.get(str(tmp_path), key)
         assert rate == opened[key].sample_rate == got.sample_rate == 16000
         np.testing.assert_array_equal(wav, opened[key].waveform)
@@ -304,3 +305,24 @@ def test_bad_arguments_fail_before_any_work(librispeech, tmp_path, inputs, root,
     with pytest.raises(UsageError, match=message):
         run(inputs, root, opts)
     assert not os.path.exists(root)
+
+
+@pytest.mark.slow
+def test_a_multi_hour_recording_is_stored_whole_and_split_by_vad(tmp_path):
+    """Two hours at 8 kHz go through the stage in blocks (see test_audio for the memory bound)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    minute, _ = synthetic.speechlike(60.0, rate=8000, seed=9)
+    with sf.SoundFile(src / "long.flac", "w", 8000, 1, "PCM_16", format="FLAC") as f:
+        for _ in range(120):
+            f.write(minute)
+    whole = run([str(src)], str(tmp_path / "whole"), ShardingOptions())
+    [row] = _manifest(tmp_path / "whole", "utterances")
+    assert row["num_samples"] == whole["segments"] * 2 * 3600 * 16000
+    tar = (tmp_path / "whole" / "shards" / f"{row['shard']}.tar").read_bytes()
+    stored = sf.info(io.BytesIO(tar[row["offset"] : row["offset"] + row["size"]]))
+    assert (stored.frames, stored.samplerate) == (2 * 3600 * 16000, 16000)
+    cut = run([str(src)], str(tmp_path / "cut"), ShardingOptions(segment="vad", vad="energy"))
+    durations = [u["duration"] for u in _manifest(tmp_path / "cut", "utterances")]
+    assert cut["segments"] == len(durations) > 100
+    assert max(durations) < 60  # Voiced stretches are at most 2.5 s: segments stay near 30 s.
