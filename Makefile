@@ -14,7 +14,7 @@ export RAY_AUTH_MODE := disabled
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PIP_INSTALL) -e '.[dev]'
+	$(PIP_INSTALL) -e '.[cpu,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
