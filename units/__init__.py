@@ -1,0 +1,1 @@
+"""Features, feature store, k-means, labels, exports and metrics (the stages after shards)."""
