@@ -114,14 +114,25 @@ class Index:
         return _read_at(self._layout, key, *self._rows[key])
 
 
+def read_audio(root: str, shard: str, offset: int, size: int) -> tuple[np.ndarray, int]:
+    """Decodes one member found through the manifest (``shard``, ``offset``, ``size``)."""
+    path = os.path.join(RootLayout(root).shards_dir, f"{shard}.tar")
+    with builtins.open(path, "rb") as f:
+        return _decode(_read_member(f, path, offset, size))
+
+
+def _read_member(f, path: str, offset: int, size: int) -> bytes:
+    total = os.fstat(f.fileno()).st_size
+    if offset < 512 or offset + size > total:
+        raise ValueError(f"offset {offset}+{size} lies outside {path} ({total} bytes)")
+    f.seek(offset)
+    return f.read(size)
+
+
 def _read_at(layout: RootLayout, key: str, shard: str, offset: int, size: int) -> Sample:
     path = os.path.join(layout.shards_dir, f"{shard}.tar")
     with builtins.open(path, "rb") as f:
-        total = os.fstat(f.fileno()).st_size
-        if offset < 512 or offset + size > total:
-            raise ValueError(f"{key!r}: offset {offset}+{size} lies outside {path} ({total} bytes)")
-        f.seek(offset)
-        flac = f.read(size)
+        flac = _read_member(f, path, offset, size)
         # The json member follows the flac data (padded to 512 bytes); tarfile reads its
         # header from there, PAX extensions included.
         f.seek(offset + ((size + 511) // 512) * 512)

@@ -1,0 +1,240 @@
+"""The feature stage on Ray: a seeded sample of the corpus into the feature store.
+
+The driver draws the sample from the utterances manifest and plans one feature shard per
+audio shard. Workers are Ray actors, each of which builds its extractor once (one model load
+per worker): on a cluster with GPUs, GPU actors take decoded audio from CPU tasks, so a GPU
+never waits on FLAC decoding; without GPUs, CPU actors decode for themselves. A feature shard
+is committed atomically; a rerun skips committed shards and a finished run does nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.util import ActorPool
+
+from shards.reader import read_audio
+from shards.root import RootLayout
+from shards.tar_writer import write_atomic
+
+from . import extractors, feature_store
+from .extractor import FeatureSpec
+from .extractors import ExtractorOptions
+from .feature_store import FeatureShardWriter, StoreLayout
+from .sampling import SampleRequest, draw
+
+log = logging.getLogger(__name__)
+
+_MANIFEST_COLUMNS = ["key", "shard", "offset", "size", "num_samples", "speaker", "duration"]
+
+
+class FeatureStageError(ValueError):
+    """Arguments or state that cannot work; raised before any work is done."""
+
+
+def decode_rows(root: str, rows: list[dict]) -> list[tuple[np.ndarray | None, str | None]]:
+    """Decodes the audio of ``rows``: (waveform, None) or (None, error message) each."""
+    out = []
+    for row in rows:
+        try:
+            wav, rate = read_audio(root, row["shard"], row["offset"], row["size"])
+        except Exception as e:  # A bad member is that utterance's reject, not the shard's end.
+            out.append((None, f"{type(e).__name__}: {e}"))
+            continue
+        if rate != 16_000 or wav.ndim != 1:
+            out.append((None, f"expected 16 kHz mono, got {rate} Hz, shape {wav.shape}"))
+        else:
+            out.append((wav, None))
+    return out
+
+
+class FeatureWorker:
+    """Builds one extractor and writes feature shards with it."""
+
+    def __init__(self, options: ExtractorOptions):
+        self.extractor = extractors.build(options)
+        self.batch_seconds = options.batch_seconds
+
+    def write_shard(
+        self, root: str, name: str, shard: str, rows: list[dict], decoded: list | None = None
+    ) -> dict:
+        """Extracts the features of ``rows`` (all from audio shard ``shard``) and commits them."""
+        layout = StoreLayout(root, name)
+        done = layout.read_commit(shard)
+        if done is not None:
+            return dict(done, written=False)
+        feature_store.remove_stale_temps(layout, shard)
+        decoded = decode_rows(root, rows) if decoded is None else decoded
+        spec = self.extractor.spec
+        writer = FeatureShardWriter(layout, shard, spec.dim)
+        try:
+            batch: list[tuple[dict, np.ndarray]] = []
+            seconds = 0.0
+            for row, (wav, error) in zip(rows, decoded, strict=True):
+                if error is not None:
+                    writer.reject(row["key"], "corrupt_audio", error)
+                    continue
+                batch.append((row, wav))
+                seconds += len(wav) / 16_000
+                if seconds >= self.batch_seconds:
+                    self._flush(batch, writer, spec)
+                    batch, seconds = [], 0.0
+            self._flush(batch, writer, spec)
+            record = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        return dict(record, written=True)
+
+    def _flush(self, batch, writer: FeatureShardWriter, spec: FeatureSpec) -> None:
+        if not batch:
+            return
+        features = self.extractor([wav for _, wav in batch])
+        for (row, wav), feats in zip(batch, features, strict=True):
+            expected = spec.contract.frames(len(wav))
+            if len(feats) != expected:  # A broken frame contract is a bug, never a warning.
+                raise RuntimeError(
+                    f"{row['key']}: {len(feats)} frames from {len(wav)} samples, expected "
+                    f"{expected} ({spec.extractor})"
+                )
+            writer.add(row["key"], feats)
+
+
+@ray.remote(num_cpus=1)
+def _decode_task(root: str, rows: list[dict]) -> list:
+    return decode_rows(root, rows)
+
+
+def _plan(root: str, name: str, spec: FeatureSpec, request: SampleRequest) -> dict:
+    layout = RootLayout(root)
+    manifest = layout.manifest("utterances.parquet")
+    if not os.path.exists(manifest):
+        raise FeatureStageError(
+            f"no utterances manifest under {root}: run `python -m pipelines.shard --output "
+            f"{root} ...` first"
+        )
+    store = StoreLayout(layout.root, name)
+    plan = {"spec": spec.to_json(), "request": dataclasses.asdict(request)}
+    plan["fingerprint"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    saved_path = store.path("plan.json")
+    if os.path.exists(saved_path):
+        with open(saved_path) as f:
+            saved = json.load(f)
+        if saved["fingerprint"] != plan["fingerprint"]:
+            raise FeatureStageError(
+                f"feature store {name!r} was started with another extractor or sample "
+                f"({saved['spec']['extractor']}, {saved['request']}); use another --name"
+            )
+        sample = pq.read_table(store.path("sample.parquet")).to_pylist()
+        return dict(saved, sample=sample)
+    rows = pq.read_table(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
+    try:
+        sample = draw(rows, request)
+    except ValueError as e:
+        raise FeatureStageError(str(e)) from None
+    store.make_dirs()
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(sample), buf)
+    write_atomic(store.path("sample.parquet"), buf.getvalue().to_pybytes())
+    write_atomic(saved_path, json.dumps(plan, indent=1, sort_keys=True).encode())
+    return dict(plan, sample=sample)
+
+
+def run(
+    root: str,
+    name: str,
+    options: ExtractorOptions,
+    request: SampleRequest,
+    *,
+    gpus_per_worker: float = 0,
+    progress: bool = False,
+) -> dict:
+    """Extracts the features of a seeded sample of ``root`` into ``ROOT/features/NAME``.
+
+    Ray must be initialised. Everything that can be checked (the extractor, its checkpoint
+    and layer, the manifests, the sample) is checked before any work.
+
+    Returns:
+        The store's ``meta.json`` content plus this run's ``shards_written`` and throughput.
+    """
+    started = time.monotonic()
+    try:
+        spec = extractors.build(options).spec  # Fails early on a bad checkpoint or layer.
+    except extractors.ExtractorError as e:
+        raise FeatureStageError(str(e)) from None
+    root = RootLayout(root).root
+    plan = _plan(root, name, spec, request)
+    store = StoreLayout(root, name)
+    by_shard: dict[str, list[dict]] = collections.defaultdict(list)
+    for row in plan["sample"]:
+        by_shard[row["shard"]].append(row)
+    shards = sorted(by_shard)
+    pending = [s for s in shards if store.read_commit(s) is None]
+    if not pending and os.path.exists(store.path("meta.json")):
+        with open(store.path("meta.json")) as f:
+            meta = json.load(f)
+        log.info("nothing to do: feature store %s is complete", name)
+        return dict(meta, shards_written=0)
+    hours = _write(root, name, options, by_shard, pending, gpus_per_worker, progress)
+    sample_hours = sum(r["duration"] for r in plan["sample"]) / 3600
+    meta = feature_store.finalize(
+        store,
+        shards,
+        {
+            "spec": plan["spec"],
+            "request": plan["request"],
+            "sample": {"utterances": len(plan["sample"]), "hours": sample_hours},
+        },
+    )
+    wall = time.monotonic() - started
+    return dict(
+        meta,
+        shards_written=len(pending),
+        throughput={
+            "wall_seconds": wall,
+            "hours_extracted": hours,
+            "audio_hours_per_second": hours / wall if wall else 0.0,
+        },
+    )
+
+
+def _write(root, name, options, by_shard, pending, gpus_per_worker, progress) -> float:
+    from tqdm import tqdm
+
+    resources = ray.cluster_resources()
+    use_gpu = gpus_per_worker > 0 and resources.get("GPU", 0) >= gpus_per_worker
+    if use_gpu:
+        workers = int(resources["GPU"] // gpus_per_worker)
+        actor_cls = ray.remote(num_gpus=gpus_per_worker, num_cpus=0)(FeatureWorker)
+        options = dataclasses.replace(options, device="cuda")
+    else:
+        workers = max(1, int(resources.get("CPU", 1)))
+        actor_cls = ray.remote(num_cpus=1)(FeatureWorker)
+    workers = min(workers, len(pending)) or 1
+    pool = ActorPool([actor_cls.remote(options) for _ in range(workers)])
+
+    def submit(actor, shard):
+        rows = by_shard[shard]
+        decoded = _decode_task.remote(root, rows) if use_gpu else None
+        return actor.write_shard.remote(root, name, shard, rows, decoded)
+
+    total = sum(r["duration"] for s in pending for r in by_shard[s]) / 3600
+    bar = tqdm(total=round(total, 4), unit="h", desc="features", disable=not progress)
+    hours = 0.0
+    for shard, record in zip(pending, pool.map(submit, pending), strict=True):
+        shard_hours = sum(r["duration"] for r in by_shard[shard]) / 3600
+        hours += shard_hours
+        bar.update(round(shard_hours, 4))
+        log.debug("feature shard %s: %s", shard, record)
+    bar.close()
+    return hours
