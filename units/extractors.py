@@ -89,5 +89,5 @@ def _build_ssl(kind: str, options: ExtractorOptions) -> Extractor:
         )
     except ExtractorError:
         raise
-    except ValueError as e:  # The loaders' own errors (missing files, layer range, ...).
+    except (ValueError, OSError) as e:  # The loaders' errors: missing files, layer range, ...
         raise ExtractorError(str(e)) from e
