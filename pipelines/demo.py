@@ -1,21 +1,28 @@
-"""The demo job: generate a small speech-like corpus, then shard it on in-process Ray.
+"""The demo job on in-process Ray: generate a small speech-like corpus, shard it, and extract
+MFCC features of a seeded sample into a feature store.
 
 Example:
     python -m pipelines.demo --workdir demo-output
 
-Later stages (features, k-means, labels, report) join this demo as they land.
+Later stages (k-means, labels, report) join this demo as they land.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
 
 from shards import synthetic
+from shards.plan import ShardingOptions, parse_size
+from shards.ray_sharding import run as shard
+from units.extractors import ExtractorOptions
+from units.features_ray import run as extract
+from units.sampling import SampleRequest
 
-from . import shard
+from ._ray import connect
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="demo-output", help="where corpus and root go")
     parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.fresh and os.path.isdir(args.workdir):
         shutil.rmtree(args.workdir)
     corpus = os.path.join(args.workdir, "corpus", "LibriSpeech-like")
@@ -36,19 +46,19 @@ def main(argv: list[str] | None = None) -> int:
             corpus, speakers=4, chapters=2, utterances=8, seconds=(2.0, 8.0), seed=0
         )
     root = os.path.join(args.workdir, "root")
-    return shard.main(
-        [
-            "--input",
-            corpus,
-            "--output",
-            root,
-            "--shard-bytes",
-            "2MiB",
-            "--num-cpus",
-            "2",
-            "--no-progress",
-        ]
+    connect(argparse.Namespace(address=None, num_cpus=2))
+    shards = shard([corpus], root, ShardingOptions(shard_bytes=parse_size("2MiB")))
+    print(
+        f"shards: {shards['shards']} shard(s) in {root}/shards, {shards['hours']:.3f} h in "
+        f"{shards['segments']} samples, {shards['rejects']} rejected"
     )
+    features = extract(root, "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=50, seed=0))
+    print(
+        f"features: {features['utterances']} utterances ({features['sample']['hours']:.3f} h), "
+        f"{features['rows']} frames of {features['spec']['dim']}-dim MFCC in "
+        f"{root}/features/mfcc"
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -84,5 +84,6 @@ def test_make_demo_entry_point_generates_and_shards_a_corpus(tmp_path):
         env=dict(os.environ, PYTHONPATH=REPO),
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "wrote 3 shard(s)" in out.stdout
+    assert "shards: 3 shard(s)" in out.stdout and "features: 32 utterances" in out.stdout
     assert os.path.exists(tmp_path / "root" / "manifest" / "utterances.parquet")
+    assert os.path.exists(tmp_path / "root" / "features" / "mfcc" / "meta.json")
