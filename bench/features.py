@@ -25,17 +25,58 @@ from the best of ``--repeats`` rounds in which the contenders take turns. The ru
 checks that ours and the per-utterance path agree (max |diff| over all 39 dims, also
 printed, with ours against kaldi-native-fbank on the static cepstra).
 
+``features.ssl``: layer-6 features of a randomly initialised HuBERT-base-sized model
+(transformers ``HubertConfig()``: 12 blocks, hidden 768, group-norm conv front end;
+``torch.manual_seed(0)``, saved to a temporary directory and loaded with
+:func:`units.ssl.load_hf`) on speech-like utterances of 2-16 s (``--ssl-seconds-of-audio``,
+default 120 s: about two minutes on two idle cores), two threads for everyone:
+
+* ours: :class:`units.ssl.SSLExtractor` called once on all the audio. Its defaults (40 s
+  windows) run every utterance here whole; a group-norm model only batches windows of equal
+  length, and no two utterances are equally long, so this is one forward per utterance that
+  stops after block 6.
+* ``ours_windowed``: the same with 4 s core windows and no context, so every window but an
+  utterance's last is 4 s long and they batch together (four to a batch). Not the same
+  features (each window gets its own group-norm statistics and attention span), so its
+  difference is printed, not bounded; it shows what batching buys on CPU.
+* ``fairseq_loop``: fairseq's ``examples/hubert/simple_kmeans/dump_hubert_feature.py``
+  (``HubertFeatureReader.get_feats``) on the same model object: one utterance at a time,
+  float32, ``torch.no_grad()``, independent 1,600,000-sample chunks with no context,
+  concatenated. fairseq's ``extract_features(output_layer=6)`` breaks out of its block loop
+  after block 6, so this loop runs only the first six blocks too (the same compute as ours).
+* ``hf_all_layers_loop``: the same loop reading ``hidden_states[6]`` of a full forward with
+  ``output_hidden_states=True``: all 12 blocks, what many transformers scripts do. For
+  reference; it is not what fairseq does.
+
+Prints, for example::
+
+    RESULT bench=features.ssl device=cpu model=hubert-base-random layer=6 audio_s=...
+    ours_audio_s_per_s=... fairseq_loop_audio_s_per_s=... ratio_vs_fairseq_loop=...
+    target=2.0 ... max_abs_diff=... tolerance=0.0001
+
+Rates are audio seconds per wall second from the median of ``--repeats`` rounds in which
+the contenders take turns (after an untimed warm-up on a short clip); the first round's
+output is checked: every contender gives ``SSL.frames(len(wav))`` frames per utterance, and
+ours, the loop and the all-layers loop agree within ``SSL_AGREEMENT_ATOL`` (1e-4, max
+|diff|). Where CUDA is available, all four run again on the GPU, ours with bf16 autocast,
+the loops in float32 (ours within a relative difference of ``SSL_BF16_RTOL``; rates are then
+also audio hours per GPU hour); elsewhere that part prints a ``SKIP`` line.
+
 Usage:
-    python bench/features.py                          # 200 utterances of 2-20 s
-    python bench/features.py --seconds-of-audio 300   # a quick run
+    python bench/features.py                          # both, defaults
+    python bench/features.py --seconds-of-audio 300   # a quick MFCC run
+    python bench/features.py --only ssl --ssl-seconds-of-audio 60
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -49,7 +90,9 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != BENCH_D
 sys.path.insert(0, REPO)
 
 from shards.synthetic import speechlike  # noqa: E402 - after the sys.path fix above.
+from units.frames import SSL  # noqa: E402
 from units.kaldi_features import KaldiMFCC  # noqa: E402
+from units.ssl import SSLExtractor, SSLModel, load_hf  # noqa: E402
 
 SAMPLE_RATE = 16_000
 
@@ -66,16 +109,21 @@ AGREEMENT_ATOL = 1e-3
 
 
 def make_corpus(
-    seconds_of_audio: float | None = None, utterances: int = 200, seed: int = 0
+    seconds_of_audio: float | None = None,
+    utterances: int = 200,
+    seed: int = 0,
+    min_seconds: float = 2.0,
+    max_seconds: float = 20.0,
 ) -> list[np.ndarray]:
-    """Speech-like utterances of 2-20 s: ``utterances`` of them, or ``seconds_of_audio``."""
+    """Speech-like utterances of ``min_seconds``-``max_seconds`` (2-20 s): ``utterances`` of
+    them, or ``seconds_of_audio``."""
     rng = np.random.default_rng(seed)
     out: list[np.ndarray] = []
     total = 0.0
     while (len(out) < utterances) if seconds_of_audio is None else (total < seconds_of_audio):
-        seconds = float(rng.uniform(2.0, 20.0))
+        seconds = float(rng.uniform(min_seconds, max_seconds))
         if seconds_of_audio is not None:
-            seconds = min(seconds, max(2.0, seconds_of_audio - total))
+            seconds = min(seconds, max(min_seconds, seconds_of_audio - total))
         wav, _ = speechlike(seconds, seed=int(rng.integers(1 << 31)), pitch=rng.uniform(90, 220))
         out.append(wav)
         total += len(wav) / SAMPLE_RATE
@@ -275,9 +323,277 @@ def bench_mfcc(audio: Sequence[np.ndarray], repeats: int = 3) -> dict[str, float
     return rate
 
 
+# ---------------------------------------------------------------------------------------------
+# SSL features: a HuBERT-base-sized model, ours against fairseq's per-utterance loop
+
+#: Block whose output is extracted, counted from 1 (fairseq's ``output_layer``).
+SSL_LAYER = 6
+#: Target from the issue: ours / the fairseq-style loop, on CPU.
+TARGET_SSL_VS_FAIRSEQ_LOOP = 2.0
+#: Threads for every contender on CPU.
+SSL_THREADS = 2
+#: Utterance lengths and default amount of audio. One round of the four contenders takes
+#: about 0.3 s per audio second on two idle cores, so 120 s is about two minutes in all.
+SSL_MIN_SECONDS, SSL_MAX_SECONDS = 2.0, 16.0
+SSL_SECONDS_OF_AUDIO = 120.0
+#: ``dump_hubert_feature.py``'s ``max_chunk``: samples per independent chunk.
+FAIRSEQ_MAX_CHUNK = 1_600_000
+#: Largest |diff| allowed between ours (float32) and the loop. Both run the same modules on
+#: the same whole utterances (measured: 0.0 on CPU); the slack is for kernels that sum in
+#: another order. Features are layer-normed, of order 1.
+SSL_AGREEMENT_ATOL = 1e-4
+#: Largest relative (Frobenius) difference between ours in bf16 autocast and the fp32 loop
+#: (CUDA only); a wrong layer or framing gives about 1.
+SSL_BF16_RTOL = 0.1
+#: ``ours_windowed``: 4 s core windows without context, four to a batch.
+SSL_WINDOW_SECONDS = 4.0
+SSL_WINDOW_BATCH_SECONDS = 16.0
+
+
+def make_ssl_model(directory: str) -> SSLModel:
+    """A randomly initialised HuBERT-base-sized model, saved in ``directory``, loaded back.
+
+    ``HubertConfig()``'s defaults (hubert-base-ls960's shape: 12 blocks, hidden 768, seven
+    conv layers of 512 channels, group norm in the first), weights from
+    ``torch.manual_seed(0)``, loaded with :func:`units.ssl.load_hf` as a real model would be.
+    """
+    from transformers import HubertConfig, HubertModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # Saving and loading bars, between RESULTs.
+    torch.manual_seed(0)
+    HubertModel(HubertConfig()).save_pretrained(directory)
+    return load_hf(directory)
+
+
+@contextlib.contextmanager
+def _first_blocks(model: torch.nn.Module, layer: int):
+    """Runs only the first ``layer`` transformer blocks of ``model`` (the same modules).
+
+    fairseq's ``TransformerEncoder.extract_features`` does the same: ``break`` after block
+    ``output_layer``. For a post-LN ("base") encoder ``last_hidden_state`` is then block
+    ``layer``'s output, no norm after it, as in fairseq.
+    """
+    blocks = model.encoder.layers
+    model.encoder.layers = blocks[:layer]
+    try:
+        yield
+    finally:
+        model.encoder.layers = blocks
+
+
+def fairseq_loop_features(
+    bundle: SSLModel,
+    wav: np.ndarray,
+    layer: int,
+    device: str | torch.device = "cpu",
+    all_layers: bool = False,
+) -> np.ndarray:
+    """fairseq's ``HubertFeatureReader.get_feats`` on one waveform: ``(T, dim)`` float32.
+
+    As ``examples/hubert/simple_kmeans/dump_hubert_feature.py`` does it: float32 under
+    ``torch.no_grad()``, waveform layer norm only for ``normalize=True`` models, independent
+    chunks of ``max_chunk`` samples with no context, features concatenated, then copied to
+    the host (its ``dump_feature`` does ``feat.cpu().numpy()``). ``model.extract_features(
+    output_layer=layer)`` becomes a forward through the first ``layer`` blocks of the same
+    transformers model (:func:`_first_blocks`: fairseq's ``break``), or, with
+    ``all_layers``, ``hidden_states[layer]`` of a full forward (``output_hidden_states=True``,
+    all blocks: more compute than fairseq, for reference).
+    """
+    if bundle.stable_layer_norm:
+        raise ValueError("pre-LN encoders put a final norm on last_hidden_state; fairseq does not")
+    model = bundle.model
+    with torch.no_grad():
+        x = torch.from_numpy(wav).float().to(device)
+        if bundle.normalize_waveform:
+            x = torch.nn.functional.layer_norm(x, x.shape)
+        x = x.view(1, -1)
+        feat = []
+        for start in range(0, x.size(1), FAIRSEQ_MAX_CHUNK):
+            chunk = x[:, start : start + FAIRSEQ_MAX_CHUNK]
+            if all_layers:
+                feat.append(model(chunk, output_hidden_states=True).hidden_states[layer])
+            else:
+                with _first_blocks(model, layer):
+                    feat.append(model(chunk).last_hidden_state)
+        return torch.cat(feat, 1).squeeze(0).cpu().numpy()
+
+
+def timed_rounds(
+    runs: dict[str, Callable[[], list[np.ndarray]]], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[np.ndarray]]]:
+    """Wall times of each of ``runs`` over ``repeats`` rounds, and its first round's output.
+
+    Contenders take turns within a round, as in :func:`best_seconds`.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    first: dict[str, list[np.ndarray]] = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            out = run()
+            times[name].append(time.perf_counter() - start)
+            first.setdefault(name, out)
+    return times, first
+
+
+def _ssl_contenders(
+    bundle: SSLModel, audio: Sequence[np.ndarray], device: str, dtype: str | None
+) -> dict[str, Callable[[Sequence[np.ndarray]], list[np.ndarray]]]:
+    """Each contender as a function of the waveforms (moves the shared model to ``device``)."""
+    threads = SSL_THREADS if device == "cpu" else None
+    # Defaults spelled out: every utterance here (<= 16 s) runs whole, one per forward.
+    ours = SSLExtractor(
+        bundle,
+        SSL_LAYER,
+        device=device,
+        dtype=dtype,
+        batch_seconds=100.0,
+        window_seconds=40.0,
+        context_seconds=5.0,
+        threads=threads,
+    )
+    windowed = SSLExtractor(
+        bundle,
+        SSL_LAYER,
+        device=device,
+        dtype=dtype,
+        batch_seconds=SSL_WINDOW_BATCH_SECONDS,
+        window_seconds=SSL_WINDOW_SECONDS,
+        context_seconds=0.0,
+        threads=threads,
+    )
+    return {
+        "ours": ours,
+        "ours_windowed": windowed,
+        "fairseq_loop": lambda wavs: [
+            fairseq_loop_features(bundle, w, SSL_LAYER, device) for w in wavs
+        ],
+        "hf_all_layers_loop": lambda wavs: [
+            fairseq_loop_features(bundle, w, SSL_LAYER, device, all_layers=True) for w in wavs
+        ],
+    }
+
+
+def _ssl_agreement(
+    audio: Sequence[np.ndarray], got: list[np.ndarray], expected: list[np.ndarray], dim: int
+) -> tuple[float, float]:
+    """``(max |diff|, relative Frobenius difference)``; exits on wrong frame counts."""
+    shapes = [(SSL.frames(len(w)), dim) for w in audio]
+    if [f.shape for f in got] != shapes or [f.shape for f in expected] != shapes:
+        raise SystemExit("SSL contenders give different frame counts (or not SSL.frames(n))")
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(got, expected, strict=True))
+    pairs = list(zip(got, expected, strict=True))
+    num = sum(float(np.square(a - b, dtype=np.float64).sum()) for a, b in pairs)
+    den = sum(float(np.square(b, dtype=np.float64).sum()) for _, b in pairs)
+    return worst, math.sqrt(num / den)
+
+
+def _bench_ssl_on(
+    bundle: SSLModel, audio: Sequence[np.ndarray], repeats: int, device: str
+) -> dict[str, float]:
+    """One device's round of ``features.ssl``: prints its RESULT line and table."""
+    seconds = sum(len(w) for w in audio) / SAMPLE_RATE
+    dtype = "bf16" if device == "cuda" else None
+    contenders = _ssl_contenders(bundle, audio, device, dtype)
+    warm = [audio[0][:SAMPLE_RATE]]  # First-call costs (allocator, thread pool) off the clock.
+    for run in contenders.values():
+        run(warm)
+    runs = {name: (lambda run=run: run(audio)) for name, run in contenders.items()}
+    times, first = timed_rounds(runs, repeats)
+
+    reference = first["fairseq_loop"]
+    diff = {
+        name: _ssl_agreement(audio, out, reference, bundle.hidden_size)
+        for name, out in first.items()
+    }
+    if diff["hf_all_layers_loop"][0] > SSL_AGREEMENT_ATOL:  # Same fp32 math on both.
+        raise SystemExit(f"the two loops disagree: {diff['hf_all_layers_loop'][0]:.2e}")
+    if dtype is None and diff["ours"][0] > SSL_AGREEMENT_ATOL:
+        raise SystemExit(f"ours and the fairseq loop disagree: max |diff| {diff['ours'][0]:.2e}")
+    if dtype is not None and diff["ours"][1] > SSL_BF16_RTOL:
+        raise SystemExit(
+            f"ours ({dtype}) and the fp32 loop disagree: relative {diff['ours'][1]:.2e}"
+        )
+
+    median = {name: statistics.median(t) for name, t in times.items()}
+    rate = {name: seconds / t for name, t in median.items()}
+    on_cpu = device == "cpu"
+    fields = [f"device=cpu threads={SSL_THREADS}"] if on_cpu else ["device=cuda", f"dtype={dtype}"]
+    if not on_cpu:
+        fields.append("gpu=" + torch.cuda.get_device_name().replace(" ", "_"))
+    fields += [
+        f"model=hubert-base-random layer={SSL_LAYER}",
+        f"audio_s={seconds:.0f} utterances={len(audio)}",
+        f"ours_audio_s_per_s={rate['ours']:.2f}",
+        f"fairseq_loop_audio_s_per_s={rate['fairseq_loop']:.2f}",
+        f"ratio_vs_fairseq_loop={rate['ours'] / rate['fairseq_loop']:.2f}",
+    ]
+    if on_cpu:  # The issue's target is for CPU.
+        fields.append(f"target={TARGET_SSL_VS_FAIRSEQ_LOOP}")
+    else:  # Audio seconds per wall second are audio hours per GPU hour.
+        fields.append(f"ours_audio_h_per_gpu_h={rate['ours']:.0f}")
+        fields.append(f"fairseq_loop_audio_h_per_gpu_h={rate['fairseq_loop']:.0f}")
+    fields += [
+        f"hf_all_layers_loop_audio_s_per_s={rate['hf_all_layers_loop']:.2f}",
+        f"ratio_vs_hf_all_layers_loop={rate['ours'] / rate['hf_all_layers_loop']:.2f}",
+        f"ours_windowed_audio_s_per_s={rate['ours_windowed']:.2f}",
+        f"ratio_windowed_vs_fairseq_loop={rate['ours_windowed'] / rate['fairseq_loop']:.2f}",
+        f"max_abs_diff={diff['ours'][0]:.1e} rel_diff={diff['ours'][1]:.1e}",
+        f"tolerance={SSL_AGREEMENT_ATOL:g}" if on_cpu else f"rel_tolerance={SSL_BF16_RTOL:g}",
+        f"windowed_max_abs_diff={diff['ours_windowed'][0]:.1e}",
+        f"windowed_rel_diff={diff['ours_windowed'][1]:.1e}",
+    ]
+    print("RESULT bench=features.ssl " + " ".join(fields), flush=True)
+    unit = "audio s/s" if on_cpu else "audio h per GPU h"
+    for name, t in times.items():
+        print(
+            f"  {name:18s} median of {repeats}: {median[name]:8.3f} s"
+            f"  best: {min(t):8.3f} s  ({rate[name]:8.2f} {unit})"
+        )
+    return rate
+
+
+def bench_ssl(audio: Sequence[np.ndarray], repeats: int = 3) -> dict[str, float]:
+    """``features.ssl``: ours, windowed ours and the fairseq-style loops, CPU then CUDA.
+
+    Returns:
+        Audio seconds per wall second of each contender on CPU (two threads).
+    """
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-ssl-") as directory:
+            bundle = make_ssl_model(directory)
+        built = time.perf_counter() - start
+        rate = _bench_ssl_on(bundle, audio, repeats, "cpu")
+        if torch.cuda.is_available():
+            _bench_ssl_on(bundle, audio, repeats, "cuda")
+        else:
+            print("SKIP bench=features.ssl device=cuda: torch.cuda.is_available() is False")
+        bundle.model.to("cpu")
+    finally:
+        torch.set_num_threads(threads)
+    print(
+        f"  features.ssl took {time.perf_counter() - start:.0f} s"
+        f" (model built, saved and loaded in {built:.1f} s)",
+        flush=True,
+    )
+    return rate
+
+
 #: Every benchmark, by name; ``main`` runs them in this order.
 BENCHMARKS: dict[str, Callable[[Sequence[np.ndarray], int], dict[str, float]]] = {
     "mfcc": bench_mfcc,
+    "ssl": bench_ssl,
+}
+
+#: The audio each benchmark runs on, from the command line's options.
+CORPORA: dict[str, Callable[[argparse.Namespace], list[np.ndarray]]] = {
+    "mfcc": lambda args: make_corpus(args.seconds_of_audio),
+    "ssl": lambda args: make_corpus(
+        args.ssl_seconds_of_audio, min_seconds=SSL_MIN_SECONDS, max_seconds=SSL_MAX_SECONDS
+    ),
 }
 
 
@@ -287,16 +603,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--seconds-of-audio",
         type=float,
         default=None,
-        help="audio to generate (utterances of 2-20 s); default: 200 utterances",
+        help="MFCC: audio to generate (utterances of 2-20 s); default: 200 utterances",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best counts")
+    parser.add_argument(
+        "--ssl-seconds-of-audio",
+        type=float,
+        default=SSL_SECONDS_OF_AUDIO,
+        help=f"SSL: audio to generate (utterances of {SSL_MIN_SECONDS:g}-{SSL_MAX_SECONDS:g} s;"
+        f" default {SSL_SECONDS_OF_AUDIO:g}, about two minutes on two idle cores)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed rounds (MFCC: the best counts, SSL: the median)",
+    )
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
-    audio = make_corpus(args.seconds_of_audio)
     for name in args.only or list(BENCHMARKS):
-        BENCHMARKS[name](audio, args.repeats)
+        BENCHMARKS[name](CORPORA[name](args), args.repeats)
 
 
 if __name__ == "__main__":
