@@ -32,6 +32,7 @@ test-fast: install
 bench: install
 	$(PIP_INSTALL) lhotse
 	$(PY) bench/shards.py
+	$(PY) bench/features.py
 
 lint: install
 	$(PY) -m ruff check shards units pipelines tests bench

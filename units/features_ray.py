@@ -208,6 +208,11 @@ def run(
     )
 
 
+# A worker that dies (a lost node, a killed process) is restarted and its shard retried:
+# write_shard is idempotent and commits atomically.
+_RETRIES = {"max_restarts": 3, "max_task_retries": 3}
+
+
 def _write(root, name, options, by_shard, pending, gpus_per_worker, progress) -> float:
     from tqdm import tqdm
 
@@ -215,11 +220,11 @@ def _write(root, name, options, by_shard, pending, gpus_per_worker, progress) ->
     use_gpu = gpus_per_worker > 0 and resources.get("GPU", 0) >= gpus_per_worker
     if use_gpu:
         workers = int(resources["GPU"] // gpus_per_worker)
-        actor_cls = ray.remote(num_gpus=gpus_per_worker, num_cpus=0)(FeatureWorker)
+        actor_cls = ray.remote(num_gpus=gpus_per_worker, num_cpus=0, **_RETRIES)(FeatureWorker)
         options = dataclasses.replace(options, device="cuda")
     else:
         workers = max(1, int(resources.get("CPU", 1)))
-        actor_cls = ray.remote(num_cpus=1)(FeatureWorker)
+        actor_cls = ray.remote(num_cpus=1, **_RETRIES)(FeatureWorker)
     workers = min(workers, len(pending)) or 1
     pool = ActorPool([actor_cls.remote(options) for _ in range(workers)])
 
