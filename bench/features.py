@@ -47,12 +47,20 @@ default 120 s: about two minutes on two idle cores), two threads for everyone:
 * ``hf_all_layers_loop``: the same loop reading ``hidden_states[6]`` of a full forward with
   ``output_hidden_states=True``: all 12 blocks, what many transformers scripts do. For
   reference; it is not what fairseq does.
+* ``pipeline`` (CPU only): the feature stage on Ray as a user runs it,
+  ``units.features_ray.run`` with ``ExtractorOptions("hf:MODEL_DIR", layer=6)`` and
+  ``SampleRequest(percent=100)``, Ray started with ``num_cpus=2``: one single-threaded actor
+  per core. The utterances are written as 16 kHz 16-bit FLAC and sharded by the shard stage
+  (at least two shards per actor) before timing; each timed call, into a fresh store,
+  includes the actors' start-up and model load. Its store must hold every utterance with
+  ``SSL.frames(n)`` frames, within ``SSL_PIPELINE_ATOL`` of the loop on the same 16-bit audio.
 
 Prints, for example::
 
     RESULT bench=features.ssl device=cpu model=hubert-base-random layer=6 audio_s=...
     ours_audio_s_per_s=... fairseq_loop_audio_s_per_s=... ratio_vs_fairseq_loop=...
-    target=2.0 ... max_abs_diff=... tolerance=0.0001
+    target=2.0 ... max_abs_diff=... tolerance=0.0001 ... pipeline_audio_s_per_s=...
+    ratio_pipeline_vs_fairseq_loop=... pipeline_max_abs_diff=... pipeline_tolerance=0.01
 
 Rates are audio seconds per wall second from the median of ``--repeats`` rounds in which
 the contenders take turns (after an untimed warm-up on a short clip); the first round's
@@ -83,9 +91,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+# Before anything imports ray (the ``pipeline`` contender): no cluster checks for
+# macOS/Windows, no token for a local head, as bench/shards.py does.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
-# Import the project from the checkout, not this script's directory.
+# Import the project from the checkout, not this script's directory: bench/shards.py is
+# named like the ``shards`` package. Ray also puts the script's directory and the current one
+# on its workers' sys.path, so bench_ssl runs Ray from REPO (see _pipeline_setup).
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != BENCH_DIR]
 sys.path.insert(0, REPO)
 
@@ -348,6 +363,12 @@ SSL_BF16_RTOL = 0.1
 #: ``ours_windowed``: 4 s core windows without context, four to a batch.
 SSL_WINDOW_SECONDS = 4.0
 SSL_WINDOW_BATCH_SECONDS = 16.0
+#: ``pipeline``: largest |diff| allowed between the feature store (float16) and the float32
+#: loop on the same 16-bit audio the pipeline decodes. Features reach |x| ~ 5 here, where
+#: float16 rounds by up to 2e-3 (measured: 1.9e-3); a wrong layer or framing gives ~1. The
+#: 16-bit quantisation of the input alone moves features by ~4e-2 against the loop on the
+#: float32 audio (measured: 3-4e-2), so that difference is printed, not bounded.
+SSL_PIPELINE_ATOL = 1e-2
 
 
 def make_ssl_model(directory: str) -> SSLModel:
@@ -489,8 +510,85 @@ def _ssl_agreement(
     return worst, math.sqrt(num / den)
 
 
+class _Pipeline:
+    """The ``pipeline`` contender: the feature stage on Ray (``units.features_ray.run``).
+
+    Set up off the clock: the benchmark's utterances as 16 kHz 16-bit FLAC files, sharded
+    by the shard stage into at least two shards per actor, under ``directory``. Each call
+    extracts every utterance into a fresh feature store and returns its name. A call is the
+    whole stage as a user runs it: planning, one single-threaded actor per core (Ray sets
+    OMP_NUM_THREADS=1 for ``num_cpus=1`` actors), each starting a Ray worker, importing torch
+    and loading the model, then decoding, extracting and committing float16 shards.
+    """
+
+    def __init__(self, audio: Sequence[np.ndarray], model_dir: str, directory: str):
+        import ray
+        import soundfile as sf
+
+        from shards.plan import ShardingOptions
+        from shards.ray_sharding import run as shard
+        from units.extractors import ExtractorOptions
+        from units.features_ray import FeatureWorker
+        from units.sampling import SampleRequest
+
+        wav_dir = os.path.join(directory, "wav")
+        os.makedirs(wav_dir)
+        #: What the pipeline's actors decode: the audio after 16-bit quantisation.
+        self.audio16: list[np.ndarray] = []
+        for i, wav in enumerate(audio):
+            path = os.path.join(wav_dir, f"utt{i:05d}.flac")
+            sf.write(path, wav, SAMPLE_RATE, "PCM_16")
+            self.audio16.append(sf.read(path, dtype="float32")[0])
+        self.root = os.path.join(directory, "root")
+        self.workers = int(ray.cluster_resources().get("CPU", 1))
+        per_shard = max(1, len(audio) // (2 * self.workers))  # Two shards or more per actor.
+        self.shards = math.ceil(len(audio) / per_shard)
+        shard([wav_dir], self.root, ShardingOptions(layout="dir", max_samples=per_shard))
+        self.options = ExtractorOptions(f"hf:{model_dir}", layer=SSL_LAYER)
+        self.request = SampleRequest(percent=100)
+        self.calls = 0
+        # One actor's start-up alone (the first thing each timed call pays for), for the table.
+        started = time.perf_counter()
+        actor = ray.remote(num_cpus=1)(FeatureWorker).remote(self.options)
+        ray.get(actor.__ray_ready__.remote())
+        self.startup = time.perf_counter() - started
+        ray.kill(actor)
+
+    def __call__(self) -> str:
+        from units.features_ray import run
+
+        self.calls += 1
+        name = f"ssl{self.calls}"
+        # Timed as a whole: includes the actors' start-up and model load (once per call).
+        meta = run(self.root, name, self.options, self.request)
+        if meta["sample"]["utterances"] != self.utterances:
+            raise SystemExit(f"the pipeline sampled {meta['sample']} of {self.utterances}")
+        return name
+
+    @property
+    def utterances(self) -> int:
+        return len(os.listdir(os.path.join(os.path.dirname(self.root), "wav")))
+
+    def features(self, name: str) -> list[np.ndarray]:
+        """The store's features in utterance order, as float32; exits if any is missing."""
+        from units.feature_store import FeatureStore
+
+        store = FeatureStore(self.root, name)
+        found = {key: feats.astype(np.float32) for key, feats in store}
+        by_index = {int(key.rsplit("utt", 1)[-1]): feats for key, feats in found.items()}
+        if sorted(by_index) != list(range(self.utterances)):
+            raise SystemExit(
+                f"the pipeline's store holds {sorted(found)[:5]}...: not every utterance"
+            )
+        return [by_index[i] for i in range(self.utterances)]
+
+
 def _bench_ssl_on(
-    bundle: SSLModel, audio: Sequence[np.ndarray], repeats: int, device: str
+    bundle: SSLModel,
+    audio: Sequence[np.ndarray],
+    repeats: int,
+    device: str,
+    pipeline: _Pipeline | None = None,
 ) -> dict[str, float]:
     """One device's round of ``features.ssl``: prints its RESULT line and table."""
     seconds = sum(len(w) for w in audio) / SAMPLE_RATE
@@ -500,13 +598,29 @@ def _bench_ssl_on(
     for run in contenders.values():
         run(warm)
     runs = {name: (lambda run=run: run(audio)) for name, run in contenders.items()}
+    if pipeline is not None:
+        pipeline()  # Untimed warm-up: Ray workers, imports, page cache.
+        runs["pipeline"] = pipeline
     times, first = timed_rounds(runs, repeats)
 
     reference = first["fairseq_loop"]
     diff = {
         name: _ssl_agreement(audio, out, reference, bundle.hidden_size)
         for name, out in first.items()
+        if name != "pipeline"
     }
+    if pipeline is not None:
+        store = pipeline.features(first["pipeline"])
+        # Bounded against the loop on the same 16-bit audio; against the loop on the float32
+        # audio (what the other contenders get), printed only.
+        same_input = [fairseq_loop_features(bundle, w, SSL_LAYER) for w in pipeline.audio16]
+        diff["pipeline"] = _ssl_agreement(audio, store, same_input, bundle.hidden_size)
+        diff["pipeline_vs_f32_audio"] = _ssl_agreement(audio, store, reference, bundle.hidden_size)
+        if diff["pipeline"][0] > SSL_PIPELINE_ATOL:
+            raise SystemExit(
+                f"the pipeline's store and the fairseq loop on the same 16-bit audio disagree:"
+                f" max |diff| {diff['pipeline'][0]:.2e} > {SSL_PIPELINE_ATOL:g}"
+            )
     if diff["hf_all_layers_loop"][0] > SSL_AGREEMENT_ATOL:  # Same fp32 math on both.
         raise SystemExit(f"the two loops disagree: {diff['hf_all_layers_loop'][0]:.2e}")
     if dtype is None and diff["ours"][0] > SSL_AGREEMENT_ATOL:
@@ -544,12 +658,28 @@ def _bench_ssl_on(
         f"windowed_max_abs_diff={diff['ours_windowed'][0]:.1e}",
         f"windowed_rel_diff={diff['ours_windowed'][1]:.1e}",
     ]
+    if pipeline is not None:
+        fields += [
+            f"pipeline_audio_s_per_s={rate['pipeline']:.2f}",
+            f"ratio_pipeline_vs_fairseq_loop={rate['pipeline'] / rate['fairseq_loop']:.2f}",
+            f"pipeline_workers={pipeline.workers} pipeline_shards={pipeline.shards}",
+            f"pipeline_max_abs_diff={diff['pipeline'][0]:.1e}",
+            f"pipeline_rel_diff={diff['pipeline'][1]:.1e}",
+            f"pipeline_tolerance={SSL_PIPELINE_ATOL:g}",
+            f"pipeline_max_abs_diff_vs_f32_audio={diff['pipeline_vs_f32_audio'][0]:.1e}",
+        ]
     print("RESULT bench=features.ssl " + " ".join(fields), flush=True)
     unit = "audio s/s" if on_cpu else "audio h per GPU h"
     for name, t in times.items():
         print(
             f"  {name:18s} median of {repeats}: {median[name]:8.3f} s"
             f"  best: {min(t):8.3f} s  ({rate[name]:8.2f} {unit})"
+        )
+    if pipeline is not None:
+        print(
+            "  pipeline: start-up of one actor (Ray worker, imports, model load; inside every"
+            " timed call, the actors starting in parallel) measured alone:"
+            f" {pipeline.startup:.2f} s"
         )
     return rate
 
@@ -562,18 +692,29 @@ def bench_ssl(audio: Sequence[np.ndarray], repeats: int = 3) -> dict[str, float]
     """
     start = time.perf_counter()
     threads = torch.get_num_threads()
+    cwd = os.getcwd()
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-ssl-") as directory:
-            bundle = make_ssl_model(directory)
-        built = time.perf_counter() - start
-        rate = _bench_ssl_on(bundle, audio, repeats, "cpu")
-        if torch.cuda.is_available():
-            _bench_ssl_on(bundle, audio, repeats, "cuda")
-        else:
-            print("SKIP bench=features.ssl device=cuda: torch.cuda.is_available() is False")
-        bundle.model.to("cpu")
+        with contextlib.ExitStack() as stack:
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ssl-"))
+            model_dir = os.path.join(directory, "model")
+            bundle = make_ssl_model(model_dir)
+            built = time.perf_counter() - start
+            import ray
+
+            os.chdir(REPO)  # Ray puts the current directory on its workers' sys.path.
+            ray.init(num_cpus=SSL_THREADS, include_dashboard=False, log_to_driver=False)
+            stack.callback(ray.shutdown)
+            pipeline = _Pipeline(audio, model_dir, directory)
+            rate = _bench_ssl_on(bundle, audio, repeats, "cpu", pipeline)
+            stack.close()  # Ray down, temporary files gone, before the GPU round.
+            if torch.cuda.is_available():
+                _bench_ssl_on(bundle, audio, repeats, "cuda")
+            else:
+                print("SKIP bench=features.ssl device=cuda: torch.cuda.is_available() is False")
+            bundle.model.to("cpu")
     finally:
         torch.set_num_threads(threads)
+        os.chdir(cwd)
     print(
         f"  features.ssl took {time.perf_counter() - start:.0f} s"
         f" (model built, saved and loaded in {built:.1f} s)",
