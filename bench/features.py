@@ -83,26 +83,15 @@ import contextlib
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from _common import REPO, prepare
 
-# Before anything imports ray (the ``pipeline`` contender): no cluster checks for
-# macOS/Windows, no token for a local head, as bench/shards.py does.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH_DIR)
-# Import the project from the checkout, not this script's directory: bench/shards.py is
-# named like the ``shards`` package. Ray also puts the script's directory and the current one
-# on its workers' sys.path, so bench_ssl runs Ray from REPO (see _pipeline_setup).
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != BENCH_DIR]
-sys.path.insert(0, REPO)
+prepare()
 
 from shards.synthetic import speechlike  # noqa: E402 - after the sys.path fix above.
 from units.frames import SSL  # noqa: E402

@@ -40,20 +40,11 @@ import tarfile
 import time
 from collections.abc import Callable
 
-# Before anything imports ray: no cluster checks for macOS/Windows, no token for a local head.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
 import soundfile as sf
 import soxr
+from _common import REPO, prepare
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH_DIR)
-# This file is named like the ``shards`` package: with its directory on sys.path, ``import
-# shards`` would find this script. Ray also copies the script's directory (and the current
-# one) onto its workers' sys.path, so the directory is dropped here and main() runs from REPO.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != BENCH_DIR]
-sys.path.insert(0, REPO)
+prepare()
 
 from shards.synthetic import speechlike  # noqa: E402 - after the sys.path fix above.
 
