@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     request = SampleRequest(percent=args.percent, hours=args.hours, seed=args.seed)
     try:  # Before Ray starts: a bad extractor, checkpoint or layer is a usage error.
-        build(options)
+        spec = build(options).spec
         request.validate()
     except (ExtractorError, SampleError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             request,
             gpus_per_worker=args.gpus_per_worker,
             progress=not args.no_progress,
+            spec=spec,
         )
     except FeatureStageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,9 +13,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import write_atomic, write_parquet_atomic
 from .root import RootLayout
 from .schemas import REJECTS, SHARDS, UTTERANCES
-from .tar_writer import write_atomic
 
 #: Rows per Parquet row group in the joined manifests.
 ROW_GROUP = 65_536
@@ -85,9 +85,7 @@ def finalize(
     seconds = float(sum(r["seconds"] for r in shard_rows))
     write_atomic(layout.manifest("utterances.parquet"), utterances.close())
     write_atomic(layout.manifest("rejects.parquet"), rejects.close())
-    buf = io.BytesIO()
-    pq.write_table(shards, buf)
-    write_atomic(layout.manifest("shards.parquet"), buf.getvalue())
+    write_parquet_atomic(layout.manifest("shards.parquet"), shards)
     wall = run.get("wall_seconds") or 0.0
     summary = {
         "layout": meta.get("layout"),

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import re
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import vad
+from .atomic import write_atomic, write_parquet_atomic
 from .discover import AUDIO_EXTENSIONS, LAYOUTS
 from .probe import Probe
 from .root import RootLayout
 from .schemas import PLAN, REJECTS, Reason, Stage, reject_row
-from .tar_writer import write_atomic
 
 PLAN_VERSION = 1
 
@@ -218,22 +216,11 @@ def fingerprint(inputs: list[str], opts: ShardingOptions) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
 def save(layout: RootLayout, plan: Plan) -> None:
     """Writes the plan; ``plan.json`` goes last and is what marks the plan as complete."""
     rows = [row for shard in plan.shards for row in shard]
-    write_atomic(
-        layout.plan_path("plan.parquet"), _parquet_bytes(pa.Table.from_pylist(rows, schema=PLAN))
-    )
-    write_atomic(
-        layout.plan_path("rejects.parquet"),
-        _parquet_bytes(pa.Table.from_pylist(plan.rejects, schema=REJECTS)),
-    )
+    write_parquet_atomic(layout.plan_path("plan.parquet"), rows, PLAN)
+    write_parquet_atomic(layout.plan_path("rejects.parquet"), plan.rejects, REJECTS)
     write_atomic(
         layout.plan_path("plan.json"), json.dumps(plan.meta, sort_keys=True, indent=1).encode()
     )

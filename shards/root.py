@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 
 from . import storage
+from .atomic import read_commit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +73,7 @@ class RootLayout:
 
     def read_commit(self, index: int) -> dict | None:
         """The commit record of shard ``index`` if the shard is committed and whole."""
-        try:
-            with open(self.commit_path(index), "rb") as f:
-                record = json.load(f)
-            size = os.path.getsize(self.shard_path(index))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return record if size == record["bytes"] else None
+        return read_commit(self.commit_path(index), self.shard_path(index))
 
     def temp_files(self) -> list[str]:
         """Leftovers of interrupted writers (hidden ``.NAME.tmp-*`` files)."""

@@ -8,23 +8,19 @@ its manifest parts are in place), so a killed writer leaves nothing that a rerun
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import json
 import logging
-import os
 from collections.abc import Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from . import audio, keys, storage, vad
+from .atomic import fsync_dir, remove_temps, write_atomic, write_parquet_atomic
 from .audio import AudioError, EncodedFile
 from .plan import ShardingOptions
 from .probe import ProbeError, check_whole, read_voice_activity
 from .root import RootLayout
 from .schemas import MIN_SAMPLES, REJECTS, SAMPLE_RATE, UTTERANCES, Reason, Stage, reject_row
-from .tar_writer import ShardWriter, SourceReadError, fsync_dir, temp_prefix, write_atomic
+from .tar_writer import ShardWriter, SourceReadError
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +54,7 @@ def write_shard(root: str, index: int, rows: list[dict], opts: ShardingOptions) 
     if done is not None:
         return dict(done, written=False)
     # An earlier attempt at this shard died mid-write (Ray runs one attempt at a time).
-    for stale in glob.glob(temp_prefix(layout.shard_path(index)) + "*"):
-        os.unlink(stale)
+    remove_temps(layout.shard_path(index))
     writer = ShardWriter(layout.shard_path(index))
     utterances, rejects = [], []
     try:
@@ -87,8 +82,8 @@ def write_shard(root: str, index: int, rows: list[dict], opts: ShardingOptions) 
                         plan_row["key"],
                     )
                 )
-        _write_parquet(layout.utterances_part(index), utterances, UTTERANCES)
-        _write_parquet(layout.rejects_part(index), rejects, REJECTS)
+        write_parquet_atomic(layout.utterances_part(index), utterances, UTTERANCES, sync_dir=False)
+        write_parquet_atomic(layout.rejects_part(index), rejects, REJECTS, sync_dir=False)
         nbytes, sha256 = writer.commit(sync_dir=False)
     except BaseException:
         writer.abort()
@@ -113,12 +108,6 @@ _READ_AHEAD = 16
 
 #: Pass-through files up to this size are read into memory whole.
 _WHOLE_FILE = 8 << 20
-
-
-def _write_parquet(path: str, rows: list[dict], schema: pa.Schema) -> None:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
-    write_atomic(path, buf.getvalue(), sync_dir=False)
 
 
 def _base_meta(row: dict) -> dict:

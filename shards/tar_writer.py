@@ -17,10 +17,10 @@ import hashlib
 import json
 import os
 import tarfile
-import uuid
 from typing import BinaryIO
 
 from . import keys
+from .atomic import fsync_dir, temp_path
 
 #: Sources up to this size are read whole (one read, one hash update, one write).
 _WHOLE_READ = 8 << 20
@@ -42,13 +42,6 @@ class Member:
 
 class SourceReadError(OSError):
     """The source ended early or failed while it was copied; the member was rolled back."""
-
-
-def temp_prefix(final_path: str) -> str:
-    """Temporary files of ``final_path`` start with this (hidden, so no glob of ``*.tar``
-    picks them up)."""
-    directory, name = os.path.split(final_path)
-    return os.path.join(directory, f".{name}.tmp-")
 
 
 def _padding(size: int) -> bytes:
@@ -99,8 +92,7 @@ class ShardWriter:
 
     def __init__(self, final_path: str):
         self.final_path = final_path
-        # The pid in the name tells which worker process is writing it (used by fault tests).
-        self.temp_path = f"{temp_prefix(final_path)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.temp_path = temp_path(final_path)
         self._raw = open(self.temp_path, "wb")  # Closed by commit() or abort().
         self._hash = hashlib.sha256()
         self._position = 0
@@ -178,24 +170,3 @@ class ShardWriter:
         self._raw.close()
         if os.path.exists(self.temp_path):
             os.unlink(self.temp_path)
-
-
-def fsync_dir(path: str) -> None:
-    """Makes renames in ``path`` durable."""
-    fd = os.open(path or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, data: bytes, sync_dir: bool = True) -> None:
-    """Writes a small file under a temporary name, fsyncs it and renames it into place."""
-    tmp = f"{temp_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if sync_dir:
-        fsync_dir(os.path.dirname(path))

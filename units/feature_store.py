@@ -18,18 +18,16 @@ disk as they are computed and memory does not grow with the shard.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import json
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shards.tar_writer import fsync_dir, temp_prefix, write_atomic
+from shards.atomic import fsync_dir, read_commit, temp_path, write_atomic, write_parquet_atomic
 
 FEATURE_INDEX = pa.schema(
     [
@@ -88,13 +86,7 @@ class StoreLayout:
         os.makedirs(self.shards_dir, exist_ok=True)
 
     def read_commit(self, shard: str) -> dict | None:
-        try:
-            with open(self.commit_path(shard), "rb") as f:
-                record = json.load(f)
-            size = os.path.getsize(self.array_path(shard))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return record if size == record["bytes"] else None
+        return read_commit(self.commit_path(shard), self.array_path(shard))
 
 
 def _npy_header(rows: int, dim: int) -> bytes:
@@ -120,7 +112,7 @@ class FeatureShardWriter:
     def __init__(self, layout: StoreLayout, shard: str, dim: int):
         self.layout, self.shard, self.dim = layout, shard, dim
         final = layout.array_path(shard)
-        self._temp = f"{temp_prefix(final)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._temp = temp_path(final)
         self._f = open(self._temp, "wb")  # Closed by commit() or abort().
         self._f.write(_npy_header(0, dim))
         self._rows = 0
@@ -155,8 +147,12 @@ class FeatureShardWriter:
         os.fsync(self._f.fileno())
         nbytes = self._f.seek(0, io.SEEK_END)
         self._f.close()
-        _write_table(self.layout.index_path(self.shard), self._index, FEATURE_INDEX)
-        _write_table(self.layout.rejects_path(self.shard), self.rejects, FEATURE_REJECTS)
+        write_parquet_atomic(
+            self.layout.index_path(self.shard), self._index, FEATURE_INDEX, sync_dir=False
+        )
+        write_parquet_atomic(
+            self.layout.rejects_path(self.shard), self.rejects, FEATURE_REJECTS, sync_dir=False
+        )
         os.replace(self._temp, self.layout.array_path(self.shard))
         fsync_dir(self.layout.shards_dir)
         record = {
@@ -177,18 +173,6 @@ class FeatureShardWriter:
             os.unlink(self._temp)
 
 
-def remove_stale_temps(layout: StoreLayout, shard: str) -> None:
-    """Drops what an earlier, killed attempt at ``shard`` left behind."""
-    for stale in glob.glob(temp_prefix(layout.array_path(shard)) + "*"):
-        os.unlink(stale)
-
-
-def _write_table(path: str, rows: list[dict], schema: pa.Schema) -> None:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
-    write_atomic(path, buf.getvalue(), sync_dir=False)
-
-
 def finalize(layout: StoreLayout, shards: Iterable[str], meta: dict) -> dict:
     """Joins the committed shards' indexes and rejects and writes ``meta.json`` last."""
     indexes, rejects, totals = [], [], {"utterances": 0, "rows": 0, "bytes": 0, "rejects": 0}
@@ -203,10 +187,8 @@ def finalize(layout: StoreLayout, shards: Iterable[str], meta: dict) -> dict:
         rejects.append(pq.read_table(layout.rejects_path(shard), schema=FEATURE_REJECTS))
     index = pa.concat_tables(indexes) if indexes else FEATURE_INDEX.empty_table()
     rejected = pa.concat_tables(rejects) if rejects else FEATURE_REJECTS.empty_table()
-    for table, filename in ((index, "index.parquet"), (rejected, "rejects.parquet")):
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        write_atomic(layout.path(filename), buf.getvalue())
+    write_parquet_atomic(layout.path("index.parquet"), index)
+    write_parquet_atomic(layout.path("rejects.parquet"), rejected)
     meta = dict(meta, shards=shard_names, **totals)
     write_atomic(layout.path("meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
     return meta

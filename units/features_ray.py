@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 import ray
 from ray.util import ActorPool
 
+from shards.atomic import remove_temps, write_atomic, write_parquet_atomic
 from shards.reader import read_audio
 from shards.root import RootLayout
-from shards.tar_writer import write_atomic
 
 from . import extractors, feature_store
 from .extractor import FeatureSpec
@@ -73,7 +73,7 @@ class FeatureWorker:
         done = layout.read_commit(shard)
         if done is not None:
             return dict(done, written=False)
-        feature_store.remove_stale_temps(layout, shard)
+        remove_temps(layout.array_path(shard))  # An earlier attempt at this shard died.
         decoded = decode_rows(root, rows) if decoded is None else decoded
         spec = self.extractor.spec
         writer = FeatureShardWriter(layout, shard, spec.dim)
@@ -143,9 +143,7 @@ def _plan(root: str, name: str, spec: FeatureSpec, request: SampleRequest) -> di
     except ValueError as e:
         raise FeatureStageError(str(e)) from None
     store.make_dirs()
-    buf = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(sample), buf)
-    write_atomic(store.path("sample.parquet"), buf.getvalue().to_pybytes())
+    write_parquet_atomic(store.path("sample.parquet"), pa.Table.from_pylist(sample))
     write_atomic(saved_path, json.dumps(plan, indent=1, sort_keys=True).encode())
     return dict(plan, sample=sample)
 
@@ -158,20 +156,26 @@ def run(
     *,
     gpus_per_worker: float = 0,
     progress: bool = False,
+    spec: FeatureSpec | None = None,
 ) -> dict:
     """Extracts the features of a seeded sample of ``root`` into ``ROOT/features/NAME``.
 
     Ray must be initialised. Everything that can be checked (the extractor, its checkpoint
     and layer, the manifests, the sample) is checked before any work.
 
+    Args:
+        spec: The spec of the extractor ``options`` name, when the caller already built it
+            (saves loading a model on the driver a second time).
+
     Returns:
         The store's ``meta.json`` content plus this run's ``shards_written`` and throughput.
     """
     started = time.monotonic()
-    try:
-        spec = extractors.build(options).spec  # Fails early on a bad checkpoint or layer.
-    except extractors.ExtractorError as e:
-        raise FeatureStageError(str(e)) from None
+    if spec is None:
+        try:
+            spec = extractors.build(options).spec  # Fails early on a bad checkpoint or layer.
+        except extractors.ExtractorError as e:
+            raise FeatureStageError(str(e)) from None
     root = RootLayout(root).root
     plan = _plan(root, name, spec, request)
     store = StoreLayout(root, name)
