@@ -278,7 +278,14 @@ class KMeans:
             stats.update(empty_clusters=empty, seconds=time.perf_counter() - started)
             history.append(stats)
             state.update(centroids=centroids, iteration=state["iteration"] + 1)
-            log.debug("k-means iteration %d: inertia %.6g", stats["iteration"], inertia)
+            log.info(
+                "k-means iteration %d: inertia %.6g (%.2e better), %d empty, %.2fs",
+                stats["iteration"],
+                inertia,
+                change,
+                empty,
+                stats["seconds"],
+            )
             self._save(parts, checkpoint, state)
 
     # ------------------------------------------------------------------ mini-batch

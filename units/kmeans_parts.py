@@ -110,7 +110,14 @@ class StoreSource:
     def _array(self, i: int) -> np.ndarray:
         shard = self._shard_names[i]
         if shard not in self._arrays:
-            self._arrays[shard] = self.store.shard_array(shard)
+            array = self.store.shard_array(shard)
+            expected = (int(self._starts[i + 1] - self._starts[i]), self.dim)
+            if array.shape != expected:
+                raise DataError(
+                    f"feature shard {shard} of store {self.store.layout.name!r} has shape "
+                    f"{array.shape}, its index and spec say {expected}"
+                )
+            self._arrays[shard] = array
         return self._arrays[shard]
 
     def read(self, lo: int, hi: int) -> np.ndarray:

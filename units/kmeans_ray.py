@@ -13,10 +13,22 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+
 import numpy as np
+import pyarrow as pa
 import ray
 
+from shards.atomic import write_atomic, write_parquet_atomic
+from shards.root import RootLayout
+
 from .feature_store import FeatureStore
+from .kmeans import CheckpointMismatchError, KMeans, check_finite
 from .kmeans_parts import (
     DEFAULT_BLOCK_ROWS,
     ArraySource,
@@ -26,6 +38,9 @@ from .kmeans_parts import (
     StoreSource,
     fingerprint_of,
 )
+from .pca import PCA
+
+log = logging.getLogger(__name__)
 
 # An actor that dies (a lost node) is restarted from its constructor arguments and the
 # call retried; every call is a pure function of the part's data and the arguments.
@@ -137,3 +152,222 @@ def distribute(
         refs.append(ray.put(x[row_lo:row_hi]))
         actors.append(cls.remote(refs[-1], row_lo, blocks, lo, hi, hold, device))
     return RayParts(actors, blocks, x.shape[1], refs=refs)
+
+
+# ---------------------------------------------------------------------------- the stage
+class KMeansStageError(ValueError):
+    """Arguments or state that cannot work; raised before anything is written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOptions:
+    """What the k-means stage fits, beyond the estimator's own arguments.
+
+    Attributes:
+        pca: Project the features to this many dimensions first (``None``: no PCA).
+        whiten: Whiten the PCA projection.
+        workers: Ray actors (default: one per CPU, or per ``gpus_per_worker`` GPUs).
+        gpus_per_worker: GPUs per actor.
+        hold: Actors keep their rows in memory (``False``: stream from the store).
+        fairseq_export: Also write ``kmeans.joblib`` for fairseq's ``dump_km_label.py``.
+    """
+
+    pca: int | None = None
+    whiten: bool = False
+    workers: int | None = None
+    gpus_per_worker: float = 0
+    hold: bool = True
+    fairseq_export: bool = False
+
+
+def _config(store: FeatureStore, features: str, km: KMeans, options: StageOptions) -> dict:
+    config = {
+        "features": features,
+        "features_fingerprint": StoreSource.fingerprint_of_store(store),
+        "spec": store.meta["spec"],
+        "kmeans": km.config(),
+        "pca": options.pca,
+        "whiten": options.whiten,
+        "block_rows": km.block_rows,
+    }
+    config["fingerprint"] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return config
+
+
+def run(
+    root: str,
+    features: str,
+    name: str,
+    km: KMeans,
+    options: StageOptions = StageOptions(),
+) -> dict:
+    """Fits ``km`` on feature store ``features`` into ``ROOT/kmeans/NAME``. Ray must be up.
+
+    Resumable: the estimator checkpoints every iteration under the output directory, and a
+    finished output (``kmeans.json``, written last) is left as it is.
+
+    Returns:
+        The content of ``kmeans.json`` plus ``written`` (whether this run fitted anything).
+
+    Raises:
+        KMeansStageError: A missing or empty store, k or a PCA size that does not fit the
+            data, NaN/Inf features (named by shard and key), an output started with another
+            config. Nothing is written in those cases.
+    """
+    started = time.monotonic()
+    root = RootLayout(root).root
+    out = os.path.join(root, "kmeans", name)
+    try:
+        store = FeatureStore(root, features)
+    except FileNotFoundError as e:
+        raise KMeansStageError(str(e)) from None
+    config = _config(store, features, km, options)
+    saved = _read_json(os.path.join(out, "config.json"))
+    if saved is not None and saved["fingerprint"] != config["fingerprint"]:
+        raise KMeansStageError(
+            f"k-means {name!r} under {root} was started with another config (features "
+            f"{saved['features']!r}, k={saved['kmeans']['n_clusters']}, pca={saved['pca']}); "
+            "use another --name"
+        )
+    done = _read_json(os.path.join(out, "kmeans.json"))
+    if done is not None:
+        log.info("nothing to do: k-means %s is complete", name)
+        return dict(done, written=False)
+    rows, dim = int(store.meta["rows"]), store.dim
+    if rows == 0:
+        raise KMeansStageError(f"feature store {features!r} holds no frames: nothing to cluster")
+    if rows < km.n_clusters:
+        raise KMeansStageError(
+            f"n_samples={rows} frames in {features!r} should be >= n_clusters={km.n_clusters}"
+        )
+    if options.pca is not None and not 1 <= options.pca <= dim:
+        raise KMeansStageError(f"--pca {options.pca} must be between 1 and the dimension {dim}")
+
+    parts = distribute(
+        store,
+        workers=options.workers,
+        gpus_per_worker=options.gpus_per_worker,
+        hold=options.hold,
+        block_rows=km.block_rows,
+    )
+    try:
+        try:
+            check_finite(parts)
+        except DataError as e:
+            raise KMeansStageError(f"feature store {features!r}: {e}") from None
+        os.makedirs(out, exist_ok=True)
+        write_atomic(
+            os.path.join(out, "config.json"), json.dumps(config, indent=1, sort_keys=True).encode()
+        )
+        pca_meta = None
+        if options.pca is not None:
+            pca = _fit_pca(parts, out, options)
+            parts.map(
+                "set_projection", pca.mean_.astype(np.float32), pca.matrix().astype(np.float32)
+            )
+            pca_meta = {
+                "dim": options.pca,
+                "whiten": options.whiten,
+                "directory": "pca",
+                "explained_variance_ratio": float(
+                    pca.explained_variance_.sum() / pca.total_variance_
+                ),
+            }
+        try:
+            km.fit(parts, checkpoint=out, check=False)
+        except CheckpointMismatchError as e:
+            raise KMeansStageError(str(e)) from None
+    finally:
+        parts.shutdown()
+    return _commit(out, store, config, km, options, pca_meta, rows, dim, started)
+
+
+def _fit_pca(parts, out: str, options: StageOptions) -> PCA:
+    directory = os.path.join(out, "pca")
+    if os.path.exists(os.path.join(directory, "pca.json")):  # Committed by an earlier run.
+        pca = PCA.load(directory, whiten=options.whiten)
+        pca.total_variance_ = _read_json(os.path.join(directory, "pca.json"))["total_variance"]
+        return pca
+    pca = PCA(options.pca, whiten=options.whiten).fit(parts)
+    os.makedirs(directory, exist_ok=True)
+    pca.save(directory)
+    write_atomic(
+        os.path.join(directory, "pca.json"),
+        json.dumps(
+            {"dim": options.pca, "whiten": options.whiten, "total_variance": pca.total_variance_}
+        ).encode(),
+    )
+    return pca
+
+
+def _commit(out, store, config, km: KMeans, options, pca_meta, rows, dim, started) -> dict:
+    write_atomic(os.path.join(out, "centroids.npy"), _npy(km.cluster_centers_))
+    table = pa.Table.from_pylist([dataclasses.asdict(s) for s in km.iterations_])
+    write_parquet_atomic(os.path.join(out, "iterations.parquet"), table)
+    if options.fairseq_export:
+        export_fairseq(km.cluster_centers_, os.path.join(out, "kmeans.joblib"))
+    last = km.iterations_[-1]
+    meta = {
+        "features": config["features"],
+        "features_fingerprint": config["features_fingerprint"],
+        "spec": config["spec"],
+        "k": km.n_clusters,
+        "dim": int(km.cluster_centers_.shape[1]),
+        "feature_dim": dim,
+        "seed": km.seed,
+        "config": config["kmeans"],
+        "fingerprint": config["fingerprint"],
+        "rows": rows,
+        "inertia": km.inertia_,
+        "inertia_per_frame": km.inertia_ / rows,
+        "iterations": km.n_iter_,
+        "converged": bool(km.n_iter_ < km.max_iter),
+        "imbalance": last.imbalance,
+        "empty_clusters": int((km.counts_ == 0).sum()),
+        "pca": pca_meta,
+        "fairseq_export": "kmeans.joblib" if options.fairseq_export else None,
+        "wall_seconds": time.monotonic() - started,
+        "version": _version(),
+    }
+    write_atomic(
+        os.path.join(out, "kmeans.json"), json.dumps(meta, indent=1, sort_keys=True).encode()
+    )
+    return dict(meta, written=True)
+
+
+def export_fairseq(centroids: np.ndarray, path: str) -> None:
+    """A joblib file that fairseq's ``dump_km_label.py`` loads: it reads only
+    ``cluster_centers_``, so a plain namespace (no scikit-learn, no unitpipe needed to load)
+    carries it."""
+    import io
+    import types
+
+    import joblib
+
+    buffer = io.BytesIO()
+    joblib.dump(types.SimpleNamespace(cluster_centers_=np.asarray(centroids, np.float32)), buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32))
+    return buffer.getvalue()
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("unitpipe")
+    except PackageNotFoundError:
+        return "unknown"

@@ -23,6 +23,7 @@ import soundfile as sf
 
 from shards.plan import ShardingOptions
 from shards.ray_sharding import run
+from tests.processes import kill_ray_of
 
 pytestmark = pytest.mark.slow
 
@@ -87,35 +88,6 @@ def test_a_killed_ray_worker_is_retried_and_the_result_is_identical(
     _same_tree(reference, root)
 
 
-def _kill_ray_of(marker: str) -> None:
-    """Kills every process whose command line or environment names ``marker`` (this driver's
-    RAY_TMPDIR): Ray workers rename themselves (``ray::_shard_task``) and lead their own
-    process groups, but inherit the environment."""
-    for _ in range(50):
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                with (
-                    open(f"/proc/{entry}/cmdline", "rb") as f,
-                    open(f"/proc/{entry}/environ", "rb") as g,
-                ):
-                    if marker.encode() in f.read() or marker.encode() in g.read():
-                        found.append(int(entry))
-            except OSError:
-                pass
-        if not found:
-            return
-        for pid in found:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
-    raise AssertionError(f"processes of {marker} survive SIGKILL")
-
-
 def test_a_killed_driver_resumes_writing_only_the_missing_shards(corpus, reference, tmp_path):
     root = tmp_path / "root"
     # Marks this driver's Ray processes, so exactly they are cleaned up; short, because Ray's
@@ -145,7 +117,7 @@ def test_a_killed_driver_resumes_writing_only_the_missing_shards(corpus, referen
     assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    _kill_ray_of(ray_tmp)  # A worker may finish its shard after the driver died: fine.
+    kill_ray_of(ray_tmp)  # A worker may finish its shard after the driver died: fine.
     committed = sorted(glob.glob(commits))
     assert 1 <= len(committed) < 8, f"{len(committed)} shards committed when the driver died"
     assert not os.path.exists(root / "manifest" / "utterances.parquet")
@@ -159,12 +131,12 @@ def test_a_killed_driver_resumes_writing_only_the_missing_shards(corpus, referen
         }
     )
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    _kill_ray_of(ray_tmp)
+    kill_ray_of(ray_tmp)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resuming: {len(committed)} shards already committed" in out.stderr
     assert {p: os.stat(p).st_mtime_ns for p in kept} == kept  # Committed work is never redone.
     _same_tree(reference, root)
     again = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    _kill_ray_of(ray_tmp)
+    kill_ray_of(ray_tmp)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert again.returncode == 0 and "nothing to do" in again.stdout
