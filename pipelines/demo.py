@@ -1,10 +1,11 @@
-"""The demo job on in-process Ray: generate a small speech-like corpus, shard it, and extract
-MFCC features of a seeded sample into a feature store.
+"""The demo job on in-process Ray: generate a small speech-like corpus, shard it, extract
+MFCC features of a seeded sample into a feature store, and fit k = 100 units on them (HuBERT's
+first iteration).
 
 Example:
     python -m pipelines.demo --workdir demo-output
 
-Later stages (k-means, labels, report) join this demo as they land.
+Later stages (labels, report) join this demo as they land.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from shards.plan import ShardingOptions, parse_size
 from shards.ray_sharding import run as shard
 from units.extractors import ExtractorOptions
 from units.features_ray import run as extract
+from units.kmeans import KMeans
+from units.kmeans_ray import run as fit_kmeans
 from units.sampling import SampleRequest
 
 from ._ray import connect
@@ -57,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         f"features: {features['utterances']} utterances ({features['sample']['hours']:.3f} h), "
         f"{features['rows']} frames of {features['spec']['dim']}-dim MFCC in "
         f"{root}/features/mfcc"
+    )
+    km = fit_kmeans(root, "mfcc", "mfcc100", KMeans(100, seed=0))
+    print(
+        f"k-means: k={km['k']} on {km['rows']} frames, {km['iterations']} iterations, "
+        f"inertia {km['inertia_per_frame']:.2f} per frame, in {root}/kmeans/mfcc100"
     )
     return 0
 

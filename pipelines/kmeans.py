@@ -78,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.pca is not None and args.pca < 1:
         print(f"error: --pca must be >= 1, got {args.pca}", file=sys.stderr)
         return 2
+    from units.feature_store import FeatureStore
+
+    try:  # Before Ray starts: a missing store is a usage error.
+        FeatureStore(args.root, args.features)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     connect(args)
     from units.kmeans import KMeans
     from units.kmeans_ray import KMeansStageError, StageOptions, run

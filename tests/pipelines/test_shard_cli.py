@@ -87,3 +87,5 @@ def test_make_demo_entry_point_generates_and_shards_a_corpus(tmp_path):
     assert "shards: 3 shard(s)" in out.stdout and "features: 32 utterances" in out.stdout
     assert os.path.exists(tmp_path / "root" / "manifest" / "utterances.parquet")
     assert os.path.exists(tmp_path / "root" / "features" / "mfcc" / "meta.json")
+    assert "k-means: k=100 on " in out.stdout
+    assert os.path.exists(tmp_path / "root" / "kmeans" / "mfcc100" / "kmeans.json")

@@ -10,40 +10,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.stores import K, frames, write_store
 from units.extractor import MFCC_SPEC
-from units.feature_store import FeatureShardWriter, FeatureStore, StoreLayout, finalize
+from units.feature_store import FeatureStore
 from units.kmeans import KMeans
 from units.kmeans_parts import LocalParts
 from units.kmeans_ray import KMeansStageError, StageOptions, distribute, run
 from units.pca import PCA
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-
-K = 12
-
-
-def _frames(n, seed):
-    rng = np.random.default_rng(seed)
-    means = np.random.default_rng(99).normal(0, 3, (K, 39))
-    return (means[rng.integers(0, K, n)] + rng.normal(0, 1, (n, 39))).astype(np.float32)
-
-
-def write_store(root, name, utterances_per_shard=((300, 500, 200), (400,), (250, 350))):
-    """A finished feature store of MFCC-shaped (39-d) frames; returns its rows in order."""
-    layout = StoreLayout(str(root), name)
-    layout.make_dirs()
-    rows, shards = [], []
-    for s, lengths in enumerate(utterances_per_shard):
-        shard = f"{s:06d}"
-        writer = FeatureShardWriter(layout, shard, 39)
-        for u, frames in enumerate(lengths):
-            feats = _frames(frames, seed=100 * s + u)
-            writer.add(f"spk-{s}-{u}", feats)
-            rows.append(feats.astype(np.float16))
-        writer.commit()
-        shards.append(shard)
-    finalize(layout, shards, {"spec": MFCC_SPEC.to_json(), "request": {"percent": 100}})
-    return np.concatenate(rows) if rows else np.empty((0, 39), np.float16)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +29,7 @@ def root(tmp_path_factory):
 
 
 def test_actors_give_the_in_process_centroids_for_1_2_and_3_workers():
-    x = _frames(6000, seed=1)
+    x = frames(6000, seed=1)
     reference = KMeans(K, seed=0, max_iter=10, tol=0, block_rows=500).fit(x)
     reference_pca = PCA(5).fit(LocalParts.from_array(x, block_rows=500))
     for workers in (1, 2, 3):

@@ -1,0 +1,122 @@
+"""``python -m pipelines.kmeans`` as a user runs it, including a driver killed mid-fit."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import kmeans
+from tests.processes import kill_ray_of
+from tests.stores import write_store
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_help_shows_examples(capsys):
+    with pytest.raises(SystemExit) as done:
+        kmeans.main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "python -m pipelines.kmeans --root" in out and "--pca 512" in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--k", "0"], "--k must be >= 1"),
+        (["--k", "5", "--pca", "0"], "--pca must be >= 1"),
+        (["--k", "5", "--max-iter", "0"], "--max-iter must be >= 1"),
+        (["--k", "5"], "no finished feature store 'mfcc'"),
+    ],
+)
+def test_bad_arguments_exit_2_before_starting_ray(tmp_path, capsys, args, message):
+    code = kmeans.main(["--root", str(tmp_path), "--features", "mfcc", "--name", "km", *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def _checkpoint_iteration(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with np.load(io.BytesIO(data)) as saved:
+            return json.loads(str(saved["state"]))["iteration"]
+    except (OSError, ValueError, KeyError, EOFError):
+        return -1
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_fit_resumes_to_the_uninterrupted_centroids(tmp_path):
+    lengths = tuple(tuple([2000] * 25) for _ in range(6))  # 300,000 frames in 6 shards.
+    for name in ("clean", "killed"):
+        write_store(tmp_path / name, "mfcc", utterances_per_shard=lengths)
+    ray_tmp = tempfile.mkdtemp(prefix="up-ray-", dir="/tmp")
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=REPO)
+
+    def command(root):
+        return [
+            sys.executable, "-m", "pipelines.kmeans", "--root", str(root), "--features",
+            "mfcc", "--name", "km", "--k", "64", "--max-iter", "60", "--tol", "0",
+            "--num-cpus", "2",
+        ]  # fmt: skip
+
+    try:
+        clean = subprocess.run(
+            command(tmp_path / "clean"), env=env, cwd=REPO, capture_output=True, text=True
+        )
+        assert clean.returncode == 0, clean.stderr[-3000:]
+        kill_ray_of(ray_tmp)
+
+        out = tmp_path / "killed" / "kmeans" / "km"
+        log = open(tmp_path / "driver.log", "wb")
+        proc = subprocess.Popen(
+            command(tmp_path / "killed"),
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+            stdout=log,
+            stderr=log,
+        )
+        deadline = time.monotonic() + 240
+        while _checkpoint_iteration(str(out / "checkpoint.npz")) < 3:
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no k-means iteration in 240 s"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kill_ray_of(ray_tmp)
+        assert not (out / "kmeans.json").exists()
+        killed_at = _checkpoint_iteration(str(out / "checkpoint.npz"))
+        assert 3 <= killed_at < 60
+
+        resumed = subprocess.run(
+            command(tmp_path / "killed"), env=env, cwd=REPO, capture_output=True, text=True
+        )
+        kill_ray_of(ray_tmp)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resuming k-means from iteration {killed_at}" in resumed.stderr
+        clean_out = tmp_path / "clean" / "kmeans" / "km"
+        assert (out / "centroids.npy").read_bytes() == (clean_out / "centroids.npy").read_bytes()
+        stats = [pq.read_table(d / "iterations.parquet") for d in (clean_out, out)]
+        assert stats[0].column("inertia").to_pylist() == stats[1].column("inertia").to_pylist()
+        done = [json.loads((d / "kmeans.json").read_text()) for d in (clean_out, out)]
+        assert done[0]["inertia"] == done[1]["inertia"]
+
+        again = subprocess.run(
+            command(tmp_path / "killed"), env=env, cwd=REPO, capture_output=True, text=True
+        )
+        assert again.returncode == 0 and "nothing to do" in again.stdout
+    finally:
+        kill_ray_of(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
