@@ -375,7 +375,7 @@ class KMeans:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Index of the nearest centroid for each row of ``x``."""
         x = _as_rows(x, self._fitted().shape[1])
-        return kmeans_parts.Assigner(self.cluster_centers_)(x)[0]
+        return kmeans_parts.Assigner(self.cluster_centers_)(x, distances=False)[0]
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Euclidean distances (n, k) from each row to every centroid (as scikit-learn)."""
@@ -490,7 +490,7 @@ def weighted_lloyd(
     x = np.asarray(points, np.float32)
     c = centroids
     for _ in range(iterations):
-        labels, _ = kmeans_parts.Assigner(c)(x)
+        labels, _ = kmeans_parts.Assigner(c)(x, distances=False)
         k = len(c)
         sums = np.zeros((k, x.shape[1]))
         np.add.at(sums, labels, x.astype(np.float64) * weights[:, None])

@@ -169,7 +169,7 @@ class Assigner:
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.device = device
         if device == "cpu":
-            self._ct = np.ascontiguousarray(self.centroids.T)
+            self._ct_m2 = np.ascontiguousarray(-2 * self.centroids.T)
             self._norms = (self.centroids.astype(np.float64) ** 2).sum(1).astype(np.float32)
         else:
             import faiss
@@ -178,22 +178,25 @@ class Assigner:
             self._index = faiss.GpuIndexFlatL2(self._res, self.centroids.shape[1])
             self._index.add(self.centroids)
 
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Labels (int64) and squared distances (float32, from the GEMM expansion)."""
+    def __call__(self, x: np.ndarray, distances: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (int64) and, if asked, squared distances (float32, GEMM expansion)."""
         if self.device != "cpu":
             dist, labels = self._index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
             return labels[:, 0].astype(np.int64), dist[:, 0]
         labels = np.empty(len(x), np.int64)
-        dist = np.empty(len(x), np.float32)
+        dist = np.empty(len(x), np.float32) if distances else None
+        buffer = np.empty((min(CHUNK_ROWS, len(x)), len(self.centroids)), np.float32)
         for s in range(0, len(x), CHUNK_ROWS):
             chunk = x[s : s + CHUNK_ROWS]
-            d = chunk @ self._ct
-            d *= -2
+            d = buffer[: len(chunk)]
+            np.matmul(chunk, self._ct_m2, out=d)  # -2 x.c
             d += self._norms
             labels[s : s + len(chunk)] = lab = d.argmin(1)
-            dist[s : s + len(chunk)] = d[np.arange(len(chunk)), lab]
-        dist += (x * x).sum(1)
-        np.maximum(dist, 0, out=dist)
+            if distances:
+                dist[s : s + len(chunk)] = np.take_along_axis(d, lab[:, None], 1)[:, 0]
+        if distances:
+            dist += np.einsum("ij,ij->i", x, x)
+            np.maximum(dist, 0, out=dist)
         return labels, dist
 
 
@@ -336,14 +339,16 @@ class Part:
         per = {}
         for b in range(self.lo, self.hi):
             x = self.block(b)
-            labels, _ = assign(x)
+            labels, _ = assign(x, distances=False)
             sums, counts = cluster_sums(x, labels, k)
             per[b] = (sums, counts, _inertia(self._sqnorm(b, x), sums, counts, c64))
         return self._nodes(per), time.perf_counter() - started
 
     def predict(self, centroids: np.ndarray) -> np.ndarray:
         assign = Assigner(centroids, self.device)
-        return np.concatenate([assign(self.block(b))[0] for b in range(self.lo, self.hi)])
+        return np.concatenate(
+            [assign(self.block(b), distances=False)[0] for b in range(self.lo, self.hi)]
+        )
 
     # ----------------------------------------------------------------- mini-batch
     def minibatch_stats(self, centroids: np.ndarray, seed: int, step: int, rate: float) -> list:
@@ -361,7 +366,7 @@ class Part:
                 if len(pick)
                 else np.empty((0, len(c64[0])), np.float32)
             )
-            labels, _ = assign(x)
+            labels, _ = assign(x, distances=False)
             sums, counts = cluster_sums(x, labels, k)
             x64 = x.astype(np.float64)
             per[b] = (sums, counts, _inertia(float((x64 * x64).sum()), sums, counts, c64))
