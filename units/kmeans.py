@@ -38,6 +38,7 @@ import time
 import numpy as np
 
 from . import kmeans_parts
+from .feature_store import FeatureStore
 from .kmeans_parts import DataError, LocalParts
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,9 @@ class KMeans:
         """Fits the centroids.
 
         Args:
-            data: A (n, d) array (fitted in this process), or parts such as
+            data: A (n, d) array (fitted in this process), a
+                :class:`~units.feature_store.FeatureStore` (spread over Ray workers, one per
+                CPU; Ray must be initialised), or parts such as
                 :func:`units.kmeans_ray.distribute` returns.
             checkpoint: A directory: the state is saved there after every iteration, and a
                 fit that finds a state there resumes from it.
@@ -177,7 +180,14 @@ class KMeans:
             DataError: Empty data, fewer rows than clusters, NaN/Inf (named), a bad init.
             CheckpointMismatchError: ``checkpoint`` holds another fit's state.
         """
-        parts = self._as_parts(data)
+        parts, owned = self._as_parts(data)
+        try:
+            return self._fit(parts, checkpoint, check)
+        finally:
+            if owned is not None:
+                owned.shutdown()
+
+    def _fit(self, parts, checkpoint: str | None, check: bool) -> KMeans:
         self._validate(parts)
         if check:
             check_finite(parts)
@@ -203,11 +213,19 @@ class KMeans:
         return self
 
     def _as_parts(self, data):
+        """Parts for ``data``, and those this fit created and must shut down."""
         if isinstance(data, np.ndarray):
-            return LocalParts.from_array(data, parts=self.parts, block_rows=self.block_rows)
+            return LocalParts.from_array(data, parts=self.parts, block_rows=self.block_rows), None
         if hasattr(data, "map") and hasattr(data, "blocks"):
-            return data
-        raise TypeError(f"cannot fit on {type(data).__name__}: pass an array or parts")
+            return data, None
+        if isinstance(data, FeatureStore):  # Spread over Ray workers, one per CPU.
+            from .kmeans_ray import distribute
+
+            parts = distribute(data, block_rows=self.block_rows)
+            return parts, parts
+        raise TypeError(
+            f"cannot fit on {type(data).__name__}: pass an array, a FeatureStore or parts"
+        )
 
     # ------------------------------------------------------------------ init
     def _initial(self, parts) -> np.ndarray:

@@ -394,8 +394,16 @@ class Part:
             per[b] = float(state[0].astype(np.float64).sum())
         return self._nodes(per)
 
+    def _seeding_state(self) -> dict:
+        if self._seeding is None:
+            raise RuntimeError(
+                "this part lost its k-means|| state (its worker restarted); rerun the fit"
+            )
+        return self._seeding
+
     def seed_sample(self, seed: int, round_: int, oversampling: float, cost: float) -> tuple:
         """Rows drawn with probability ``min(1, l d^2 / cost)``: global indices and rows."""
+        self._seeding_state()
         picked, rows = [], []
         for b in range(self.lo, self.hi):
             best, _ = self._seeding[b]
@@ -410,8 +418,9 @@ class Part:
 
     def seed_weights(self, n_candidates: int) -> list:
         """How many rows each candidate is nearest to (int64, as tree nodes); frees state."""
+        state = self._seeding_state()
         per = {
-            b: np.bincount(self._seeding[b][1], minlength=n_candidates).astype(np.int64)
+            b: np.bincount(state[b][1], minlength=n_candidates).astype(np.int64)
             for b in range(self.lo, self.hi)
         }
         self._seeding = None

@@ -129,3 +129,19 @@ def test_missing_empty_or_too_small_stores_are_clear_errors(tmp_path):
     with pytest.raises(KMeansStageError, match="--pca 40 must be between 1 and the dimension 39"):
         run(str(tmp_path), "small", "km", KMeans(2), StageOptions(pca=40))
     assert not (tmp_path / "kmeans").exists()
+
+
+def test_minibatch_streaming_from_the_store_holds_no_rows_and_fits(root):
+    root, rows = root
+    km = KMeans(K, algorithm="minibatch", batch_size=500, seed=0, block_rows=256)
+    meta = run(str(root), "mfcc", "mb", km, StageOptions(hold=False, workers=2))
+    assert meta["written"] and meta["config"]["algorithm"] == "minibatch"
+    lloyd = KMeans(K, seed=0, block_rows=256).fit(rows.astype(np.float32))
+    assert meta["inertia"] <= lloyd.inertia_ * 1.05  # Close to the full-batch answer.
+
+
+def test_a_feature_store_can_be_fitted_directly(root):
+    root, rows = root
+    km = KMeans(K, seed=0, max_iter=5, tol=0, block_rows=256).fit(FeatureStore(str(root), "mfcc"))
+    reference = KMeans(K, seed=0, max_iter=5, tol=0, block_rows=256).fit(rows.astype(np.float32))
+    np.testing.assert_array_equal(km.cluster_centers_, reference.cluster_centers_)
