@@ -82,6 +82,11 @@ class KMeans:
         oversampling: k-means|| rows sampled per round, as a multiple of k.
         init_sample: Rows of the seeded sample that k-means++ runs on (default
             ``max(10000, 20 k)``; its cost grows with ``k^2 * sample``).
+        refine_sample: After seeding (k-means|| or k-means++), Lloyd iterations run on a
+            seeded sample of this many rows per centroid first (faiss's default training
+            size), which costs a fraction of a full pass; skipped when the sample would be
+            over half the data.
+        refine_iter: Iterations on that sample at most (0: none).
         parts: Parts to cut an array into when fitting in process.
         block_rows: Rows per block; blocks fix the order of every sum.
 
@@ -107,6 +112,8 @@ class KMeans:
         init_rounds: int = 2,
         oversampling: float = 2.0,
         init_sample: int | None = None,
+        refine_sample: int = 256,
+        refine_iter: int = 20,
         parts: int = 1,
         block_rows: int = kmeans_parts.DEFAULT_BLOCK_ROWS,
     ):
@@ -121,6 +128,8 @@ class KMeans:
         self.init_rounds = init_rounds
         self.oversampling = oversampling
         self.init_sample = init_sample
+        self.refine_sample = refine_sample
+        self.refine_iter = refine_iter
         self.parts = parts
         self.block_rows = block_rows
 
@@ -142,6 +151,8 @@ class KMeans:
             "init_rounds": self.init_rounds,
             "oversampling": self.oversampling,
             "init_sample": self.init_sample,
+            "refine_sample": self.refine_sample,
+            "refine_iter": self.refine_iter,
         }
 
     def _validate(self, parts) -> None:
@@ -240,8 +251,26 @@ class KMeans:
             m = min(parts.rows, self.init_sample or max(10_000, 20 * k))
             picks = np.sort(rng.choice(parts.rows, size=m, replace=False))
             sample = gather_rows(parts, picks)
-            return kmeans_plusplus(sample, k, rng)
-        return self._kmeans_parallel(parts, rng)
+            return self._refine(parts, kmeans_plusplus(sample, k, rng))
+        return self._refine(parts, self._kmeans_parallel(parts, rng))
+
+    def _refine(self, parts, centroids: np.ndarray) -> np.ndarray:
+        """Lloyd iterations on one seeded sample of ``refine_sample * k`` rows before any pass
+        over all rows: what faiss trains on by default (256 rows per centroid), here only a
+        head start. Skipped when the sample would be most of the data."""
+        rate = self.refine_sample * self.n_clusters / parts.rows
+        if self.refine_iter <= 0 or rate > 0.5:
+            return centroids
+        previous = math.inf
+        for _ in range(self.refine_iter):
+            sums, counts, inertia = kmeans_parts.reduce(
+                parts, parts.map("sample_stats", centroids, [self.seed, 3], rate)
+            )
+            if inertia > 0 and (previous - inertia) / inertia < self.tol:
+                break
+            previous = inertia
+            centroids, _ = update(centroids, sums, counts)
+        return centroids
 
     def _kmeans_parallel(self, parts, rng: np.random.Generator) -> np.ndarray:
         k = self.n_clusters
@@ -317,7 +346,7 @@ class KMeans:
             started = time.perf_counter()
             step = state["iteration"]
             sums, counts, inertia = kmeans_parts.reduce(
-                parts, parts.map("minibatch_stats", state["centroids"], self.seed, step, rate)
+                parts, parts.map("sample_stats", state["centroids"], [self.seed, 2, step], rate)
             )
             per_point = inertia / max(1, counts.sum())
             ewa = state.get("ewa")

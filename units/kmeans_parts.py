@@ -73,7 +73,7 @@ class ArraySource:
         return self.array[lo - self.offset : hi - self.offset]
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        return self.array[rows - self.offset]
+        return self.array[np.asarray(rows, np.int64) - self.offset]
 
     def describe(self, row: int) -> str:
         return f"row {row}"
@@ -351,25 +351,29 @@ class Part:
         )
 
     # ----------------------------------------------------------------- mini-batch
-    def minibatch_stats(self, centroids: np.ndarray, seed: int, step: int, rate: float) -> list:
-        """Stats of a seeded Bernoulli(``rate``) sample of rows: rows are drawn per block from
-        a generator keyed by (seed, step, block), so the batch does not depend on the parts."""
+    def sample_stats(self, centroids: np.ndarray, key: Sequence[int], rate: float) -> list:
+        """Stats of a seeded Bernoulli(``rate``) sample of rows, as :meth:`stats` returns for
+        all rows. Rows are drawn per block from a generator keyed by ``key`` and the block, so
+        the sample does not depend on the parts (the same key draws the same rows)."""
         assign = Assigner(centroids, self.device)
         c64 = assign.centroids.astype(np.float64)
         k = len(c64)
         per = {}
         for b in range(self.lo, self.hi):
             lo, hi = self.blocks.span(b)
-            pick = np.flatnonzero(np.random.default_rng([seed, 2, step, b]).random(hi - lo) < rate)
-            x = (
-                self._project(self.source.take(pick + lo))
-                if len(pick)
-                else np.empty((0, len(c64[0])), np.float32)
-            )
+            pick = np.flatnonzero(np.random.default_rng([*key, b]).random(hi - lo) < rate)
+            if self.hold or b in self._held:
+                x = self.block(b)[pick]
+            else:  # Streaming: read only the sampled rows.
+                x = self._project(self.source.take(pick + lo)).reshape(len(pick), -1)
             labels, _ = assign(x, distances=False)
             sums, counts = cluster_sums(x, labels, k)
             x64 = x.astype(np.float64)
-            per[b] = (sums, counts, _inertia(float((x64 * x64).sum()), sums, counts, c64))
+            per[b] = (
+                sums,
+                counts,
+                _inertia(float(np.einsum("ij,ij->", x64, x64)), sums, counts, c64),
+            )
         return self._nodes(per)
 
     # ----------------------------------------------------------------- k-means||

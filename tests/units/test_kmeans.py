@@ -67,7 +67,10 @@ def test_toy_inertia_worked_out_by_hand():
 @pytest.mark.parametrize("algorithm", ["lloyd", "minibatch"])
 def test_centroids_are_identical_for_any_number_of_parts(algorithm):
     x = overlapping(n=9000)
-    kwargs = dict(seed=1, max_iter=15, tol=0, block_rows=1000, algorithm=algorithm)
+    # refine_sample=50: the sample refinement (2,000 of 9,000 rows) runs too.
+    kwargs = dict(
+        seed=1, max_iter=15, tol=0, block_rows=1000, algorithm=algorithm, refine_sample=50
+    )
     if algorithm == "minibatch":
         kwargs.update(batch_size=2000, max_iter=3)
     results = [KMeans(40, parts=p, **kwargs).fit(x) for p in (1, 2, 3, 9)]
@@ -98,13 +101,19 @@ class _DyingParts(LocalParts):
 @pytest.mark.parametrize("algorithm", ["lloyd", "minibatch"])
 def test_a_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, algorithm):
     x = overlapping(n=6000)
-    kwargs = dict(seed=2, max_iter=12, tol=0, block_rows=1000, algorithm=algorithm)
+    kwargs = dict(
+        seed=2, max_iter=12, tol=0, block_rows=1000, algorithm=algorithm, refine_sample=30
+    )
     if algorithm == "minibatch":
         kwargs.update(batch_size=1500, max_iter=2)
-    whole = KMeans(40, **kwargs).fit(x)
+    method = "sample_stats" if algorithm == "minibatch" else "stats"
+    counting = _DyingParts(LocalParts.from_array(x, block_rows=1000), method, after=10**9)
+    whole = KMeans(40, **kwargs).fit(counting)
+    calls = 10**9 - counting.after
+    assert calls >= 13  # Lloyd: 12 iterations and the last E-step; mini-batch: more.
     checkpoint = str(tmp_path / "ckpt")
-    method = "minibatch_stats" if algorithm == "minibatch" else "stats"
-    dying = _DyingParts(LocalParts.from_array(x, parts=2, block_rows=1000), method, after=5)
+    # Killed three calls before the end: well into the iterations, after the refinement.
+    dying = _DyingParts(LocalParts.from_array(x, parts=2, block_rows=1000), method, calls - 3)
     with pytest.raises(_Killed):
         KMeans(40, **kwargs).fit(dying, checkpoint=checkpoint)
     resumed = KMeans(40, **kwargs).fit(
