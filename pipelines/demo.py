@@ -11,7 +11,6 @@ Later stages (labels, report) join this demo as they land.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -25,21 +24,16 @@ from units.kmeans import KMeans
 from units.kmeans_ray import run as fit_kmeans
 from units.sampling import SampleRequest
 
+from . import _cli
 from ._ray import connect
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = _cli.parser("pipelines.demo", __doc__)
     parser.add_argument("--workdir", default="demo-output", help="where corpus and root go")
     parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _cli.setup_logging()
     if args.fresh and os.path.isdir(args.workdir):
         shutil.rmtree(args.workdir)
     corpus = os.path.join(args.workdir, "corpus", "LibriSpeech-like")

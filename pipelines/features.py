@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from units.extractors import ExtractorError, ExtractorOptions, build
 from units.sampling import SampleError, SampleRequest
 
+from . import _cli
 from ._ray import add_ray_arguments, connect
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.features",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = _cli.parser("pipelines.features", __doc__)
     parser.add_argument("--root", required=True, help="dataset root written by pipelines.shard")
     parser.add_argument("--name", required=True, help="feature store name (ROOT/features/NAME)")
     parser.add_argument(
@@ -69,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _cli.setup_logging()
     from units.features_ray import FeatureStageError, run
 
     options = ExtractorOptions(

@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from units.kmeans import ALGORITHMS, INITS
 
+from . import _cli
 from ._ray import add_ray_arguments, connect
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.kmeans",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = _cli.parser("pipelines.kmeans", __doc__)
     parser.add_argument("--root", required=True, help="dataset root")
     parser.add_argument("--features", required=True, help="feature store (ROOT/features/NAME)")
     parser.add_argument("--name", required=True, help="output name (ROOT/kmeans/NAME)")
@@ -68,9 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _cli.setup_logging()
     for flag, value in (("--k", args.k), ("--max-iter", args.max_iter)):
         if value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)

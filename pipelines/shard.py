@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from shards.discover import AUDIO_EXTENSIONS, LAYOUTS
 from shards.plan import ShardingOptions, parse_size
 
+from . import _cli
 from ._ray import add_ray_arguments, connect
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.shard",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = _cli.parser("pipelines.shard", __doc__)
     parser.add_argument(
         "--input",
         nargs="+",
@@ -107,9 +103,7 @@ def options_from(args) -> ShardingOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _cli.setup_logging()
     from shards.ray_sharding import UsageError, run, validate
 
     try:
