@@ -28,11 +28,13 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
-# Benchmarks install their baselines (lhotse) into the venv; they are never test dependencies.
+# Benchmarks install their baselines (lhotse, scikit-learn) into the venv; they are never test
+# dependencies.
 bench: install
-	$(PIP_INSTALL) lhotse
+	$(PIP_INSTALL) lhotse scikit-learn
 	$(PY) bench/shards.py
 	$(PY) bench/features.py
+	$(PY) bench/kmeans.py
 
 lint: install
 	$(PY) -m ruff check shards units pipelines tests bench
