@@ -75,7 +75,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from _common import REPO, prepare
+from _common import REPO, busy_cores, prepare
 
 prepare()
 
@@ -379,25 +379,6 @@ def two_node_cluster(object_store_bytes: int) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------
 # Timing and report
-
-
-def busy_cores(seconds: float = 1.0) -> float:
-    """Cores busy over the next ``seconds``, from ``/proc/stat``; 0 where there is none."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]  # user .. steal
-        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError):
-        return 0.0
-    if total1 == total0:
-        return 0.0
-    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
 
 
 def warn_if_busy(what: str) -> None:

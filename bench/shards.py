@@ -42,7 +42,7 @@ from collections.abc import Callable
 
 import soundfile as sf
 import soxr
-from _common import REPO, prepare
+from _common import REPO, busy_cores, prepare
 
 prepare()
 
@@ -200,29 +200,6 @@ def remove(path: str) -> None:
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.unlink(path)
-
-
-def busy_cores(seconds: float = 1.0) -> float:
-    """Cores busy over the next ``seconds``, from ``/proc/stat``; 0 where there is none.
-
-    Sampled just before timing: the load average lags by a minute, so it would still blame
-    the corpus generation that just finished.
-    """
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:9]]  # user .. steal
-        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError):
-        return 0.0
-    if total1 == total0:
-        return 0.0
-    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
 
 
 def timed(fn: Callable[..., object], *args) -> tuple[float, object]:
