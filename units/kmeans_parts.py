@@ -135,11 +135,14 @@ class StoreSource:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        return (
-            np.stack([self.read(int(r), int(r) + 1)[0] for r in rows])
-            if len(rows)
-            else (np.empty((0, self.dim), np.float16))
-        )
+        """Rows by global index, read shard by shard from the memory maps."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), np.float16)  # The store's dtype.
+        shard_of = np.searchsorted(self._starts, rows, side="right") - 1
+        for i in np.unique(shard_of):
+            mask = shard_of == i
+            out[mask] = self._array(int(i))[rows[mask] - self._starts[i]]
+        return out
 
     def describe(self, row: int) -> str:
         """The shard, utterance key and frame of global row ``row``."""
@@ -301,19 +304,19 @@ class Part:
         return self._nodes(per)
 
     def rows(self, indices: Sequence[int]) -> np.ndarray:
-        """The rows with these global indices (those in this part), projected, float32."""
+        """The rows with these global indices (sorted) that this part holds, projected."""
         lo, hi = self.blocks.span(self.lo)[0], self.blocks.span(self.hi - 1)[1]
-        idx = np.asarray([i for i in indices if lo <= i < hi], dtype=np.int64)
+        idx = np.asarray(indices, dtype=np.int64)
+        idx = idx[(idx >= lo) & (idx < hi)]
         if len(idx) == 0:
             return np.empty((0, self.dim()), np.float32)
-        if self.hold and idx[0] // self.blocks.block_rows in self._held:
-            return np.stack(
-                [
-                    self.block(int(i // self.blocks.block_rows))[i % self.blocks.block_rows]
-                    for i in idx
-                ]
-            )
-        return self._project(self.source.take(idx))
+        if not self.hold:
+            return self._project(self.source.take(idx))
+        size = self.blocks.block_rows
+        which = idx // size
+        return np.concatenate(
+            [self.block(int(b))[idx[which == b] % size] for b in np.unique(which)]
+        )
 
     def dim(self) -> int:
         if self._projection is not None:
