@@ -1,11 +1,11 @@
 """The demo job on in-process Ray: generate a small speech-like corpus, shard it, extract
-MFCC features of a seeded sample into a feature store, and fit k = 100 units on them (HuBERT's
-first iteration).
+MFCC features of a seeded sample into a feature store, fit k = 100 units on them (HuBERT's
+first iteration), and label every utterance with them.
 
 Example:
     python -m pipelines.demo --workdir demo-output
 
-Later stages (labels, report) join this demo as they land.
+Later stages (exports, report) join this demo as they land.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from units.extractors import ExtractorOptions
 from units.features_ray import run as extract
 from units.kmeans import KMeans
 from units.kmeans_ray import run as fit_kmeans
+from units.labels_ray import run as label
 from units.sampling import SampleRequest
 
 from . import _cli
@@ -59,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"k-means: k={km['k']} on {km['rows']} frames, {km['iterations']} iterations, "
         f"inertia {km['inertia_per_frame']:.2f} per frame, in {root}/kmeans/mfcc100"
+    )
+    labels = label(root, "mfcc100", "mfcc100")
+    print(
+        f"labels: {labels['utterances']} utterances, {labels['frames']} units at "
+        f"{labels['frame_rate']:g} Hz, in {root}/labels/mfcc100/units"
     )
     return 0
 

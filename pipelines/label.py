@@ -1,0 +1,72 @@
+"""Label every utterance of a sharded corpus with the units of a finished k-means, on Ray.
+
+The features are computed again, streaming, with exactly the spec the k-means was fitted on
+(extractor, checkpoint, layer, PCA); they are never written. Units go to
+ROOT/labels/NAME/units/*.parquet (key, units, frames, frame_rate): one Parquet dataset.
+
+Example:
+    python -m pipelines.label --root /data/ls100 --kmeans mfcc100 --name it1
+    python -m pipelines.label --root /data/ll --kmeans h6k500 --name it2 --gpus-per-worker 1
+
+Rerunning the same command resumes; a finished label set is left as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from . import _cli
+from ._ray import add_ray_arguments, connect
+
+
+def build_parser():
+    parser = _cli.parser("pipelines.label", __doc__)
+    parser.add_argument("--root", required=True, help="dataset root")
+    parser.add_argument("--kmeans", required=True, help="finished k-means (ROOT/kmeans/NAME)")
+    parser.add_argument("--name", required=True, help="label set name (ROOT/labels/NAME)")
+    parser.add_argument("--workers", type=int, default=None, help="actors (default: all CPUs)")
+    parser.add_argument(
+        "--gpus-per-worker", type=float, default=0, help="GPUs per actor (default: %(default)s)"
+    )
+    add_ray_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _cli.setup_logging()
+    from units.labels import KMeansModel, LabelError
+
+    try:  # Before Ray starts: a missing k-means is a usage error.
+        KMeansModel.load(args.root, args.kmeans)
+    except LabelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    connect(args)
+    from units.labels_ray import run
+
+    try:
+        meta = run(
+            args.root,
+            args.kmeans,
+            args.name,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+        )
+    except LabelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(meta, indent=1, sort_keys=True))
+    if meta["shards_written"] == 0:
+        print(f"nothing to do: labels {args.name} are complete")
+    else:
+        print(
+            f"labelled {meta['utterances']} utterances ({meta['frames']} frames at "
+            f"{meta['frame_rate']:g} Hz) into {args.root}/labels/{args.name}/units"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The streaming label pass on Ray: every utterance of every audio shard gets its units.
+
+For each audio shard a worker decodes the audio, computes features with exactly the spec
+the k-means recorded (same extractor, checkpoint and layer), applies its PCA if it had one,
+assigns the nearest centroid and writes uint16 units; features are never stored. A label
+shard is committed atomically; a rerun skips committed shards and a finished run does
+nothing. Units must have exactly the frames the frame contract gives for the utterance's
+``num_samples``: a mismatch is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import time
+
+import pyarrow.parquet as pq
+import ray
+from ray.util import ActorPool
+
+from shards.atomic import fsync_dir, remove_temps, write_atomic, write_parquet_atomic
+from shards.root import RootLayout
+
+from . import extractors
+from .features_ray import decode_rows
+from .labels import LABEL_REJECTS, LABELS, KMeansModel, LabelError, LabelLayout, extractor_options
+
+log = logging.getLogger(__name__)
+
+_MANIFEST_COLUMNS = ["key", "shard", "offset", "size", "num_samples", "duration"]
+
+
+class LabelWorker:
+    """Builds the k-means's extractor once and labels audio shards with it."""
+
+    def __init__(self, root: str, kmeans: str, batch_seconds: float = 120.0):
+        self.model = KMeansModel.load(root, kmeans)
+        options = extractor_options(self.model.spec)
+        self.extractor = extractors.build(options)
+        self.batch_seconds = batch_seconds
+
+    def label_shard(self, root: str, name: str, shard: str, rows: list[dict]) -> dict:
+        layout = LabelLayout(root, name)
+        done = layout.read_commit(shard)
+        if done is not None:
+            return dict(done, written=False)
+        final = layout.units_path(shard)
+        remove_temps(final)
+        out, rejects = [], []
+        batch, seconds = [], 0.0
+        for row, (wav, error) in zip(rows, decode_rows(root, rows), strict=True):
+            if error is not None:
+                rejects.append(
+                    {"key": row["key"], "shard": shard, "reason": "corrupt_audio", "message": error}
+                )
+                continue
+            batch.append((row, wav))
+            seconds += len(wav) / 16_000
+            if seconds >= self.batch_seconds:
+                out += self._label(batch, shard)
+                batch, seconds = [], 0.0
+        out += self._label(batch, shard)
+        write_parquet_atomic(final, out, LABELS, sync_dir=False)
+        write_parquet_atomic(layout.rejects_path(shard), rejects, LABEL_REJECTS, sync_dir=False)
+        fsync_dir(layout.units_dir)
+        record = {
+            "shard": shard,
+            "utterances": len(out),
+            "frames": int(sum(r["frames"] for r in out)),
+            "rejects": len(rejects),
+            "bytes": os.path.getsize(final),
+        }
+        write_atomic(layout.commit_path(shard), json.dumps(record, sort_keys=True).encode())
+        return dict(record, written=True)
+
+    def _label(self, batch: list, shard: str) -> list[dict]:
+        if not batch:
+            return []
+        spec = self.model.spec
+        features = self.extractor([wav for _, wav in batch])
+        out = []
+        for (row, _), feats in zip(batch, features, strict=True):
+            expected = spec.contract.frames(row["num_samples"])
+            if len(feats) != expected:  # A broken frame contract is a bug, never a warning.
+                raise RuntimeError(
+                    f"{row['key']}: {len(feats)} feature frames for {row['num_samples']} "
+                    f"samples, expected {expected} at {spec.frame_rate} Hz"
+                )
+            units = self.model.units(feats)
+            out.append(
+                {
+                    "key": row["key"],
+                    "shard": shard,
+                    "units": units,
+                    "frames": len(units),
+                    "frame_rate": spec.frame_rate,
+                }
+            )
+        return out
+
+
+# A worker that dies is restarted and its shard retried: label_shard is idempotent.
+_RETRIES = {"max_restarts": 3, "max_task_retries": 3}
+
+
+def run(
+    root: str,
+    kmeans: str,
+    name: str,
+    *,
+    workers: int | None = None,
+    gpus_per_worker: float = 0,
+) -> dict:
+    """Labels every utterance under ``root`` with k-means ``kmeans`` into ``ROOT/labels/NAME``.
+
+    Ray must be initialised.
+
+    Raises:
+        LabelError: No utterances manifest, no such k-means, an extractor that cannot be
+            rebuilt, or a label set started with another k-means. Nothing is written then.
+    """
+    started = time.monotonic()
+    root = RootLayout(root).root
+    model = KMeansModel.load(root, kmeans)
+    try:
+        extractors.build(extractor_options(model.spec))
+    except extractors.ExtractorError as e:
+        raise LabelError(f"k-means {kmeans!r}: its features cannot be rebuilt: {e}") from None
+    manifest = RootLayout(root).manifest("utterances.parquet")
+    if not os.path.exists(manifest):
+        raise LabelError(f"no utterances manifest under {root}: run pipelines.shard first")
+    layout = LabelLayout(root, name)
+    lineage = {
+        "kmeans": kmeans,
+        "kmeans_fingerprint": model.meta["fingerprint"],
+        "spec": model.meta["spec"],
+        "k": int(len(model.centroids)),
+        "pca": model.meta.get("pca"),
+        "manifest_sha256": _sha256(manifest),
+    }
+    plan_path = layout.path("plan.json")
+    if os.path.exists(plan_path):
+        with open(plan_path) as f:
+            saved = json.load(f)
+        if saved != lineage:
+            raise LabelError(
+                f"labels {name!r} were started with another k-means or manifest "
+                f"({saved['kmeans']}); use another --name"
+            )
+    rows = pq.read_table(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
+    by_shard: dict[str, list[dict]] = collections.defaultdict(list)
+    for row in rows:
+        by_shard[row["shard"]].append(row)
+    shards = sorted(by_shard)
+    layout.make_dirs()
+    write_atomic(plan_path, json.dumps(lineage, indent=1, sort_keys=True).encode())
+    pending = [s for s in shards if layout.read_commit(s) is None]
+    if not pending and os.path.exists(layout.path("meta.json")):
+        with open(layout.path("meta.json")) as f:
+            return dict(json.load(f), shards_written=0)
+    resources = ray.cluster_resources()
+    if gpus_per_worker > 0 and resources.get("GPU", 0) >= gpus_per_worker:
+        count = int(resources["GPU"] // gpus_per_worker)
+        cls = ray.remote(num_gpus=gpus_per_worker, num_cpus=0, **_RETRIES)(LabelWorker)
+    else:
+        count = workers or max(1, int(resources.get("CPU", 1)))
+        cls = ray.remote(num_cpus=1, **_RETRIES)(LabelWorker)
+    pool = ActorPool([cls.remote(root, kmeans) for _ in range(min(count, len(pending)) or 1)])
+    for record in pool.map(lambda a, s: a.label_shard.remote(root, name, s, by_shard[s]), pending):
+        log.debug("label shard %s", record)
+    totals = {"utterances": 0, "frames": 0, "rejects": 0}
+    for shard in shards:
+        record = layout.read_commit(shard)
+        for key in totals:
+            totals[key] += record[key]
+    meta = dict(lineage, shards=shards, frame_rate=model.spec.frame_rate, **totals)
+    meta["hours"] = sum(r["duration"] for r in rows) / 3600
+    write_atomic(layout.path("meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
+    return dict(meta, shards_written=len(pending), wall_seconds=time.monotonic() - started)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
