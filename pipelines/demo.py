@@ -19,6 +19,7 @@ from shards import synthetic
 from shards.plan import ShardingOptions, parse_size
 from shards.ray_sharding import run as shard
 from units.extractors import ExtractorOptions
+from units.fairseq_export import export as export_fairseq
 from units.features_ray import run as extract
 from units.kmeans import KMeans
 from units.kmeans_ray import run as fit_kmeans
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"labels: {labels['utterances']} utterances, {labels['frames']} units at "
         f"{labels['frame_rate']:g} Hz, in {root}/labels/mfcc100/units"
+    )
+    fairseq = export_fairseq(root, "mfcc100", {"train": 90, "valid": 10}, by="utterance")
+    print(
+        f"fairseq: {fairseq['splits']} in {root}/labels/mfcc100/fairseq "
+        f"(label_rate {fairseq['label_rate']:g})"
     )
     return 0
 

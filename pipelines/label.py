@@ -4,8 +4,12 @@ The features are computed again, streaming, with exactly the spec the k-means wa
 (extractor, checkpoint, layer, PCA); they are never written. Units go to
 ROOT/labels/NAME/units/*.parquet (key, units, frames, frame_rate): one Parquet dataset.
 
+With --fairseq-splits, also ROOT/labels/NAME/fairseq/{split}.tsv, {split}.km and
+dict.km.txt for fairseq's HuBERT training (audio paths point into the shards, no copies).
+
 Example:
-    python -m pipelines.label --root /data/ls100 --kmeans mfcc100 --name it1
+    python -m pipelines.label --root /data/ls100 --kmeans mfcc100 --name it1 \
+        --fairseq-splits train=99,valid=1 --split-by speaker
     python -m pipelines.label --root /data/ll --kmeans h6k500 --name it2 --gpus-per-worker 1
 
 Rerunning the same command resumes; a finished label set is left as it is.
@@ -29,8 +33,31 @@ def build_parser():
     parser.add_argument(
         "--gpus-per-worker", type=float, default=0, help="GPUs per actor (default: %(default)s)"
     )
+    parser.add_argument(
+        "--fairseq-splits",
+        default=None,
+        help="NAME=PERCENT,...: write fairseq's tsv/km/dict for these splits (add up to 100)",
+    )
+    parser.add_argument(
+        "--split-by",
+        choices=("utterance", "speaker"),
+        default="utterance",
+        help="(default: %(default)s)",
+    )
+    parser.add_argument("--split-seed", type=int, default=0, help="(default: %(default)s)")
     add_ray_arguments(parser)
     return parser
+
+
+def parse_splits(text: str) -> dict[str, float]:
+    """``train=99,valid=1`` -> ``{"train": 99.0, "valid": 1.0}``."""
+    out = {}
+    for part in text.split(","):
+        name, sep, percent = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--fairseq-splits: {part!r} is not NAME=PERCENT")
+        out[name.strip()] = float(percent)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     _cli.setup_logging()
     from units.labels import KMeansModel, LabelError
 
-    try:  # Before Ray starts: a missing k-means is a usage error.
+    try:  # Before Ray starts: a missing k-means or bad splits are usage errors.
+        splits = parse_splits(args.fairseq_splits) if args.fairseq_splits else None
         KMeansModel.load(args.root, args.kmeans)
-    except LabelError as e:
+    except (LabelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     connect(args)
@@ -65,6 +93,15 @@ def main(argv: list[str] | None = None) -> int:
             f"labelled {meta['utterances']} utterances ({meta['frames']} frames at "
             f"{meta['frame_rate']:g} Hz) into {args.root}/labels/{args.name}/units"
         )
+    if splits:
+        from units.fairseq_export import export
+
+        try:
+            record = export(args.root, args.name, splits, by=args.split_by, seed=args.split_seed)
+        except LabelError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"fairseq export: {record['splits']} at label_rate {record['label_rate']:g}")
     return 0
 
 

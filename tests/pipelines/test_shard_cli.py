@@ -91,3 +91,5 @@ def test_make_demo_entry_point_generates_and_shards_a_corpus(tmp_path):
     assert os.path.exists(tmp_path / "root" / "kmeans" / "mfcc100" / "kmeans.json")
     assert "labels: 64 utterances" in out.stdout
     assert os.path.exists(tmp_path / "root" / "labels" / "mfcc100" / "meta.json")
+    assert "fairseq: {'train': " in out.stdout
+    assert os.path.exists(tmp_path / "root" / "labels" / "mfcc100" / "fairseq" / "train.km")

@@ -1,0 +1,133 @@
+"""Labels in fairseq's HuBERT layout: ``{split}.tsv``, ``{split}.km``, ``dict.km.txt``.
+
+Audio is never copied. fairseq's ``parse_path`` reads ``FILE:OFFSET:LENGTH`` as the bytes at
+that offset, and ``HubertDataset.get_audio`` only insists that such a FILE ends in ``.zip``
+before it seeks and reads (``read_from_stored_zip``). Our FLAC members are stored whole and
+contiguous inside the shard tars, so ``fairseq/audio/NNNNNN.zip`` is a symlink to
+``shards/NNNNNN.tar`` and every tsv line points at its member's bytes. Each written line is
+read back that way and decoded before the export is committed.
+
+Splits (any number, by utterance or by speaker) are drawn from a hash of the seed and the
+key or speaker, so they do not depend on order; all of them use the same k-means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import soundfile as sf
+
+from shards.atomic import write_atomic
+from shards.root import RootLayout
+
+from .labels import LabelError, LabelLayout
+
+
+def _unit_interval(seed: int, value: str) -> float:
+    digest = hashlib.sha256(f"{seed}:{value}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_splits(rows: list[dict], percents: dict[str, float], by: str, seed: int) -> dict:
+    """Rows per split name, in manifest order; ``percents`` must add up to 100.
+
+    Raises:
+        LabelError: Percents that do not add up, an unknown ``by``, or an empty split.
+    """
+    if by not in ("utterance", "speaker"):
+        raise LabelError(f"split by {by!r}: use utterance or speaker")
+    if abs(sum(percents.values()) - 100) > 1e-6 or any(p <= 0 for p in percents.values()):
+        raise LabelError(f"split percents {percents} must be positive and add up to 100")
+    edges, total = [], 0.0
+    for name, percent in percents.items():
+        total += percent / 100
+        edges.append((total, name))
+    out: dict[str, list[dict]] = {name: [] for name in percents}
+    for row in rows:
+        u = _unit_interval(seed, row["speaker"] if by == "speaker" else row["key"])
+        out[next((n for edge, n in edges if u < edge), edges[-1][1])].append(row)
+    for name, members in out.items():
+        if not members:
+            raise LabelError(
+                f"split {name!r} ({percents[name]}%) would be empty with {len(rows)} "
+                f"utterances split by {by}; give it more percent or use more data"
+            )
+    return out
+
+
+def export(
+    root: str, labels: str, percents: dict[str, float], *, by: str = "utterance", seed: int = 0
+) -> dict:
+    """Writes ``ROOT/labels/LABELS/fairseq/``; returns what ``export.json`` records."""
+    root = RootLayout(root).root
+    layout = LabelLayout(root, labels)
+    if not os.path.exists(layout.path("meta.json")):
+        raise LabelError(f"no finished labels {labels!r} under {root}: run pipelines.label first")
+    with open(layout.path("meta.json")) as f:
+        meta = json.load(f)
+    units = {
+        r["key"]: r["units"]
+        for r in ds.dataset(layout.units_dir, format="parquet")
+        .to_table(columns=["key", "units"])
+        .to_pylist()
+    }
+    manifest = pq.read_table(
+        RootLayout(root).manifest("utterances.parquet"),
+        columns=["key", "shard", "offset", "size", "num_samples", "speaker"],
+    ).to_pylist()
+    rows = [r for r in manifest if r["key"] in units]
+    splits = assign_splits(rows, percents, by, seed)
+    out = layout.path("fairseq")
+    audio = os.path.join(out, "audio")
+    os.makedirs(audio, exist_ok=True)
+    for shard in sorted({r["shard"] for r in rows}):
+        link = os.path.join(audio, f"{shard}.zip")
+        if not os.path.lexists(link):
+            target = os.path.join(RootLayout(root).shards_dir, f"{shard}.tar")
+            os.symlink(os.path.relpath(target, audio), link)
+    counts = {}
+    for name, members in splits.items():
+        tsv = [audio] + [
+            f"{r['shard']}.zip:{r['offset']}:{r['size']}\t{r['num_samples']}" for r in members
+        ]
+        for line, row in zip(tsv[1:], members, strict=True):
+            _check_reads_back(audio, line, row)
+        km = [" ".join(str(u) for u in units[r["key"]]) for r in members]
+        write_atomic(os.path.join(out, f"{name}.tsv"), ("\n".join(tsv) + "\n").encode())
+        write_atomic(os.path.join(out, f"{name}.km"), ("\n".join(km) + "\n").encode())
+        counts[name] = len(members)
+    write_atomic(
+        os.path.join(out, "dict.km.txt"), "".join(f"{i} 1\n" for i in range(meta["k"])).encode()
+    )
+    record = {
+        "labels": labels,
+        "kmeans": meta["kmeans"],
+        "k": meta["k"],
+        "label_rate": meta["frame_rate"],
+        "sample_rate": 16000,
+        "splits": counts,
+        "split_by": by,
+        "seed": seed,
+        "unlabelled": len(manifest) - len(rows),
+    }
+    write_atomic(os.path.join(out, "export.json"), json.dumps(record, indent=1).encode())
+    return record
+
+
+def _check_reads_back(audio_root: str, line: str, row: dict) -> None:
+    """Reads a tsv line the way fairseq does (seek, read, decode) and checks the length."""
+    path, offset, length = line.split("\t")[0].rsplit(":", 2)
+    with open(os.path.join(audio_root, path), "rb") as f:
+        f.seek(int(offset))
+        data = f.read(int(length))
+    frames = sf.info(io.BytesIO(data)).frames
+    if frames != row["num_samples"]:
+        raise RuntimeError(
+            f"{row['key']}: {line!r} reads back {frames} samples, the manifest says "
+            f"{row['num_samples']}"
+        )
