@@ -27,6 +27,7 @@ from shards.atomic import read_commit
 
 from .extractor import FeatureSpec
 from .extractors import ExtractorOptions
+from .feature_store import FEATURE_REJECTS
 from .kmeans_parts import Assigner
 
 LABELS = pa.schema(
@@ -39,14 +40,8 @@ LABELS = pa.schema(
     ]
 )
 
-LABEL_REJECTS = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("shard", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("message", pa.string(), nullable=False),
-    ]
-)
+#: Utterances that could not be labelled: the feature store's rejects schema.
+LABEL_REJECTS = FEATURE_REJECTS
 
 
 class LabelError(ValueError):
