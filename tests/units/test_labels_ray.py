@@ -126,3 +126,22 @@ def test_splits_are_seeded_and_never_empty():
         fairseq_export.assign_splits(rows[:2], {"a": 99.9, "b": 0.1}, "utterance", 0)
     with pytest.raises(LabelError, match="add up to 100"):
         fairseq_export.assign_splits(rows, {"a": 50}, "utterance", 0)
+
+
+def test_a_member_that_fails_to_decode_is_a_reject_and_the_pass_goes_on(root, tmp_path):
+    import shutil
+
+    copy = tmp_path / "root"
+    for sub in ("manifest", "shards", "kmeans"):
+        shutil.copytree(root / sub, copy / sub)
+    victim = pq.read_table(copy / "manifest" / "utterances.parquet").to_pylist()[3]
+    tar = copy / "shards" / f"{victim['shard']}.tar"
+    data = bytearray(tar.read_bytes())
+    data[victim["offset"] : victim["offset"] + victim["size"]] = bytes(victim["size"])
+    tar.write_bytes(bytes(data))
+    meta = label(str(copy), "km8", "bad")
+    assert meta["rejects"] == 1 and meta["utterances"] == 9
+    rejects = ds.dataset(str(copy / "labels" / "bad" / "rejects")).to_table().to_pylist()
+    assert [(r["key"], r["reason"]) for r in rejects] == [(victim["key"], "corrupt_audio")]
+    labelled = ds.dataset(str(copy / "labels" / "bad" / "units")).to_table(columns=["key"])
+    assert victim["key"] not in labelled.column("key").to_pylist()
