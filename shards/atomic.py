@@ -57,6 +57,15 @@ def write_atomic(path: str, data: bytes, sync_dir: bool = True) -> None:
         fsync_dir(os.path.dirname(path))
 
 
+def write_npy_atomic(path: str, array, sync_dir: bool = True) -> None:
+    """Writes one array as a ``.npy`` file, atomically."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array))
+    write_atomic(path, buf.getvalue(), sync_dir=sync_dir)
+
+
 def write_parquet_atomic(
     path: str,
     rows_or_table: list[dict] | pa.Table,

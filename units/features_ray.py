@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -78,18 +79,12 @@ class FeatureWorker:
         spec = self.extractor.spec
         writer = FeatureShardWriter(layout, shard, spec.dim)
         try:
-            batch: list[tuple[dict, np.ndarray]] = []
-            seconds = 0.0
-            for row, (wav, error) in zip(rows, decoded, strict=True):
-                if error is not None:
-                    writer.reject(row["key"], "corrupt_audio", error)
-                    continue
-                batch.append((row, wav))
-                seconds += len(wav) / 16_000
-                if seconds >= self.batch_seconds:
-                    self._flush(batch, writer, spec)
-                    batch, seconds = [], 0.0
-            self._flush(batch, writer, spec)
+
+            def reject(row: dict, error: str) -> None:
+                writer.reject(row["key"], "corrupt_audio", error)
+
+            for batch in batches(rows, decoded, self.batch_seconds, reject):
+                self._flush(batch, writer, spec)
             record = writer.commit()
         except BaseException:
             writer.abort()
@@ -97,17 +92,40 @@ class FeatureWorker:
         return dict(record, written=True)
 
     def _flush(self, batch, writer: FeatureShardWriter, spec: FeatureSpec) -> None:
-        if not batch:
-            return
         features = self.extractor([wav for _, wav in batch])
         for (row, wav), feats in zip(batch, features, strict=True):
-            expected = spec.contract.frames(len(wav))
-            if len(feats) != expected:  # A broken frame contract is a bug, never a warning.
-                raise RuntimeError(
-                    f"{row['key']}: {len(feats)} frames from {len(wav)} samples, expected "
-                    f"{expected} ({spec.extractor})"
-                )
+            check_frames(spec, row["key"], len(wav), len(feats))
             writer.add(row["key"], feats)
+
+
+def batches(
+    rows: list[dict], decoded: list, batch_seconds: float, reject: Callable[[dict, str], None]
+) -> Iterator[list[tuple[dict, np.ndarray]]]:
+    """Decoded rows in batches of about ``batch_seconds`` of audio, in order; a row that
+    failed to decode goes to ``reject(row, message)`` instead."""
+    batch: list[tuple[dict, np.ndarray]] = []
+    seconds = 0.0
+    for row, (wav, error) in zip(rows, decoded, strict=True):
+        if error is not None:
+            reject(row, error)
+            continue
+        batch.append((row, wav))
+        seconds += len(wav) / 16_000
+        if seconds >= batch_seconds:
+            yield batch
+            batch, seconds = [], 0.0
+    if batch:
+        yield batch
+
+
+def check_frames(spec: FeatureSpec, key: str, num_samples: int, frames: int) -> None:
+    """Raises when ``frames`` breaks the frame contract: a bug, never a warning."""
+    expected = spec.contract.frames(num_samples)
+    if frames != expected:
+        raise RuntimeError(
+            f"{key}: {frames} feature frames for {num_samples} samples, expected {expected} "
+            f"at {spec.frame_rate:g} Hz ({spec.extractor})"
+        )
 
 
 @ray.remote(num_cpus=1)

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from shards.atomic import write_atomic, write_parquet_atomic
+from shards.atomic import write_atomic, write_npy_atomic, write_parquet_atomic
 from shards.root import RootLayout
 
 from .feature_store import FeatureStore
@@ -301,7 +301,7 @@ def _fit_pca(parts, out: str, options: StageOptions) -> PCA:
 
 
 def _commit(out, store, config, km: KMeans, options, pca_meta, rows, dim, started) -> dict:
-    write_atomic(os.path.join(out, "centroids.npy"), _npy(km.cluster_centers_))
+    write_npy_atomic(os.path.join(out, "centroids.npy"), km.cluster_centers_.astype(np.float32))
     table = pa.Table.from_pylist([dataclasses.asdict(s) for s in km.iterations_])
     write_parquet_atomic(os.path.join(out, "iterations.parquet"), table)
     if options.fairseq_export:
@@ -347,14 +347,6 @@ def export_fairseq(centroids: np.ndarray, path: str) -> None:
     buffer = io.BytesIO()
     joblib.dump(types.SimpleNamespace(cluster_centers_=np.asarray(centroids, np.float32)), buffer)
     write_atomic(path, buffer.getvalue())
-
-
-def _npy(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32))
-    return buffer.getvalue()
 
 
 def _read_json(path: str) -> dict | None:

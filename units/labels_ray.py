@@ -11,7 +11,6 @@ nothing. Units must have exactly the frames the frame contract gives for the utt
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,8 @@ from shards.atomic import fsync_dir, remove_temps, write_atomic, write_parquet_a
 from shards.root import RootLayout
 
 from . import extractors
-from .features_ray import decode_rows
+from .fairseq_checkpoint import sha256_file
+from .features_ray import batches, check_frames, decode_rows
 from .labels import LABEL_REJECTS, LABELS, KMeansModel, LabelError, LabelLayout, extractor_options
 
 log = logging.getLogger(__name__)
@@ -50,19 +50,14 @@ class LabelWorker:
         final = layout.units_path(shard)
         remove_temps(final)
         out, rejects = [], []
-        batch, seconds = [], 0.0
-        for row, (wav, error) in zip(rows, decode_rows(root, rows), strict=True):
-            if error is not None:
-                rejects.append(
-                    {"key": row["key"], "shard": shard, "reason": "corrupt_audio", "message": error}
-                )
-                continue
-            batch.append((row, wav))
-            seconds += len(wav) / 16_000
-            if seconds >= self.batch_seconds:
-                out += self._label(batch, shard)
-                batch, seconds = [], 0.0
-        out += self._label(batch, shard)
+
+        def reject(row: dict, error: str) -> None:
+            rejects.append(
+                {"key": row["key"], "shard": shard, "reason": "corrupt_audio", "message": error}
+            )
+
+        for batch in batches(rows, decode_rows(root, rows), self.batch_seconds, reject):
+            out += self._label(batch, shard)
         write_parquet_atomic(final, out, LABELS, sync_dir=False)
         write_parquet_atomic(layout.rejects_path(shard), rejects, LABEL_REJECTS, sync_dir=False)
         fsync_dir(layout.units_dir)
@@ -77,18 +72,11 @@ class LabelWorker:
         return dict(record, written=True)
 
     def _label(self, batch: list, shard: str) -> list[dict]:
-        if not batch:
-            return []
         spec = self.model.spec
         features = self.extractor([wav for _, wav in batch])
         out = []
         for (row, _), feats in zip(batch, features, strict=True):
-            expected = spec.contract.frames(row["num_samples"])
-            if len(feats) != expected:  # A broken frame contract is a bug, never a warning.
-                raise RuntimeError(
-                    f"{row['key']}: {len(feats)} feature frames for {row['num_samples']} "
-                    f"samples, expected {expected} at {spec.frame_rate} Hz"
-                )
+            check_frames(spec, row["key"], row["num_samples"], len(feats))
             units = self.model.units(feats)
             out.append(
                 {
@@ -139,7 +127,7 @@ def run(
         "spec": model.meta["spec"],
         "k": int(len(model.centroids)),
         "pca": model.meta.get("pca"),
-        "manifest_sha256": _sha256(manifest),
+        "manifest_sha256": sha256_file(manifest),
     }
     plan_path = layout.path("plan.json")
     if os.path.exists(plan_path):
@@ -180,11 +168,3 @@ def run(
     meta["hours"] = sum(r["duration"] for r in rows) / 3600
     write_atomic(layout.path("meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
     return dict(meta, shards_written=len(pending), wall_seconds=time.monotonic() - started)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

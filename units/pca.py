@@ -22,6 +22,8 @@ import os
 
 import numpy as np
 
+from shards.atomic import write_npy_atomic
+
 from . import kmeans_parts
 from .kmeans_parts import DataError, LocalParts
 
@@ -97,8 +99,6 @@ class PCA:
     def save(self, directory: str) -> dict[str, str]:
         """Writes ``pca_mean.npy``, ``pca_components.npy``, ``pca_variance.npy`` and the
         wav2vec-U pair; returns the paths by role."""
-        from shards.atomic import write_atomic
-
         self._check()
         paths = {}
         for role, array in (
@@ -107,15 +107,13 @@ class PCA:
             ("variance", self.explained_variance_),
         ):
             paths[role] = os.path.join(directory, f"pca_{role}.npy")
-            write_atomic(paths[role], _npy(array))
+            write_npy_atomic(paths[role], array)
         paths.update(self.save_wav2vec_u(directory))
         return paths
 
     def save_wav2vec_u(self, directory: str) -> dict[str, str]:
         """``{dim}_pca_A.npy`` (d_in, d_out) and ``{dim}_pca_b.npy`` (d_out,), float32, so
         that ``x @ A + b`` equals :meth:`transform` (wav2vec-U's ``apply_pca.py``)."""
-        from shards.atomic import write_atomic
-
         a = self.matrix()
         b = -self.mean_ @ a
         dim = self.n_components
@@ -123,8 +121,8 @@ class PCA:
             "wav2vec_u_A": os.path.join(directory, f"{dim}_pca_A.npy"),
             "wav2vec_u_b": os.path.join(directory, f"{dim}_pca_b.npy"),
         }
-        write_atomic(paths["wav2vec_u_A"], _npy(a.astype(np.float32)))
-        write_atomic(paths["wav2vec_u_b"], _npy(b.astype(np.float32)))
+        write_npy_atomic(paths["wav2vec_u_A"], a.astype(np.float32))
+        write_npy_atomic(paths["wav2vec_u_b"], b.astype(np.float32))
         return paths
 
     @classmethod
@@ -136,11 +134,3 @@ class PCA:
         pca.components_ = components
         pca.explained_variance_ = np.load(os.path.join(directory, "pca_variance.npy"))
         return pca
-
-
-def _npy(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array))
-    return buffer.getvalue()
