@@ -25,6 +25,8 @@ def connect(args) -> None:
     """Starts or joins Ray; keeps every port on loopback for a local instance."""
     import ray
 
+    if ray.is_initialized():  # Called from a program (or test) that already runs Ray.
+        return
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)

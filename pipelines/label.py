@@ -34,6 +34,18 @@ def build_parser():
         "--gpus-per-worker", type=float, default=0, help="GPUs per actor (default: %(default)s)"
     )
     parser.add_argument(
+        "--extractor",
+        default=None,
+        help="hf:PATH or fairseq:PATH to use instead of the checkpoint path the k-means "
+        "recorded (a moved model); it must compute the same features (sha256, layer)",
+    )
+    parser.add_argument("--layer", type=int, default=None, help="layer, with --extractor")
+    parser.add_argument(
+        "--dedup",
+        action="store_true",
+        help="also store GSLM-style deduplicated units with their durations",
+    )
+    parser.add_argument(
         "--fairseq-splits",
         default=None,
         help="NAME=PERCENT,...: write fairseq's tsv/km/dict for these splits (add up to 100)",
@@ -63,11 +75,16 @@ def parse_splits(text: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging()
-    from units.labels import KMeansModel, LabelError
+    from units import extractors
+    from units.labels import KMeansModel, LabelError, check_spec
 
-    try:  # Before Ray starts: a missing k-means or bad splits are usage errors.
+    requested = None
+    try:  # Before Ray starts: a missing k-means, bad splits, other features: usage errors.
         splits = parse_splits(args.fairseq_splits) if args.fairseq_splits else None
-        KMeansModel.load(args.root, args.kmeans)
+        model = KMeansModel.load(args.root, args.kmeans)
+        if args.extractor is not None:
+            requested = extractors.ExtractorOptions(args.extractor, layer=args.layer)
+            check_spec(args.kmeans, model.spec, extractors.build(requested).spec)
     except (LabelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -81,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             args.name,
             workers=args.workers,
             gpus_per_worker=args.gpus_per_worker,
+            extractor=requested,
+            dedup=args.dedup,
         )
     except LabelError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -83,22 +83,11 @@ def export(
     rows = [r for r in manifest if r["key"] in units]
     splits = assign_splits(rows, percents, by, seed)
     out = layout.path("fairseq")
-    audio = os.path.join(out, "audio")
-    os.makedirs(audio, exist_ok=True)
-    for shard in sorted({r["shard"] for r in rows}):
-        link = os.path.join(audio, f"{shard}.zip")
-        if not os.path.lexists(link):
-            target = os.path.join(RootLayout(root).shards_dir, f"{shard}.tar")
-            os.symlink(os.path.relpath(target, audio), link)
+    audio = link_audio(root, out, rows)
     counts = {}
     for name, members in splits.items():
-        tsv = [audio] + [
-            f"{r['shard']}.zip:{r['offset']}:{r['size']}\t{r['num_samples']}" for r in members
-        ]
-        for line, row in zip(tsv[1:], members, strict=True):
-            _check_reads_back(audio, line, row)
         km = [" ".join(str(u) for u in units[r["key"]]) for r in members]
-        write_atomic(os.path.join(out, f"{name}.tsv"), ("\n".join(tsv) + "\n").encode())
+        write_atomic(os.path.join(out, f"{name}.tsv"), tsv_text(audio, members).encode())
         write_atomic(os.path.join(out, f"{name}.km"), ("\n".join(km) + "\n").encode())
         counts[name] = len(members)
     write_atomic(
@@ -117,6 +106,30 @@ def export(
     }
     write_atomic(os.path.join(out, "export.json"), json.dumps(record, indent=1).encode())
     return record
+
+
+def link_audio(root: str, directory: str, rows: list[dict]) -> str:
+    """``DIRECTORY/audio/NNNNNN.zip`` symlinks to the shard tars the rows live in; returns
+    the audio directory (the first line of a fairseq tsv)."""
+    audio = os.path.join(directory, "audio")
+    os.makedirs(audio, exist_ok=True)
+    for shard in sorted({r["shard"] for r in rows}):
+        link = os.path.join(audio, f"{shard}.zip")
+        if not os.path.lexists(link):
+            target = os.path.join(RootLayout(root).shards_dir, f"{shard}.tar")
+            os.symlink(os.path.relpath(target, audio), link)
+    return audio
+
+
+def tsv_text(audio: str, rows: list[dict]) -> str:
+    """A fairseq audio tsv: the audio root, then ``NNNNNN.zip:OFFSET:SIZE<TAB>SAMPLES`` per
+    row, each line read back and decoded first."""
+    lines = [audio]
+    for row in rows:
+        line = f"{row['shard']}.zip:{row['offset']}:{row['size']}\t{row['num_samples']}"
+        _check_reads_back(audio, line, row)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def _check_reads_back(audio_root: str, line: str, row: dict) -> None:

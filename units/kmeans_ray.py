@@ -27,6 +27,7 @@ import ray
 from shards.atomic import write_atomic, write_npy_atomic, write_parquet_atomic
 from shards.root import RootLayout
 
+from . import project_version
 from .feature_store import FeatureStore
 from .kmeans import CheckpointMismatchError, KMeans, check_finite
 from .kmeans_parts import (
@@ -261,7 +262,7 @@ def run(
         )
         pca_meta = None
         if options.pca is not None:
-            pca = _fit_pca(parts, out, options)
+            pca = fit_pca(parts, os.path.join(out, "pca"), options.pca, options.whiten)
             parts.map(
                 "set_projection", pca.mean_.astype(np.float32), pca.matrix().astype(np.float32)
             )
@@ -282,20 +283,19 @@ def run(
     return _commit(out, store, config, km, options, pca_meta, rows, dim, started)
 
 
-def _fit_pca(parts, out: str, options: StageOptions) -> PCA:
-    directory = os.path.join(out, "pca")
-    if os.path.exists(os.path.join(directory, "pca.json")):  # Committed by an earlier run.
-        pca = PCA.load(directory, whiten=options.whiten)
+def fit_pca(parts, directory: str, dim: int, whiten: bool = False) -> PCA:
+    """Fits a PCA on ``parts`` into ``directory`` (with wav2vec-U's ``{dim}_pca_A/b.npy``),
+    or loads the one an earlier run committed there (``pca.json`` is written last)."""
+    if os.path.exists(os.path.join(directory, "pca.json")):
+        pca = PCA.load(directory, whiten=whiten)
         pca.total_variance_ = _read_json(os.path.join(directory, "pca.json"))["total_variance"]
         return pca
-    pca = PCA(options.pca, whiten=options.whiten).fit(parts)
+    pca = PCA(dim, whiten=whiten).fit(parts)
     os.makedirs(directory, exist_ok=True)
     pca.save(directory)
     write_atomic(
         os.path.join(directory, "pca.json"),
-        json.dumps(
-            {"dim": options.pca, "whiten": options.whiten, "total_variance": pca.total_variance_}
-        ).encode(),
+        json.dumps({"dim": dim, "whiten": whiten, "total_variance": pca.total_variance_}).encode(),
     )
     return pca
 
@@ -327,7 +327,7 @@ def _commit(out, store, config, km: KMeans, options, pca_meta, rows, dim, starte
         "pca": pca_meta,
         "fairseq_export": "kmeans.joblib" if options.fairseq_export else None,
         "wall_seconds": time.monotonic() - started,
-        "version": _version(),
+        "version": project_version(),
     }
     write_atomic(
         os.path.join(out, "kmeans.json"), json.dumps(meta, indent=1, sort_keys=True).encode()
@@ -354,12 +354,3 @@ def _read_json(path: str) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("unitpipe")
-    except PackageNotFoundError:
-        return "unknown"

@@ -40,6 +40,12 @@ LABELS = pa.schema(
     ]
 )
 
+#: With ``dedup``: GSLM-style runs, each unit once with the frames it lasted
+#: (``units == np.repeat(dedup_units, durations)``).
+LABELS_DEDUP = LABELS.append(pa.field("dedup_units", pa.list_(pa.uint16()), nullable=False)).append(
+    pa.field("durations", pa.list_(pa.int32()), nullable=False)
+)
+
 #: Utterances that could not be labelled: the feature store's rejects schema.
 LABEL_REJECTS = FEATURE_REJECTS
 
@@ -83,11 +89,45 @@ class LabelLayout:
         return read_commit(self.commit_path(shard), self.units_path(shard))
 
 
-def extractor_options(spec: FeatureSpec) -> ExtractorOptions:
+def dedup(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of equal units: ``(values, durations)`` with ``np.repeat(values, durations)``
+    equal to ``units`` (GSLM's deduplicated units, durations in frames)."""
+    units = np.asarray(units)
+    if len(units) == 0:
+        return units[:0], np.empty(0, np.int32)
+    starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]])
+    return units[starts], np.diff(np.r_[starts, len(units)]).astype(np.int32)
+
+
+def extractor_options(spec: FeatureSpec, device: str = "cpu") -> ExtractorOptions:
     """The extractor options that rebuild the features a k-means was fitted on."""
     if spec.extractor in ("mfcc", "fbank"):
-        return ExtractorOptions(spec.extractor)
-    return ExtractorOptions(f"{spec.extractor}:{spec.checkpoint}", layer=spec.layer)
+        return ExtractorOptions(spec.extractor, device=device)
+    return ExtractorOptions(f"{spec.extractor}:{spec.checkpoint}", layer=spec.layer, device=device)
+
+
+# The checkpoint path may move; its sha256 says whether it is the same model.
+_SPEC_FIELDS = [f.name for f in dataclasses.fields(FeatureSpec) if f.name != "checkpoint"]
+
+
+def check_spec(kmeans: str, recorded: FeatureSpec, built: FeatureSpec) -> None:
+    """Raises :class:`LabelError` unless ``built`` computes the features ``recorded`` names.
+
+    Every field that decides a feature vector must agree (extractor, dimension, frame
+    contract, checkpoint sha256, layer, waveform normalisation); only the checkpoint's path
+    may differ, so a moved model still labels.
+    """
+    diffs = [
+        f"{name}: k-means {getattr(recorded, name)!r}, extractor {getattr(built, name)!r}"
+        for name in _SPEC_FIELDS
+        if getattr(recorded, name) != getattr(built, name)
+    ]
+    if diffs:
+        raise LabelError(
+            f"k-means {kmeans!r} was fitted on other features than this extractor computes "
+            f"({'; '.join(diffs)}): label with the extractor the k-means recorded, or fit a "
+            "k-means on these features"
+        )
 
 
 @dataclasses.dataclass
@@ -100,6 +140,7 @@ class KMeansModel:
     pca_mean: np.ndarray | None
     pca_matrix: np.ndarray | None
     meta: dict
+    _assigners: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def load(cls, root: str, name: str) -> KMeansModel:
@@ -124,13 +165,18 @@ class KMeansModel:
             raise LabelError(f"k={len(centroids)} does not fit uint16 units")
         return cls(name, FeatureSpec.from_json(meta["spec"]), centroids, mean, matrix, meta)
 
-    def units(self, features: np.ndarray) -> np.ndarray:
-        """uint16 unit per frame of ``features`` (T, dim)."""
+    def units(self, features: np.ndarray, device: str = "cpu") -> np.ndarray:
+        """uint16 unit per frame of ``features`` (T, dim): the PCA, then the nearest centroid.
+
+        ``device="cuda"`` assigns with faiss's GPU index. The assigner is built once per
+        model and device, so callers can label utterance by utterance or in batches.
+        """
         x = np.asarray(features, dtype=np.float32)
         if self.pca_mean is not None:
             x = (x - self.pca_mean) @ self.pca_matrix
         if len(x) == 0:
             return np.empty(0, np.uint16)
-        return Assigner(self.centroids)(np.ascontiguousarray(x), distances=False)[0].astype(
-            np.uint16
-        )
+        if device not in self._assigners:
+            self._assigners[device] = Assigner(self.centroids, device=device)
+        labels = self._assigners[device](np.ascontiguousarray(x), distances=False)[0]
+        return labels.astype(np.uint16)

@@ -11,11 +11,13 @@ nothing. Units must have exactly the frames the frame contract gives for the utt
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 import ray
 from ray.util import ActorPool
@@ -23,10 +25,21 @@ from ray.util import ActorPool
 from shards.atomic import fsync_dir, remove_temps, write_atomic, write_parquet_atomic
 from shards.root import RootLayout
 
-from . import extractors
+from . import extractors, project_version
+from .extractors import ExtractorOptions
 from .fairseq_checkpoint import sha256_file
 from .features_ray import batches, check_frames, decode_rows
-from .labels import LABEL_REJECTS, LABELS, KMeansModel, LabelError, LabelLayout, extractor_options
+from .labels import (
+    LABEL_REJECTS,
+    LABELS,
+    LABELS_DEDUP,
+    KMeansModel,
+    LabelError,
+    LabelLayout,
+    check_spec,
+    dedup,
+    extractor_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +47,35 @@ _MANIFEST_COLUMNS = ["key", "shard", "offset", "size", "num_samples", "duration"
 
 
 class LabelWorker:
-    """Builds the k-means's extractor once and labels audio shards with it."""
+    """Builds the k-means's extractor once and labels audio shards with it.
 
-    def __init__(self, root: str, kmeans: str, batch_seconds: float = 120.0):
+    Args:
+        root: Dataset root.
+        kmeans: Finished k-means name.
+        extractor: Extractor to use instead of the one the k-means recorded (a moved
+            checkpoint, say); it must compute the same features.
+        device: ``cpu``, or ``cuda`` for the model and faiss's GPU index.
+        dedup: Also write GSLM-style deduplicated units with durations.
+        batch_seconds: Padded audio per extractor batch.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        kmeans: str,
+        *,
+        extractor: ExtractorOptions | None = None,
+        device: str = "cpu",
+        dedup: bool = False,
+        batch_seconds: float = 120.0,
+    ):
         self.model = KMeansModel.load(root, kmeans)
-        options = extractor_options(self.model.spec)
-        self.extractor = extractors.build(options)
+        if extractor is None:
+            extractor = extractor_options(self.model.spec)
+        self.extractor = extractors.build(dataclasses.replace(extractor, device=device))
+        check_spec(kmeans, self.model.spec, self.extractor.spec)
+        self.device = device
+        self.dedup = dedup
         self.batch_seconds = batch_seconds
 
     def label_shard(self, root: str, name: str, shard: str, rows: list[dict]) -> dict:
@@ -58,7 +94,8 @@ class LabelWorker:
 
         for batch in batches(rows, decode_rows(root, rows), self.batch_seconds, reject):
             out += self._label(batch, shard)
-        write_parquet_atomic(final, out, LABELS, sync_dir=False)
+        schema = LABELS_DEDUP if self.dedup else LABELS
+        write_parquet_atomic(final, out, schema, sync_dir=False)
         write_parquet_atomic(layout.rejects_path(shard), rejects, LABEL_REJECTS, sync_dir=False)
         fsync_dir(layout.units_dir)
         record = {
@@ -74,19 +111,25 @@ class LabelWorker:
     def _label(self, batch: list, shard: str) -> list[dict]:
         spec = self.model.spec
         features = self.extractor([wav for _, wav in batch])
-        out = []
         for (row, _), feats in zip(batch, features, strict=True):
             check_frames(spec, row["key"], row["num_samples"], len(feats))
-            units = self.model.units(feats)
-            out.append(
-                {
-                    "key": row["key"],
-                    "shard": shard,
-                    "units": units,
-                    "frames": len(units),
-                    "frame_rate": spec.frame_rate,
-                }
-            )
+        # One assignment for the whole batch: a single GEMM (or GPU search) instead of one
+        # per utterance.
+        units = self.model.units(np.concatenate(features), device=self.device)
+        bounds = np.cumsum([0] + [len(f) for f in features])
+        out = []
+        for i, (row, _) in enumerate(batch):
+            mine = units[bounds[i] : bounds[i + 1]]
+            record = {
+                "key": row["key"],
+                "shard": shard,
+                "units": mine,
+                "frames": len(mine),
+                "frame_rate": spec.frame_rate,
+            }
+            if self.dedup:
+                record["dedup_units"], record["durations"] = dedup(mine)
+            out.append(record)
         return out
 
 
@@ -101,22 +144,40 @@ def run(
     *,
     workers: int | None = None,
     gpus_per_worker: float = 0,
+    extractor: ExtractorOptions | None = None,
+    dedup: bool = False,
 ) -> dict:
     """Labels every utterance under ``root`` with k-means ``kmeans`` into ``ROOT/labels/NAME``.
 
     Ray must be initialised.
 
+    Args:
+        root: Dataset root.
+        kmeans: Finished k-means under ``ROOT/kmeans``.
+        name: Label set name.
+        workers: CPU actors (default: one per CPU).
+        gpus_per_worker: GPUs per actor; when the cluster has GPUs, actors run the model
+            and the centroid search on them.
+        extractor: Build this extractor instead of the one the k-means recorded; it must
+            compute the same features (same checkpoint sha256, layer, normalisation).
+        dedup: Also store GSLM-style deduplicated units and their durations.
+
     Raises:
         LabelError: No utterances manifest, no such k-means, an extractor that cannot be
-            rebuilt, or a label set started with another k-means. Nothing is written then.
+            rebuilt or computes other features than the k-means was fitted on, or a label
+            set started with another k-means. Nothing is written then.
     """
     started = time.monotonic()
     root = RootLayout(root).root
     model = KMeansModel.load(root, kmeans)
+    if extractor is None:
+        extractor = extractor_options(model.spec)
     try:
-        extractors.build(extractor_options(model.spec))
+        built = extractors.build(extractor)
     except extractors.ExtractorError as e:
         raise LabelError(f"k-means {kmeans!r}: its features cannot be rebuilt: {e}") from None
+    check_spec(kmeans, model.spec, built.spec)
+    del built
     manifest = RootLayout(root).manifest("utterances.parquet")
     if not os.path.exists(manifest):
         raise LabelError(f"no utterances manifest under {root}: run pipelines.shard first")
@@ -127,7 +188,12 @@ def run(
         "spec": model.meta["spec"],
         "k": int(len(model.centroids)),
         "pca": model.meta.get("pca"),
+        "features": model.meta.get("features"),
+        # Top level as well as in the spec: what the next HuBERT iteration starts from.
+        "checkpoint_sha256": model.spec.checkpoint_sha256,
+        "layer": model.spec.layer,
         "manifest_sha256": sha256_file(manifest),
+        "dedup": dedup,
     }
     plan_path = layout.path("plan.json")
     if os.path.exists(plan_path):
@@ -153,10 +219,16 @@ def run(
     if gpus_per_worker > 0 and resources.get("GPU", 0) >= gpus_per_worker:
         count = int(resources["GPU"] // gpus_per_worker)
         cls = ray.remote(num_gpus=gpus_per_worker, num_cpus=0, **_RETRIES)(LabelWorker)
+        device = "cuda"
     else:
         count = workers or max(1, int(resources.get("CPU", 1)))
         cls = ray.remote(num_cpus=1, **_RETRIES)(LabelWorker)
-    pool = ActorPool([cls.remote(root, kmeans) for _ in range(min(count, len(pending)) or 1)])
+        device = "cpu"
+    actors = [
+        cls.remote(root, kmeans, extractor=extractor, device=device, dedup=dedup)
+        for _ in range(min(count, len(pending)) or 1)
+    ]
+    pool = ActorPool(actors)
     for record in pool.map(lambda a, s: a.label_shard.remote(root, name, s, by_shard[s]), pending):
         log.debug("label shard %s", record)
     totals = {"utterances": 0, "frames": 0, "rejects": 0}
@@ -165,6 +237,7 @@ def run(
         for key in totals:
             totals[key] += record[key]
     meta = dict(lineage, shards=shards, frame_rate=model.spec.frame_rate, **totals)
+    meta["version"] = project_version()
     meta["hours"] = sum(r["duration"] for r in rows) / 3600
     write_atomic(layout.path("meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
     return dict(meta, shards_written=len(pending), wall_seconds=time.monotonic() - started)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import shards
 from shards import synthetic
@@ -14,12 +16,12 @@ from shards.ray_sharding import run as shard
 from units import fairseq_export
 from units.extractors import ExtractorOptions
 from units.features_ray import run as extract
-from units.frames import MFCC
+from units.frames import MFCC, SSL
 from units.kaldi_features import KaldiMFCC
 from units.kmeans import KMeans
 from units.kmeans_ray import StageOptions
 from units.kmeans_ray import run as fit_kmeans
-from units.labels import KMeansModel, LabelError
+from units.labels import KMeansModel, LabelError, dedup
 from units.labels_ray import run as label
 from units.sampling import SampleRequest
 
@@ -145,3 +147,172 @@ def test_a_member_that_fails_to_decode_is_a_reject_and_the_pass_goes_on(root, tm
     assert [(r["key"], r["reason"]) for r in rejects] == [(victim["key"], "corrupt_audio")]
     labelled = ds.dataset(str(copy / "labels" / "bad" / "units")).to_table(columns=["key"])
     assert victim["key"] not in labelled.column("key").to_pylist()
+
+
+def test_dedup_gives_runs_and_durations_that_repeat_back_to_the_units():
+    values, durations = dedup(np.array([3, 3, 3, 7, 1, 1, 3], np.uint16))
+    assert values.tolist() == [3, 7, 1, 3] and durations.tolist() == [3, 1, 2, 1]
+    assert values.dtype == np.uint16 and durations.dtype == np.int32
+    empty = dedup(np.array([], np.uint16))
+    assert len(empty[0]) == len(empty[1]) == 0
+
+
+def test_dedup_column_and_lineage_in_meta(root):
+    meta = label(str(root), "km8", "gslm", dedup=True)
+    assert meta["dedup"] is True and meta["version"] not in ("", None)
+    assert meta["manifest_sha256"] and meta["kmeans_fingerprint"]
+    assert meta["features"] == "mfcc" and meta["layer"] is None
+    rows = ds.dataset(str(root / "labels" / "gslm" / "units")).to_table().to_pylist()
+    assert len(rows) == 10
+    for row in rows:
+        np.testing.assert_array_equal(np.repeat(row["dedup_units"], row["durations"]), row["units"])
+        assert np.all(np.diff(np.asarray(row["dedup_units"], np.int64)) != 0)
+
+
+def test_hugging_face_datasets_and_pyarrow_read_the_labels_and_join_the_manifest(
+    root, tmp_path, monkeypatch
+):
+    import datasets
+    import pyarrow.compute as pc
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    label(str(root), "km8", "hf")
+    units_dir = root / "labels" / "hf" / "units"
+    (units_dir / ".000000.parquet.tmp-left-by-a-kill").write_bytes(b"not parquet")
+    hf = datasets.load_dataset(
+        "parquet", data_dir=str(units_dir), split="train", cache_dir=str(tmp_path / "cache")
+    )
+    expected = ds.dataset(str(units_dir), format="parquet").to_table()
+    assert hf.num_rows == expected.num_rows == 10
+    assert sorted(hf["key"]) == sorted(expected.column("key").to_pylist())
+    by_key = {r["key"]: r for r in expected.to_pylist()}
+    for row in hf:
+        assert row["units"] == by_key[row["key"]]["units"]
+        assert row["frames"] == len(row["units"])
+    manifest = ds.dataset(str(root / "manifest" / "utterances.parquet")).to_table()
+    # Acero joins carry no list columns: the units come back by key after the join.
+    joined = expected.select(["key", "frames"]).join(manifest, keys="key", join_type="inner")
+    assert joined.num_rows == 10
+    want = pc.cast(
+        pc.add(pc.floor(pc.divide(pc.subtract(joined["num_samples"], 400), 160)), 1), pa.int32()
+    )
+    assert joined["frames"].to_pylist() == want.to_pylist()
+
+
+def _fairseq_label_checks(tsv: str, km: str, dictionary: str, label_rate: float, tol=0.1):
+    """What fairseq's HubertDataset does on load: ``load_audio`` reads the tsv (root line,
+    then ``path<TAB>samples``), ``load_label`` asserts one label line per kept audio line,
+    ``verify_label_lengths`` compares durations (here an error past ``tol`` seconds, where
+    fairseq only warns), and ``Dictionary.load`` must know every unit."""
+    lines = open(tsv).read().splitlines()[1:]
+    sizes = [int(line.split("\t")[1]) for line in lines]
+    labels = open(km).read().splitlines()
+    assert len(labels) == len(sizes), (
+        f"number of labels does not match ({len(labels)} != {len(sizes)})"
+    )
+    symbols = {line.split()[0] for line in open(dictionary).read().splitlines()}
+    for i, (size, line) in enumerate(zip(sizes, labels, strict=True)):
+        units = line.split()
+        assert abs(size / 16000 - len(units) / label_rate) <= tol, f"line {i}: durations differ"
+        assert set(units) <= symbols, f"line {i}: units missing from {dictionary}"
+    return len(sizes)
+
+
+def test_the_export_passes_fairseqs_label_checks(root):
+    label(str(root), "km8pca", "checks")
+    record = fairseq_export.export(str(root), "checks", {"train": 60, "valid": 20, "test": 20})
+    out = root / "labels" / "checks" / "fairseq"
+    total = 0
+    for split in record["splits"]:
+        total += _fairseq_label_checks(
+            out / f"{split}.tsv", out / f"{split}.km", out / "dict.km.txt", record["label_rate"]
+        )
+    assert total == 10
+    # And the checks do catch a label rate that is off by two (fairseq#5097).
+    with pytest.raises(AssertionError, match="durations differ"):
+        _fairseq_label_checks(out / "train.tsv", out / "train.km", out / "dict.km.txt", 50.0)
+
+
+def test_resume_after_lost_shards_equals_the_uninterrupted_run(root):
+    label(str(root), "km8", "whole")
+    whole = root / "labels" / "whole"
+    reference = {p.name: p.read_bytes() for p in (whole / "units").iterdir()}
+    assert len(reference) >= 2
+    import shutil
+
+    shutil.copytree(whole, root / "labels" / "cut")
+    cut = root / "labels" / "cut"
+    # A kill after a shard's Parquet was written but before its commit, and another
+    # before anything: the first shard's Parquet stays without a commit, a temp is left.
+    first, second = sorted(reference)[:2]
+    (cut / "commits" / first.replace(".parquet", ".json")).unlink()
+    (cut / "commits" / second.replace(".parquet", ".json")).unlink()
+    (cut / "units" / second).rename(cut / "units" / f".{second}.tmp-1234")
+    (cut / "meta.json").unlink()
+    meta = label(str(root), "km8", "cut")
+    assert meta["shards_written"] == 2
+    got = {p.name: p.read_bytes() for p in (cut / "units").iterdir()}
+    assert got == reference  # Same files, byte for byte; no temp left behind.
+
+
+@pytest.fixture(scope="module")
+def hubert(root, tmp_path_factory):
+    """A tiny random HuBERT saved locally, its layer-2 features and a k=4 k-means on them."""
+    from transformers import HubertConfig, HubertModel
+
+    torch.manual_seed(0)
+    config = HubertConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
+    directory = tmp_path_factory.mktemp("hubert")
+    HubertModel(config).save_pretrained(directory)
+    options = ExtractorOptions(f"hf:{directory}", layer=2)
+    extract(str(root), "hubert2", options, SampleRequest(percent=50, seed=0))
+    fit_kmeans(str(root), "hubert2", "h4", KMeans(4, seed=0, block_rows=256), StageOptions())
+    return directory
+
+
+def test_ssl_labels_follow_the_50hz_contract_on_odd_lengths(root, hubert):
+    from units.ssl import SSLExtractor, load_hf
+
+    meta = label(str(root), "h4", "h4")
+    assert meta["frame_rate"] == 50.0 and meta["layer"] == 2 and meta["checkpoint_sha256"]
+    manifest = pq.read_table(root / "manifest" / "utterances.parquet").to_pylist()
+    assert any(r["num_samples"] % 2 for r in manifest)  # Odd lengths are in the corpus,
+    assert any(r["num_samples"] % 320 for r in manifest)  # and lengths off the hop.
+    labels = {
+        r["key"]: r
+        for r in ds.dataset(str(root / "labels" / "h4" / "units")).to_table().to_pylist()
+    }
+    model, direct = KMeansModel.load(str(root), "h4"), SSLExtractor(load_hf(hubert), 2)
+    index = shards.Index(str(root))
+    for row in manifest:
+        got = labels[row["key"]]
+        assert got["frames"] == len(got["units"]) == SSL.frames(row["num_samples"])
+        feats = direct([index.get(row["key"]).waveform])[0]
+        np.testing.assert_array_equal(got["units"], model.units(feats))
+
+
+def test_an_extractor_with_other_features_is_refused_and_a_moved_one_is_not(root, hubert, tmp_path):
+    import shutil
+
+    with pytest.raises(LabelError, match=r"layer: k-means 2, extractor 3"):
+        label(str(root), "h4", "other", extractor=ExtractorOptions(f"hf:{hubert}", layer=3))
+    with pytest.raises(LabelError, match=r"extractor: k-means 'mfcc', extractor 'fbank'"):
+        label(str(root), "km8", "other", extractor=ExtractorOptions("fbank"))
+    assert not (root / "labels" / "other").exists()
+    moved = tmp_path / "moved"
+    shutil.copytree(hubert, moved)
+    label(str(root), "h4", "moved", extractor=ExtractorOptions(f"hf:{moved}", layer=2))
+    a, b = (
+        ds.dataset(str(root / "labels" / n / "units")).to_table().sort_by("key")
+        for n in ("h4", "moved")
+    )
+    assert a.column("units").equals(b.column("units"))

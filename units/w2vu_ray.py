@@ -1,0 +1,369 @@
+"""wav2vec-U preparation on Ray: cluster, PCA, then a streaming pass over every audio shard.
+
+1. k-means with ``k`` clusters on the layer features of a feature store (``ROOT/kmeans/
+   NAME-clsK``, resumable like any k-means stage), on the features before the PCA, as
+   fairseq's ``CLUS128``.
+2. A PCA to ``pca_dim`` on the same store (``ROOT/w2vu/NAME/pca``).
+3. For every audio shard: decode, layer features with exactly the store's spec (the same
+   model, layer and waveform normalisation as the fits), cluster ids, PCA, merge runs, mean
+   pool (:mod:`units.w2vu`); one ``.npy`` and one Parquet per shard, committed atomically.
+4. Splits (seeded, by utterance or speaker) assembled shard by shard into ``{split}.npy``,
+   ``{split}.lengths`` and ``{split}.tsv``, each renamed into place when whole; ``meta.json``
+   last.
+
+A rerun skips every finished step and committed shard; a finished run does nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import ray
+from ray.util import ActorPool
+
+from shards.atomic import (
+    fsync_dir,
+    read_commit,
+    remove_temps,
+    temp_path,
+    write_atomic,
+    write_npy_atomic,
+    write_parquet_atomic,
+)
+from shards.root import RootLayout
+
+from . import extractors, project_version
+from .fairseq_checkpoint import sha256_file
+from .fairseq_export import assign_splits, link_audio, tsv_text
+from .feature_store import FeatureStore
+from .features_ray import batches, check_frames, decode_rows
+from .kmeans import KMeans
+from .kmeans_parts import DataError
+from .kmeans_ray import StageOptions, distribute, fit_pca
+from .kmeans_ray import run as fit_kmeans
+from .labels import LABEL_REJECTS, KMeansModel, check_spec, extractor_options
+from .w2vu import W2VU_ROWS, W2VUPrep
+
+log = logging.getLogger(__name__)
+
+_MANIFEST_COLUMNS = ["key", "shard", "offset", "size", "num_samples", "duration", "speaker"]
+
+
+class W2VUError(ValueError):
+    """A request that cannot work; raised before anything is written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class W2VUOptions:
+    """What the preparation computes and how it runs.
+
+    Attributes:
+        k: Clusters for merging (fairseq's ``CLUS128``).
+        pca_dim: PCA output dimension.
+        rate: Mean-pool subsample rate.
+        remove_extra: Drop frames that do not pool evenly instead of padding with the last.
+        seed: k-means seed.
+        workers: CPU actors (default: one per CPU).
+        gpus_per_worker: GPUs per actor when the cluster has GPUs.
+    """
+
+    k: int = 128
+    pca_dim: int = 512
+    rate: float = 0.5
+    remove_extra: bool = False
+    seed: int = 0
+    workers: int | None = None
+    gpus_per_worker: float = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class W2VULayout:
+    """Paths under ``ROOT/w2vu/NAME``."""
+
+    root: str
+    name: str
+
+    @property
+    def directory(self) -> str:
+        return os.path.join(self.root, "w2vu", self.name)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.directory, *parts)
+
+    def make_dirs(self) -> None:
+        for sub in ("features", "rows", "rejects", "commits"):
+            os.makedirs(self.path(sub), exist_ok=True)
+
+    def features_path(self, shard: str) -> str:
+        return self.path("features", f"{shard}.npy")
+
+    def rows_path(self, shard: str) -> str:
+        return self.path("rows", f"{shard}.parquet")
+
+    def read_commit(self, shard: str) -> dict | None:
+        return read_commit(self.path("commits", f"{shard}.json"), self.rows_path(shard))
+
+
+class W2VUWorker:
+    """Rebuilds the store's extractor once and prepares audio shards with it."""
+
+    def __init__(self, root: str, name: str, kmeans: str, options: W2VUOptions, device: str):
+        self.model = KMeansModel.load(root, kmeans)
+        self.extractor = extractors.build(extractor_options(self.model.spec, device))
+        check_spec(kmeans, self.model.spec, self.extractor.spec)
+        self.prep = W2VUPrep.load(
+            W2VULayout(root, name).path("pca"),
+            options.pca_dim,
+            rate=options.rate,
+            remove_extra=options.remove_extra,
+        )
+        self.device = device
+
+    def prepare_shard(self, root: str, name: str, shard: str, rows: list[dict]) -> dict:
+        layout = W2VULayout(root, name)
+        done = layout.read_commit(shard)
+        if done is not None:
+            return dict(done, written=False)
+        for path in (layout.features_path(shard), layout.rows_path(shard)):
+            remove_temps(path)
+        pooled, out, rejects, row = [], [], [], 0
+
+        def reject(item: dict, error: str) -> None:
+            rejects.append(
+                {"key": item["key"], "shard": shard, "reason": "corrupt_audio", "message": error}
+            )
+
+        for batch in batches(rows, decode_rows(root, rows), 120.0, reject):
+            features = self.extractor([wav for _, wav in batch])
+            for (item, _), feats in zip(batch, features, strict=True):
+                check_frames(self.model.spec, item["key"], item["num_samples"], len(feats))
+            clusters = self.model.units(np.concatenate(features), device=self.device)
+            bounds = np.cumsum([0] + [len(f) for f in features])
+            for i, (item, _) in enumerate(batch):
+                ids = clusters[bounds[i] : bounds[i + 1]]
+                x = self.prep(features[i], ids)
+                pooled.append(x)
+                out.append(
+                    {
+                        "key": item["key"],
+                        "shard": shard,
+                        "clusters": ids,
+                        "frames": len(ids),
+                        "row": row,
+                        "length": len(x),
+                    }
+                )
+                row += len(x)
+        dim = len(self.prep.pca_b)
+        array = np.concatenate(pooled) if pooled else np.empty((0, dim), np.float32)
+        write_npy_atomic(layout.features_path(shard), array, sync_dir=False)
+        write_parquet_atomic(layout.rows_path(shard), out, W2VU_ROWS, sync_dir=False)
+        write_parquet_atomic(
+            layout.path("rejects", f"{shard}.parquet"), rejects, LABEL_REJECTS, sync_dir=False
+        )
+        fsync_dir(layout.path("features"))
+        fsync_dir(layout.path("rows"))
+        record = {
+            "shard": shard,
+            "utterances": len(out),
+            "rows": int(row),
+            "rejects": len(rejects),
+            "bytes": os.path.getsize(layout.rows_path(shard)),
+        }
+        write_atomic(
+            layout.path("commits", f"{shard}.json"), json.dumps(record, sort_keys=True).encode()
+        )
+        return dict(record, written=True)
+
+
+_RETRIES = {"max_restarts": 3, "max_task_retries": 3}
+
+
+def run(
+    root: str,
+    features: str,
+    name: str,
+    splits: dict[str, float],
+    *,
+    by: str = "utterance",
+    split_seed: int = 0,
+    options: W2VUOptions = W2VUOptions(),
+) -> dict:
+    """Prepares wav2vec-U features for every utterance under ``root`` into ``ROOT/w2vu/NAME``.
+
+    Ray must be initialised.
+
+    Args:
+        root: Dataset root.
+        features: Feature store of the layer features that the k-means and PCA are fitted on
+            (``pipelines.features --extractor ... --layer 14``); its spec decides the
+            features of the pass.
+        name: Output name.
+        splits: Split name to percent (adding up to 100).
+        by: ``utterance`` or ``speaker``.
+        split_seed: Seed of the split draw.
+        options: See :class:`W2VUOptions`.
+
+    Raises:
+        W2VUError: A missing store or manifest, a PCA wider than the features, splits that
+            do not add up or would be empty, or an output started with other settings.
+    """
+    started = time.monotonic()
+    root = RootLayout(root).root
+    layout = W2VULayout(root, name)
+    splits = {split: float(percent) for split, percent in splits.items()}
+    try:
+        store = FeatureStore(root, features)
+    except FileNotFoundError as e:
+        raise W2VUError(str(e)) from None
+    if options.remove_extra and options.rate != 0.5:
+        raise W2VUError(f"--remove-extra pools evenly at rate 0.5 only, not {options.rate}")
+    if not 1 <= options.pca_dim <= store.dim:
+        raise W2VUError(
+            f"--pca-dim {options.pca_dim} must be between 1 and the feature dimension {store.dim}"
+        )
+    manifest_path = RootLayout(root).manifest("utterances.parquet")
+    manifest = pq.read_table(manifest_path, columns=_MANIFEST_COLUMNS).to_pylist()
+    try:
+        assign_splits(manifest, splits, by, split_seed)  # Fails early on bad or empty splits.
+    except ValueError as e:
+        raise W2VUError(str(e)) from None
+    kmeans = f"{name}-cls{options.k}"
+    plan = {
+        "features": features,
+        "spec": store.meta["spec"],
+        "kmeans": kmeans,
+        "options": {
+            f.name: getattr(options, f.name)
+            for f in dataclasses.fields(options)
+            if f.name not in ("workers", "gpus_per_worker")
+        },
+        "splits": splits,
+        "split_by": by,
+        "split_seed": split_seed,
+        "manifest_sha256": sha256_file(manifest_path),
+    }
+    saved = _read_json(layout.path("plan.json"))
+    if saved is not None and saved != plan:
+        raise W2VUError(
+            f"w2vu {name!r} under {root} was started with other settings; use another --name"
+        )
+    done = _read_json(layout.path("meta.json"))
+    if done is not None:
+        return dict(done, shards_written=0)
+    layout.make_dirs()
+    write_atomic(layout.path("plan.json"), json.dumps(plan, indent=1, sort_keys=True).encode())
+
+    stage = StageOptions(workers=options.workers, gpus_per_worker=options.gpus_per_worker)
+    fit_kmeans(root, features, kmeans, KMeans(options.k, seed=options.seed), stage)
+    if _read_json(layout.path("pca", "pca.json")) is None:
+        parts = distribute(store, workers=options.workers, gpus_per_worker=0)
+        try:
+            fit_pca(parts, layout.path("pca"), options.pca_dim)
+        except DataError as e:
+            raise W2VUError(f"feature store {features!r}: {e}") from None
+        finally:
+            parts.shutdown()
+
+    by_shard: dict[str, list[dict]] = collections.defaultdict(list)
+    for row in manifest:
+        by_shard[row["shard"]].append(row)
+    shards = sorted(by_shard)
+    pending = [s for s in shards if layout.read_commit(s) is None]
+    if pending:
+        _pass(root, name, kmeans, options, pending, by_shard)
+    meta = _assemble(root, layout, plan, shards, manifest, splits, by, split_seed)
+    return dict(meta, shards_written=len(pending), wall_seconds=time.monotonic() - started)
+
+
+def _pass(root, name, kmeans, options, pending, by_shard) -> None:
+    resources = ray.cluster_resources()
+    if options.gpus_per_worker > 0 and resources.get("GPU", 0) >= options.gpus_per_worker:
+        count = int(resources["GPU"] // options.gpus_per_worker)
+        cls = ray.remote(num_gpus=options.gpus_per_worker, num_cpus=0, **_RETRIES)(W2VUWorker)
+        device = "cuda"
+    else:
+        count = options.workers or max(1, int(resources.get("CPU", 1)))
+        cls = ray.remote(num_cpus=1, **_RETRIES)(W2VUWorker)
+        device = "cpu"
+    actors = [
+        cls.remote(root, name, kmeans, options, device) for _ in range(min(count, len(pending)))
+    ]
+    pool = ActorPool(actors)
+    for record in pool.map(
+        lambda a, s: a.prepare_shard.remote(root, name, s, by_shard[s]), pending
+    ):
+        log.debug("w2vu shard %s", record)
+
+
+def _assemble(root, layout, plan, shards, manifest, splits, by, split_seed) -> dict:
+    """Concatenates the committed shards into the split files, in manifest order."""
+    table = ds.dataset(
+        [layout.rows_path(s) for s in shards], schema=W2VU_ROWS, format="parquet"
+    ).to_table(columns=["key", "shard", "row", "length"])
+    placed = {r["key"]: r for r in table.to_pylist()}
+    rows = [r for r in manifest if r["key"] in placed]
+    try:
+        members = assign_splits(rows, splits, by, split_seed)
+    except ValueError as e:
+        raise W2VUError(f"after the pass: {e}") from None
+    audio = link_audio(root, layout.directory, rows)
+    dim = plan["options"]["pca_dim"]
+    counts = {}
+    for split, chosen in members.items():
+        lengths = [placed[r["key"]]["length"] for r in chosen]
+        _write_split_npy(layout, split, chosen, placed, sum(lengths), dim)
+        write_atomic(layout.path(f"{split}.lengths"), "".join(f"{n}\n" for n in lengths).encode())
+        write_atomic(layout.path(f"{split}.tsv"), tsv_text(audio, chosen).encode())
+        counts[split] = {"utterances": len(chosen), "frames": int(sum(lengths))}
+    rejects = len(manifest) - len(rows)
+    meta = dict(
+        plan,
+        splits_written=counts,
+        utterances=len(rows),
+        rejects=rejects,
+        hours=sum(r["duration"] for r in rows) / 3600,
+        pca_dir=layout.path("pca"),
+        version=project_version(),
+    )
+    write_atomic(layout.path("meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
+    return meta
+
+
+def _write_split_npy(layout, split, chosen, placed, total, dim) -> None:
+    """Streams each shard's rows of the split into one ``.npy``, renamed into place whole;
+    one shard's array is mapped at a time, so memory stays flat however large the split."""
+    final = layout.path(f"{split}.npy")
+    remove_temps(final)
+    tmp = temp_path(final)
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
+    at, current, source = 0, None, None
+    for row in chosen:
+        place = placed[row["key"]]
+        if place["shard"] != current:
+            current = place["shard"]
+            source = np.load(layout.features_path(current), mmap_mode="r")
+        n = place["length"]
+        out[at : at + n] = source[place["row"] : place["row"] + n]
+        at += n
+    out.flush()
+    del out, source
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(layout.directory)
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
