@@ -166,27 +166,45 @@ class StoreSource:
         ).hexdigest()
 
 
+def _faiss_has_gpu() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
 class Assigner:
-    """Nearest centroid by squared L2: a chunked BLAS GEMM argmin, or faiss on a GPU."""
+    """Nearest centroid by squared L2: a chunked BLAS GEMM argmin on CPU; on a GPU, faiss's
+    flat GPU index, or the same GEMM argmin in torch where faiss has no GPU build (a node
+    with faiss-cpu, or a CUDA that faiss-gpu's wheels do not support)."""
 
     def __init__(self, centroids: np.ndarray, device: str = "cpu"):
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.device = device
+        self._index = self._torch = None
         if device == "cpu":
             self._ct_m2 = np.ascontiguousarray(-2 * self.centroids.T)
             self._norms = (self.centroids.astype(np.float64) ** 2).sum(1).astype(np.float32)
-        else:
+        elif _faiss_has_gpu():
             import faiss
 
             self._res = faiss.StandardGpuResources()
             self._index = faiss.GpuIndexFlatL2(self._res, self.centroids.shape[1])
             self._index.add(self.centroids)
+        else:
+            import torch
+
+            c = torch.from_numpy(self.centroids).to(device)
+            self._torch = (-2 * c.T).contiguous(), (c.double() ** 2).sum(1).float()
 
     def __call__(self, x: np.ndarray, distances: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Labels (int64) and, if asked, squared distances (float32, GEMM expansion)."""
-        if self.device != "cpu":
+        if self._index is not None:
             dist, labels = self._index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
             return labels[:, 0].astype(np.int64), dist[:, 0]
+        if self._torch is not None:
+            return self._torch_search(x, distances)
         labels = np.empty(len(x), np.int64)
         dist = np.empty(len(x), np.float32) if distances else None
         buffer = np.empty((min(CHUNK_ROWS, len(x)), len(self.centroids)), np.float32)
@@ -202,6 +220,29 @@ class Assigner:
             dist += np.einsum("ij,ij->i", x, x)
             np.maximum(dist, 0, out=dist)
         return labels, dist
+
+    def _torch_search(self, x: np.ndarray, distances: bool) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        ct_m2, norms = self._torch
+        labels, dist = [], []
+        # Full float32 matmuls (no TF32), so the argmin is the CPU GEMM's up to rounding.
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            for s in range(0, len(x), CHUNK_ROWS):
+                chunk = torch.from_numpy(np.ascontiguousarray(x[s : s + CHUNK_ROWS]))
+                chunk = chunk.to(ct_m2.device, torch.float32)
+                best, lab = torch.addmm(norms, chunk, ct_m2).min(1)
+                labels.append(lab.cpu())
+                if distances:
+                    dist.append((best + (chunk * chunk).sum(1)).clamp_(min=0).cpu())
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        out = torch.cat(labels).numpy().astype(np.int64) if labels else np.empty(0, np.int64)
+        if not distances:
+            return out, None
+        return out, torch.cat(dist).numpy() if dist else np.empty(0, np.float32)
 
 
 def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -463,7 +504,12 @@ class LocalParts:
 
     @classmethod
     def from_array(
-        cls, x: np.ndarray, *, parts: int = 1, block_rows: int = DEFAULT_BLOCK_ROWS
+        cls,
+        x: np.ndarray,
+        *,
+        parts: int = 1,
+        block_rows: int = DEFAULT_BLOCK_ROWS,
+        device: str = "cpu",
     ) -> LocalParts:
         if x.ndim != 2:
             raise DataError(f"expected a 2-d array (rows, dim), got shape {x.shape}")
@@ -472,7 +518,8 @@ class LocalParts:
             raise DataError("no rows to cluster: the data is empty")
         source = ArraySource(x)
         ranges = blocks.split(parts)
-        return cls([Part(source, blocks, lo, hi) for lo, hi in ranges], blocks, x.shape[1])
+        members = [Part(source, blocks, lo, hi, device=device) for lo, hi in ranges]
+        return cls(members, blocks, x.shape[1])
 
     def map(self, method: str, *args) -> list:
         """Calls ``method(*args)`` on every part; results in part order."""
