@@ -31,7 +31,10 @@ def build_parser():
     parser.add_argument("--name", required=True, help="label set name (ROOT/labels/NAME)")
     parser.add_argument("--workers", type=int, default=None, help="actors (default: all CPUs)")
     parser.add_argument(
-        "--gpus-per-worker", type=float, default=0, help="GPUs per actor (default: %(default)s)"
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per actor (default: 1 when the cluster has GPUs; 0 for CPUs only)",
     )
     parser.add_argument(
         "--extractor",

@@ -65,7 +65,12 @@ def build_parser():
     )
     parser.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="actors (default: all CPUs)")
-    parser.add_argument("--gpus-per-worker", type=float, default=0, help="(default: %(default)s)")
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per actor (default: 1 when the cluster has GPUs; 0 for CPUs only)",
+    )
     add_ray_arguments(parser)
     return parser
 

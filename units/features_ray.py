@@ -22,13 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from ray.util import ActorPool
 
 from shards.atomic import remove_temps, write_atomic, write_parquet_atomic
 from shards.reader import read_audio
 from shards.root import RootLayout
 
 from . import extractors, feature_store
+from .actors import actor_pool, place
 from .extractor import FeatureSpec
 from .extractors import ExtractorOptions
 from .feature_store import FeatureShardWriter, StoreLayout
@@ -172,7 +172,7 @@ def run(
     options: ExtractorOptions,
     request: SampleRequest,
     *,
-    gpus_per_worker: float = 0,
+    gpus_per_worker: float | None = 0,
     progress: bool = False,
     spec: FeatureSpec | None = None,
 ) -> dict:
@@ -182,6 +182,8 @@ def run(
     and layer, the manifests, the sample) is checked before any work.
 
     Args:
+        gpus_per_worker: GPUs per actor; ``None`` takes one per actor when the cluster has
+            GPUs (see :func:`units.actors.place`); 0 runs on CPUs.
         spec: The spec of the extractor ``options`` name, when the caller already built it
             (saves loading a model on the driver a second time).
 
@@ -230,25 +232,13 @@ def run(
     )
 
 
-# A worker that dies (a lost node, a killed process) is restarted and its shard retried:
-# write_shard is idempotent and commits atomically.
-_RETRIES = {"max_restarts": 3, "max_task_retries": 3}
-
-
 def _write(root, name, options, by_shard, pending, gpus_per_worker, progress) -> float:
     from tqdm import tqdm
 
-    resources = ray.cluster_resources()
-    use_gpu = gpus_per_worker > 0 and resources.get("GPU", 0) >= gpus_per_worker
-    if use_gpu:
-        workers = int(resources["GPU"] // gpus_per_worker)
-        actor_cls = ray.remote(num_gpus=gpus_per_worker, num_cpus=0, **_RETRIES)(FeatureWorker)
-        options = dataclasses.replace(options, device="cuda")
-    else:
-        workers = max(1, int(resources.get("CPU", 1)))
-        actor_cls = ray.remote(num_cpus=1, **_RETRIES)(FeatureWorker)
-    workers = min(workers, len(pending)) or 1
-    pool = ActorPool([actor_cls.remote(options) for _ in range(workers)])
+    placement = place(None, gpus_per_worker)
+    use_gpu = placement.device == "cuda"
+    options = dataclasses.replace(options, device=placement.device)
+    pool = actor_pool(FeatureWorker, placement, len(pending), options)
 
     def submit(actor, shard):
         rows = by_shard[shard]

@@ -19,13 +19,12 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray
-from ray.util import ActorPool
 
 from shards.atomic import fsync_dir, remove_temps, write_atomic, write_parquet_atomic
 from shards.root import RootLayout
 
 from . import extractors, project_version
+from .actors import actor_pool, place
 from .extractors import ExtractorOptions
 from .fairseq_checkpoint import sha256_file
 from .features_ray import batches, check_frames, decode_rows
@@ -133,17 +132,13 @@ class LabelWorker:
         return out
 
 
-# A worker that dies is restarted and its shard retried: label_shard is idempotent.
-_RETRIES = {"max_restarts": 3, "max_task_retries": 3}
-
-
 def run(
     root: str,
     kmeans: str,
     name: str,
     *,
     workers: int | None = None,
-    gpus_per_worker: float = 0,
+    gpus_per_worker: float | None = None,
     extractor: ExtractorOptions | None = None,
     dedup: bool = False,
 ) -> dict:
@@ -156,8 +151,8 @@ def run(
         kmeans: Finished k-means under ``ROOT/kmeans``.
         name: Label set name.
         workers: CPU actors (default: one per CPU).
-        gpus_per_worker: GPUs per actor; when the cluster has GPUs, actors run the model
-            and the centroid search on them.
+        gpus_per_worker: GPUs per actor, for the model and the centroid search (default:
+            one per actor when the cluster has GPUs; 0: CPUs only).
         extractor: Build this extractor instead of the one the k-means recorded; it must
             compute the same features (same checkpoint sha256, layer, normalisation).
         dedup: Also store GSLM-style deduplicated units and their durations.
@@ -215,20 +210,17 @@ def run(
     if not pending and os.path.exists(layout.path("meta.json")):
         with open(layout.path("meta.json")) as f:
             return dict(json.load(f), shards_written=0)
-    resources = ray.cluster_resources()
-    if gpus_per_worker > 0 and resources.get("GPU", 0) >= gpus_per_worker:
-        count = int(resources["GPU"] // gpus_per_worker)
-        cls = ray.remote(num_gpus=gpus_per_worker, num_cpus=0, **_RETRIES)(LabelWorker)
-        device = "cuda"
-    else:
-        count = workers or max(1, int(resources.get("CPU", 1)))
-        cls = ray.remote(num_cpus=1, **_RETRIES)(LabelWorker)
-        device = "cpu"
-    actors = [
-        cls.remote(root, kmeans, extractor=extractor, device=device, dedup=dedup)
-        for _ in range(min(count, len(pending)) or 1)
-    ]
-    pool = ActorPool(actors)
+    placement = place(workers, gpus_per_worker)
+    pool = actor_pool(
+        LabelWorker,
+        placement,
+        len(pending),
+        root,
+        kmeans,
+        extractor=extractor,
+        device=placement.device,
+        dedup=dedup,
+    )
     for record in pool.map(lambda a, s: a.label_shard.remote(root, name, s, by_shard[s]), pending):
         log.debug("label shard %s", record)
     totals = {"utterances": 0, "frames": 0, "rejects": 0}

@@ -26,8 +26,6 @@ import time
 import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-import ray
-from ray.util import ActorPool
 
 from shards.atomic import (
     fsync_dir,
@@ -41,6 +39,7 @@ from shards.atomic import (
 from shards.root import RootLayout
 
 from . import extractors, project_version
+from .actors import actor_pool, place
 from .fairseq_checkpoint import sha256_file
 from .fairseq_export import assign_splits, link_audio, tsv_text
 from .feature_store import FeatureStore
@@ -72,7 +71,7 @@ class W2VUOptions:
         remove_extra: Drop frames that do not pool evenly instead of padding with the last.
         seed: k-means seed.
         workers: CPU actors (default: one per CPU).
-        gpus_per_worker: GPUs per actor when the cluster has GPUs.
+        gpus_per_worker: GPUs per actor (default: one when the cluster has GPUs; 0: CPUs).
     """
 
     k: int = 128
@@ -81,7 +80,7 @@ class W2VUOptions:
     remove_extra: bool = False
     seed: int = 0
     workers: int | None = None
-    gpus_per_worker: float = 0
+    gpus_per_worker: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,9 +183,6 @@ class W2VUWorker:
         return dict(record, written=True)
 
 
-_RETRIES = {"max_restarts": 3, "max_task_retries": 3}
-
-
 def run(
     root: str,
     features: str,
@@ -262,7 +258,8 @@ def run(
     layout.make_dirs()
     write_atomic(layout.path("plan.json"), json.dumps(plan, indent=1, sort_keys=True).encode())
 
-    stage = StageOptions(workers=options.workers, gpus_per_worker=options.gpus_per_worker)
+    gpus = place(options.workers, options.gpus_per_worker).options.get("num_gpus", 0)
+    stage = StageOptions(workers=options.workers, gpus_per_worker=gpus)
     fit_kmeans(root, features, kmeans, KMeans(options.k, seed=options.seed), stage)
     if _read_json(layout.path("pca", "pca.json")) is None:
         parts = distribute(store, workers=options.workers, gpus_per_worker=0)
@@ -285,19 +282,10 @@ def run(
 
 
 def _pass(root, name, kmeans, options, pending, by_shard) -> None:
-    resources = ray.cluster_resources()
-    if options.gpus_per_worker > 0 and resources.get("GPU", 0) >= options.gpus_per_worker:
-        count = int(resources["GPU"] // options.gpus_per_worker)
-        cls = ray.remote(num_gpus=options.gpus_per_worker, num_cpus=0, **_RETRIES)(W2VUWorker)
-        device = "cuda"
-    else:
-        count = options.workers or max(1, int(resources.get("CPU", 1)))
-        cls = ray.remote(num_cpus=1, **_RETRIES)(W2VUWorker)
-        device = "cpu"
-    actors = [
-        cls.remote(root, name, kmeans, options, device) for _ in range(min(count, len(pending)))
-    ]
-    pool = ActorPool(actors)
+    placement = place(options.workers, options.gpus_per_worker)
+    pool = actor_pool(
+        W2VUWorker, placement, len(pending), root, name, kmeans, options, placement.device
+    )
     for record in pool.map(
         lambda a, s: a.prepare_shard.remote(root, name, s, by_shard[s]), pending
     ):
