@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
 import pytest
 
 from pipelines import label
+from tests.processes import kill_ray_of
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_help_shows_examples(capsys):
@@ -24,3 +36,76 @@ def test_bad_splits_exit_2(tmp_path, capsys):
     assert label.main([*argv, "--fairseq-splits", "train:99"]) == 2
     assert "is not NAME=PERCENT" in capsys.readouterr().err
     assert label.parse_splits("train=99, valid=1") == {"train": 99.0, "valid": 1.0}
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_pass_resumes_to_the_uninterrupted_labels(tmp_path):
+    """SIGKILL the label driver and its Ray after some shards are committed: the rerun
+    labels only the rest, and every label file equals the uninterrupted run's bytes."""
+    import ray
+
+    from shards import synthetic
+    from shards.plan import ShardingOptions
+    from shards.ray_sharding import run as shard
+    from units.extractors import ExtractorOptions
+    from units.features_ray import run as extract
+    from units.kmeans import KMeans
+    from units.kmeans_ray import run as fit_kmeans
+    from units.sampling import SampleRequest
+
+    corpus, root = tmp_path / "corpus", tmp_path / "root"
+    synthetic.write_librispeech(
+        str(corpus), speakers=4, chapters=1, utterances=6, seconds=(1.0, 3.0)
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        shard([str(corpus)], str(root), ShardingOptions(max_samples=2))  # 12 shards.
+        extract(str(root), "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=50))
+        fit_kmeans(str(root), "mfcc", "km", KMeans(16, seed=0, block_rows=1024))
+    finally:
+        ray.shutdown()
+    ray_tmp = tempfile.mkdtemp(prefix="up-ray-", dir="/tmp")
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=REPO)
+
+    def command(name):
+        return [
+            sys.executable, "-m", "pipelines.label", "--root", str(root), "--kmeans", "km",
+            "--name", name, "--workers", "1", "--num-cpus", "2",
+        ]  # fmt: skip
+
+    def run(name):
+        done = subprocess.run(command(name), env=env, cwd=REPO, capture_output=True, text=True)
+        kill_ray_of(ray_tmp)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    try:
+        run("clean")
+        commits = root / "labels" / "killed" / "commits"
+        log = open(tmp_path / "driver.log", "wb")
+        proc = subprocess.Popen(
+            command("killed"), env=env, cwd=REPO, start_new_session=True, stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 240
+        while not commits.exists() or len(list(commits.glob("*.json"))) < 2:
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no label shard committed in 240 s"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kill_ray_of(ray_tmp)
+        committed = len(list(commits.glob("*.json")))
+        assert 2 <= committed < 12 and not (root / "labels" / "killed" / "meta.json").exists()
+
+        resumed = run("killed")
+        meta = json.loads(resumed.stdout[: resumed.stdout.rindex("}") + 1])
+        assert meta["shards_written"] == 12 - committed
+        clean, killed = (root / "labels" / n / "units" for n in ("clean", "killed"))
+        files = sorted(p.name for p in clean.iterdir())
+        assert len(files) == 12 and sorted(p.name for p in killed.iterdir()) == files
+        for name in files:
+            assert (killed / name).read_bytes() == (clean / name).read_bytes(), name
+        assert "nothing to do" in run("killed").stdout
+    finally:
+        kill_ray_of(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
