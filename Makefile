@@ -35,6 +35,8 @@ bench: install
 	$(PY) bench/shards.py
 	$(PY) bench/features.py
 	$(PY) bench/kmeans.py
+	$(PY) bench/label.py
+	$(PY) bench/gpu.py
 
 lint: install
 	$(PY) -m ruff check shards units pipelines tests bench

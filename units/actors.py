@@ -55,3 +55,9 @@ def actor_pool(cls, placement: Placement, needed: int, *args, **kwargs) -> Actor
     remote = ray.remote(**placement.options)(cls)
     count = max(1, min(placement.count, needed))
     return ActorPool([remote.remote(*args, **kwargs) for _ in range(count)])
+
+
+def longest_first(shards: list[str], rows_by_shard: dict[str, list[dict]]) -> list[str]:
+    """Shards ordered by audio duration, longest first, so that the last ones handed out
+    are short and no actor finishes long after the others (outputs do not depend on it)."""
+    return sorted(shards, key=lambda s: -sum(r["duration"] for r in rows_by_shard[s]))

@@ -24,7 +24,7 @@ from shards.atomic import fsync_dir, remove_temps, write_atomic, write_parquet_a
 from shards.root import RootLayout
 
 from . import extractors, project_version
-from .actors import actor_pool, place
+from .actors import actor_pool, longest_first, place
 from .extractors import ExtractorOptions
 from .fairseq_checkpoint import sha256_file
 from .features_ray import batches, check_frames, decode_rows
@@ -97,6 +97,7 @@ class LabelWorker:
         write_parquet_atomic(final, out, schema, sync_dir=False)
         write_parquet_atomic(layout.rejects_path(shard), rejects, LABEL_REJECTS, sync_dir=False)
         fsync_dir(layout.units_dir)
+        fsync_dir(os.path.dirname(layout.rejects_path(shard)))
         record = {
             "shard": shard,
             "utterances": len(out),
@@ -206,7 +207,7 @@ def run(
     shards = sorted(by_shard)
     layout.make_dirs()
     write_atomic(plan_path, json.dumps(lineage, indent=1, sort_keys=True).encode())
-    pending = [s for s in shards if layout.read_commit(s) is None]
+    pending = longest_first([s for s in shards if layout.read_commit(s) is None], by_shard)
     if not pending and os.path.exists(layout.path("meta.json")):
         with open(layout.path("meta.json")) as f:
             return dict(json.load(f), shards_written=0)

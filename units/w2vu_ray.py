@@ -39,7 +39,7 @@ from shards.atomic import (
 from shards.root import RootLayout
 
 from . import extractors, project_version
-from .actors import actor_pool, place
+from .actors import actor_pool, longest_first, place
 from .fairseq_checkpoint import sha256_file
 from .fairseq_export import assign_splits, link_audio, tsv_text
 from .feature_store import FeatureStore
@@ -170,6 +170,7 @@ class W2VUWorker:
         )
         fsync_dir(layout.path("features"))
         fsync_dir(layout.path("rows"))
+        fsync_dir(layout.path("rejects"))
         record = {
             "shard": shard,
             "utterances": len(out),
@@ -274,7 +275,7 @@ def run(
     for row in manifest:
         by_shard[row["shard"]].append(row)
     shards = sorted(by_shard)
-    pending = [s for s in shards if layout.read_commit(s) is None]
+    pending = longest_first([s for s in shards if layout.read_commit(s) is None], by_shard)
     if pending:
         _pass(root, name, kmeans, options, pending, by_shard)
     meta = _assemble(root, layout, plan, shards, manifest, splits, by, split_seed)

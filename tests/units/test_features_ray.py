@@ -8,12 +8,12 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 import shards
 from shards import synthetic
 from shards.plan import ShardingOptions
 from shards.ray_sharding import run as shard
+from tests.models import save_tiny
 from units.extractors import ExtractorOptions
 from units.feature_store import FeatureStore
 from units.features_ray import FeatureStageError
@@ -86,21 +86,9 @@ def test_two_runs_write_byte_identical_stores(root):
 
 
 def test_a_tiny_hubert_from_a_local_directory_gives_its_layer(root, tmp_path):
-    from transformers import HubertConfig, HubertModel
-
     from units.ssl import SSLExtractor, load_hf
 
-    torch.manual_seed(0)
-    config = HubertConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(16,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-    )
-    HubertModel(config).save_pretrained(tmp_path / "hubert")
+    save_tiny(tmp_path / "hubert")
     options = ExtractorOptions(f"hf:{tmp_path / 'hubert'}", layer=2)
     meta = extract(str(root), "hubert2", options, SampleRequest(percent=25, seed=0))
     assert (meta["spec"]["dim"], meta["spec"]["layer"], meta["spec"]["hop"]) == (32, 2, 320)

@@ -7,12 +7,12 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 import shards
 from shards import synthetic
 from shards.plan import ShardingOptions
 from shards.ray_sharding import run as shard
+from tests.models import save_tiny
 from units import fairseq_export
 from units.extractors import ExtractorOptions
 from units.features_ray import run as extract
@@ -259,20 +259,7 @@ def test_resume_after_lost_shards_equals_the_uninterrupted_run(root):
 @pytest.fixture(scope="module")
 def hubert(root, tmp_path_factory):
     """A tiny random HuBERT saved locally, its layer-2 features and a k=4 k-means on them."""
-    from transformers import HubertConfig, HubertModel
-
-    torch.manual_seed(0)
-    config = HubertConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(16,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-    )
-    directory = tmp_path_factory.mktemp("hubert")
-    HubertModel(config).save_pretrained(directory)
+    directory = save_tiny(tmp_path_factory.mktemp("hubert"))
     options = ExtractorOptions(f"hf:{directory}", layer=2)
     extract(str(root), "hubert2", options, SampleRequest(percent=50, seed=0))
     fit_kmeans(str(root), "hubert2", "h4", KMeans(4, seed=0, block_rows=256), StageOptions())

@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-import torch
 
 from pipelines import w2vu as cli
 from shards import synthetic
 from shards.plan import ShardingOptions
 from shards.ray_sharding import run as shard
+from tests.models import save_tiny
 from units.frames import SSL
 from units.labels import KMeansModel
 from units.w2vu import W2VUPrep, mean_pool, merge_runs
@@ -27,23 +27,7 @@ SPLITS = {"train": 70, "valid": 30}
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random wav2vec 2.0 "large" (layer-normalised front end) saved locally."""
-    from transformers import Wav2Vec2Config, Wav2Vec2Model
-
-    torch.manual_seed(0)
-    config = Wav2Vec2Config(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(16,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-    )
-    directory = tmp_path_factory.mktemp("w2v")
-    Wav2Vec2Model(config).save_pretrained(directory)
-    return directory
+    return save_tiny(tmp_path_factory.mktemp("w2v"), "wav2vec2", large=True)
 
 
 @pytest.fixture(scope="module")
