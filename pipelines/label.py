@@ -60,6 +60,13 @@ def build_parser():
         help="(default: %(default)s)",
     )
     parser.add_argument("--split-seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument(
+        "--fairseq-audio",
+        choices=("shards", "source"),
+        default="shards",
+        help="tsv paths into the shard tars, or the original files where an utterance is a "
+        "whole 16 kHz mono file (default: %(default)s)",
+    )
     add_ray_arguments(parser)
     return parser
 
@@ -119,7 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         from units.fairseq_export import export
 
         try:
-            record = export(args.root, args.name, splits, by=args.split_by, seed=args.split_seed)
+            record = export(
+                args.root,
+                args.name,
+                splits,
+                by=args.split_by,
+                seed=args.split_seed,
+                audio=args.fairseq_audio,
+            )
         except LabelError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -61,9 +61,24 @@ def assign_splits(rows: list[dict], percents: dict[str, float], by: str, seed: i
 
 
 def export(
-    root: str, labels: str, percents: dict[str, float], *, by: str = "utterance", seed: int = 0
+    root: str,
+    labels: str,
+    percents: dict[str, float],
+    *,
+    by: str = "utterance",
+    seed: int = 0,
+    audio: str = "shards",
 ) -> dict:
-    """Writes ``ROOT/labels/LABELS/fairseq/``; returns what ``export.json`` records."""
+    """Writes ``ROOT/labels/LABELS/fairseq/``; returns what ``export.json`` records.
+
+    Args:
+        audio: ``shards``: every tsv line points into a shard tar. ``source``: an utterance
+            that is a whole 16 kHz mono source file that still reads back as the same
+            number of samples is written as that file's path (fairseq reads it directly),
+            the others as ``shards``.
+    """
+    if audio not in ("shards", "source"):
+        raise LabelError(f"audio {audio!r}: use shards or source")
     root = RootLayout(root).root
     layout = LabelLayout(root, labels)
     if not os.path.exists(layout.path("meta.json")):
@@ -78,16 +93,18 @@ def export(
     }
     manifest = pq.read_table(
         RootLayout(root).manifest("utterances.parquet"),
-        columns=["key", "shard", "offset", "size", "num_samples", "speaker"],
+        columns=_EXPORT_COLUMNS,
     ).to_pylist()
     rows = [r for r in manifest if r["key"] in units]
     splits = assign_splits(rows, percents, by, seed)
     out = layout.path("fairseq")
-    audio = link_audio(root, out, rows)
+    audio_dir = link_audio(root, out, rows)
+    sources = _whole_sources(manifest) if audio == "source" else set()
     counts = {}
     for name, members in splits.items():
         km = [" ".join(str(u) for u in units[r["key"]]) for r in members]
-        write_atomic(os.path.join(out, f"{name}.tsv"), tsv_text(audio, members).encode())
+        text = tsv_text(audio_dir, members, sources)
+        write_atomic(os.path.join(out, f"{name}.tsv"), text.encode())
         write_atomic(os.path.join(out, f"{name}.km"), ("\n".join(km) + "\n").encode())
         counts[name] = len(members)
     write_atomic(
@@ -102,6 +119,7 @@ def export(
         "splits": counts,
         "split_by": by,
         "seed": seed,
+        "audio": audio,
         "unlabelled": len(manifest) - len(rows),
     }
     write_atomic(os.path.join(out, "export.json"), json.dumps(record, indent=1).encode())
@@ -121,15 +139,54 @@ def link_audio(root: str, directory: str, rows: list[dict]) -> str:
     return audio
 
 
-def tsv_text(audio: str, rows: list[dict]) -> str:
-    """A fairseq audio tsv: the audio root, then ``NNNNNN.zip:OFFSET:SIZE<TAB>SAMPLES`` per
-    row, each line read back and decoded first."""
-    lines = [audio]
+_EXPORT_COLUMNS = [
+    "key", "shard", "offset", "size", "num_samples", "speaker", "source", "start",
+    "original_sample_rate", "original_channels",
+]  # fmt: skip
+
+
+def _whole_sources(manifest: list[dict]) -> set[str]:
+    """Keys whose utterance is a whole local 16 kHz mono source file of its own."""
+    per_source: dict[str, int] = {}
+    for row in manifest:
+        per_source[row["source"]] = per_source.get(row["source"], 0) + 1
+    return {
+        r["key"]
+        for r in manifest
+        if per_source[r["source"]] == 1
+        and r["start"] == 0
+        and r["original_sample_rate"] == 16000
+        and r["original_channels"] == 1
+        and os.path.isabs(r["source"])
+    }
+
+
+def tsv_text(audio: str, rows: list[dict], sources: set[str] = frozenset()) -> str:
+    """A fairseq audio tsv, each line read back and decoded first.
+
+    The first line is ``/`` when some lines are source files, else the audio directory;
+    lines are ``NNNNNN.zip:OFFSET:SIZE<TAB>SAMPLES`` into the shard tars, or the source
+    file's path for keys in ``sources`` that read back as the manifest's samples.
+    """
+    lines = []
     for row in rows:
+        if row["key"] in sources and _source_reads_back(row):
+            lines.append(f"{row['source']}\t{row['num_samples']}")
+            continue
         line = f"{row['shard']}.zip:{row['offset']}:{row['size']}\t{row['num_samples']}"
         _check_reads_back(audio, line, row)
-        lines.append(line)
-    return "\n".join(lines) + "\n"
+        lines.append(os.path.join(audio, line))
+    # fairseq joins the first line with each path: one root that holds both kinds.
+    top = "/" if sources else audio
+    return "\n".join([top] + [os.path.relpath(line, top) for line in lines]) + "\n"
+
+
+def _source_reads_back(row: dict) -> bool:
+    try:
+        info = sf.info(row["source"])
+    except (OSError, RuntimeError):
+        return False
+    return (info.frames, info.samplerate, info.channels) == (row["num_samples"], 16000, 1)
 
 
 def _check_reads_back(audio_root: str, line: str, row: dict) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -78,15 +80,28 @@ def _fairseq_parse_path(path):
     return _path, [int(i) for i in slice_ptr]
 
 
-def test_fairseq_export_lines_read_back_as_their_audio_with_aligned_units(root):
+def _fairseq_get_audio(audio_root: str, name: str):
+    """HubertDataset.get_audio: ``root/name`` is a file, or ``FILE.zip:OFFSET:LENGTH``."""
     import io
 
     import soundfile as sf
 
+    path, slice_ptr = _fairseq_parse_path(os.path.join(audio_root, name))
+    if not slice_ptr:
+        return sf.read(path, dtype="float32"), None
+    assert path.endswith(".zip")  # HubertDataset.get_audio asserts it.
+    offset, length = slice_ptr
+    with open(path, "rb") as f:  # read_from_stored_zip
+        f.seek(offset)
+        return sf.read(io.BytesIO(f.read(length)), dtype="float32"), (path, offset)
+
+
+@pytest.mark.parametrize("audio", ["shards", "source"])
+def test_fairseq_export_lines_read_back_as_their_audio_with_aligned_units(root, audio):
     label(str(root), "km8", "fs")
-    record = fairseq_export.export(str(root), "fs", {"train": 70, "valid": 30}, seed=1)
+    record = fairseq_export.export(str(root), "fs", {"train": 70, "valid": 30}, seed=1, audio=audio)
     out = root / "labels" / "fs" / "fairseq"
-    assert record["label_rate"] == 100.0 and record["k"] == 8
+    assert record["label_rate"] == 100.0 and record["k"] == 8 and record["audio"] == audio
     assert sum(record["splits"].values()) == 10
     assert (out / "dict.km.txt").read_text().splitlines() == [f"{i} 1" for i in range(8)]
     index = shards.Index(str(root))
@@ -95,7 +110,8 @@ def test_fairseq_export_lines_read_back_as_their_audio_with_aligned_units(root):
         for r in ds.dataset(str(root / "labels" / "fs" / "units")).to_table().to_pylist()
     }
     manifest = pq.read_table(root / "manifest" / "utterances.parquet").to_pylist()
-    by_member = {(r["shard"], r["offset"]): r["key"] for r in manifest}
+    by_member = {(f"{r['shard']}.zip", r["offset"]): r["key"] for r in manifest}
+    by_source = {r["source"]: r["key"] for r in manifest}
     seen = []
     for split in ("train", "valid"):
         tsv = (out / f"{split}.tsv").read_text().splitlines()
@@ -104,12 +120,12 @@ def test_fairseq_export_lines_read_back_as_their_audio_with_aligned_units(root):
         assert len(lines) == len(km) == record["splits"][split]
         for line, units in zip(lines, km, strict=True):
             name, frames = line.split("\t")
-            path, (offset, length) = _fairseq_parse_path(f"{audio_root}/{name}")
-            assert path.endswith(".zip")  # HubertDataset.get_audio asserts it.
-            with open(path, "rb") as f:  # read_from_stored_zip
-                f.seek(offset)
-                wav, rate = sf.read(io.BytesIO(f.read(length)), dtype="float32")
-            key = by_member[(name.split(".zip")[0], offset)]
+            (wav, rate), member = _fairseq_get_audio(audio_root, name)
+            if audio == "shards":
+                key = by_member[(os.path.basename(member[0]), member[1])]
+            else:  # The synthetic corpus is whole 16 kHz mono files: all are sources.
+                assert member is None
+                key = by_source[os.path.join(audio_root, name)]
             assert rate == 16000 and len(wav) == int(frames)
             np.testing.assert_array_equal(wav, index.get(key).waveform)
             assert [int(u) for u in units.split()] == list(labels[key])
