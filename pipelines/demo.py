@@ -1,11 +1,14 @@
-"""The demo job on in-process Ray: generate a small speech-like corpus, shard it, extract
-MFCC features of a seeded sample into a feature store, fit k = 100 units on them (HuBERT's
-first iteration), and label every utterance with them.
+"""The demo job on in-process Ray, HuBERT's first iteration end to end on generated speech.
+
+Generates about 20 minutes of speech-like audio from synthetic speakers with exact
+frame-level phone alignments (shards.demo_corpus), shards it, extracts MFCC features of a
+seeded sample, fits k = 100 units on them, labels every utterance, exports fairseq's
+tsv/km/dict, and writes the unit-quality report: PNMI, phone and cluster purity against the
+generated alignments, and the figures, in WORKDIR/root/reports/mfcc100/report.html.
 
 Example:
     python -m pipelines.demo --workdir demo-output
-
-Later stages (exports, report) join this demo as they land.
+    python -m pipelines.demo --workdir /tmp/small --minutes 3
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import os
 import shutil
 import sys
 
-from shards import synthetic
+from shards.demo_corpus import write_demo_corpus
 from shards.plan import ShardingOptions, parse_size
 from shards.ray_sharding import run as shard
+from units import report
 from units.extractors import ExtractorOptions
 from units.fairseq_export import export as export_fairseq
 from units.features_ray import run as extract
@@ -34,16 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = _cli.parser("pipelines.demo", __doc__)
     parser.add_argument("--workdir", default="demo-output", help="where corpus and root go")
     parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
+    parser.add_argument(
+        "--minutes", type=float, default=20.0, help="demo audio (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     _cli.setup_logging()
     if args.fresh and os.path.isdir(args.workdir):
         shutil.rmtree(args.workdir)
-    corpus = os.path.join(args.workdir, "corpus", "LibriSpeech-like")
-    if not os.path.isdir(corpus):
-        print(f"generating a LibriSpeech-like corpus in {corpus}")
-        synthetic.write_librispeech(
-            corpus, speakers=4, chapters=2, utterances=8, seconds=(2.0, 8.0), seed=0
-        )
+    corpus = os.path.join(args.workdir, "corpus", "demo")
+    if not os.path.exists(os.path.join(corpus, "phones.tsv")):
+        print(f"generating {args.minutes:g} minutes of demo speech in {corpus}")
+        write_demo_corpus(corpus, minutes=args.minutes, seed=0)
     root = os.path.join(args.workdir, "root")
     connect(argparse.Namespace(address=None, num_cpus=2))
     shards = shard([corpus], root, ShardingOptions(shard_bytes=parse_size("2MiB")))
@@ -72,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         f"fairseq: {fairseq['splits']} in {root}/labels/mfcc100/fairseq "
         f"(label_rate {fairseq['label_rate']:g})"
     )
+    built = report.build(root, "mfcc100", os.path.join(corpus, "phones.tsv"))
+    paths = report.write(built, os.path.join(root, "reports", "mfcc100"))
+    quality, usage = built.metrics["phones"], built.metrics["usage"]
+    print(
+        f"units: PNMI {quality['pnmi']:.3f}, phone purity {quality['phone_purity']:.3f}, "
+        f"cluster purity {quality['cluster_purity']:.3f} on {quality['frames']} frames; "
+        f"perplexity {usage['perplexity']:.1f} of k={built.metrics['k']}, {usage['dead']} dead"
+    )
+    print(f"report: {paths['report']}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``python -m pipelines.shard`` and ``python -m pipelines.demo`` as a user runs them."""
+"""``python -m pipelines.shard`` as a user runs it."""
 
 from __future__ import annotations
 
@@ -71,25 +71,3 @@ def test_the_command_shards_then_says_there_is_nothing_to_do(tmp_path):
     assert "wrote 1 shard(s)" in first.stdout
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert second.returncode == 0 and "nothing to do: 1 shards" in second.stdout
-
-
-@pytest.mark.slow
-def test_make_demo_entry_point_generates_and_shards_a_corpus(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "pipelines.demo", "--workdir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-        env=dict(os.environ, PYTHONPATH=REPO),
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "shards: 3 shard(s)" in out.stdout and "features: 32 utterances" in out.stdout
-    assert os.path.exists(tmp_path / "root" / "manifest" / "utterances.parquet")
-    assert os.path.exists(tmp_path / "root" / "features" / "mfcc" / "meta.json")
-    assert "k-means: k=100 on " in out.stdout
-    assert os.path.exists(tmp_path / "root" / "kmeans" / "mfcc100" / "kmeans.json")
-    assert "labels: 64 utterances" in out.stdout
-    assert os.path.exists(tmp_path / "root" / "labels" / "mfcc100" / "meta.json")
-    assert "fairseq: {'train': " in out.stdout
-    assert os.path.exists(tmp_path / "root" / "labels" / "mfcc100" / "fairseq" / "train.km")

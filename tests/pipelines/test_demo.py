@@ -1,0 +1,50 @@
+"""``make demo`` (``python -m pipelines.demo``) end to end, on a smaller corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _demo(workdir):
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.demo", "--workdir", str(workdir), "--minutes", "3"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_the_demo_runs_every_stage_and_reports_pnmi_against_its_alignments(tmp_path):
+    stdout = _demo(tmp_path)
+    root = tmp_path / "root"
+    utterances = len((tmp_path / "corpus" / "demo" / "phones.tsv").read_text().splitlines())
+    assert "0 rejected" in stdout and "k-means: k=100 on " in stdout
+    assert f"labels: {utterances} utterances" in stdout
+    assert "fairseq: {'train': " in stdout
+    assert (root / "labels" / "mfcc100" / "fairseq" / "train.km").exists()
+    metrics = json.loads((root / "reports" / "mfcc100" / "metrics.json").read_text())
+    phones = metrics["phones"]
+    shown = re.search(r"PNMI ([\d.]+), phone purity ([\d.]+), cluster purity ([\d.]+)", stdout)
+    assert shown is not None, stdout
+    assert [float(x) for x in shown.groups()] == [
+        round(phones[k], 3) for k in ("pnmi", "phone_purity", "cluster_purity")
+    ]
+    assert phones["utterances"] == utterances and phones["missing_utterances"] == 0
+    assert phones["frame_difference"] == 0 and 0.3 < phones["pnmi"] < 1
+    assert f"report: {root / 'reports' / 'mfcc100' / 'report.html'}" in stdout
+    assert (root / "reports" / "mfcc100" / "report.html").stat().st_size > 50_000
+    # A second run finds every stage done and reports the same units.
+    assert shown.group(0) in _demo(tmp_path)
