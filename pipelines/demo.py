@@ -79,12 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     built = report.build(root, "mfcc100", os.path.join(corpus, "phones.tsv"))
     paths = report.write(built, os.path.join(root, "reports", "mfcc100"))
-    quality, usage = built.metrics["phones"], built.metrics["usage"]
-    print(
-        f"units: PNMI {quality['pnmi']:.3f}, phone purity {quality['phone_purity']:.3f}, "
-        f"cluster purity {quality['cluster_purity']:.3f} on {quality['frames']} frames; "
-        f"perplexity {usage['perplexity']:.1f} of k={built.metrics['k']}, {usage['dead']} dead"
-    )
+    print(report.headline(built.metrics))
     print(f"report: {paths['report']}")
     return 0
 

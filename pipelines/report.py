@@ -43,13 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join(args.root, "reports", args.labels)
     paths = report.write(built, out)
     print(json.dumps(built.metrics, indent=1, sort_keys=True))
-    if "phones" in built.metrics:
-        p = built.metrics["phones"]
-        print(
-            f"PNMI {p['pnmi']:.3f}  phone purity {p['phone_purity']:.3f}  cluster purity "
-            f"{p['cluster_purity']:.3f}  ({p['utterances']} utterances, {p['frames']} frames, "
-            f"{p['missing_utterances']} without units)"
-        )
+    print(report.headline(built.metrics))
     print(f"report: {paths['report']}")
     return 0
 

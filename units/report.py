@@ -140,6 +140,20 @@ def _rejects(root: str, layout: LabelLayout) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def headline(numbers: dict) -> str:
+    """One line: PNMI and purities (with references), perplexity and dead units."""
+    usage = numbers["usage"]
+    tail = f"perplexity {usage['perplexity']:.1f} of k={numbers['k']}, {usage['dead']} dead"
+    if "phones" not in numbers:
+        return f"units: {tail}"
+    p = numbers["phones"]
+    return (
+        f"units: PNMI {p['pnmi']:.3f}, phone purity {p['phone_purity']:.3f}, cluster purity "
+        f"{p['cluster_purity']:.3f} on {p['frames']} frames of {p['utterances']} utterances "
+        f"({p['missing_utterances']} without units); {tail}"
+    )
+
+
 # --------------------------------------------------------------------------- figures
 def figures(report: Report) -> dict[str, bytes]:
     """PNG bytes per figure name."""
