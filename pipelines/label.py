@@ -43,6 +43,7 @@ def build_parser():
         "recorded (a moved model); it must compute the same features (sha256, layer)",
     )
     parser.add_argument("--layer", type=int, default=None, help="layer, with --extractor")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--dedup",
         action="store_true",
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_worker=args.gpus_per_worker,
             extractor=requested,
             dedup=args.dedup,
+            progress=not args.no_progress,
         )
     except LabelError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -118,9 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     if meta["shards_written"] == 0:
         print(f"nothing to do: labels {args.name} are complete")
     else:
+        rate = meta["throughput"]
         print(
             f"labelled {meta['utterances']} utterances ({meta['frames']} frames at "
-            f"{meta['frame_rate']:g} Hz) into {args.root}/labels/{args.name}/units"
+            f"{meta['frame_rate']:g} Hz) into {args.root}/labels/{args.name}/units: "
+            f"{rate['hours_labelled']:.3f} h in {rate['wall_seconds']:.1f} s, "
+            f"{rate['audio_hours_per_second_per_worker']:.3f} audio-h/s per worker"
         )
     if splits:
         from units.fairseq_export import export

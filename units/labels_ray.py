@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from shards.atomic import fsync_dir, remove_temps, write_atomic, write_parquet_atomic
 from shards.root import RootLayout
@@ -142,6 +143,7 @@ def run(
     gpus_per_worker: float | None = None,
     extractor: ExtractorOptions | None = None,
     dedup: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Labels every utterance under ``root`` with k-means ``kmeans`` into ``ROOT/labels/NAME``.
 
@@ -157,6 +159,12 @@ def run(
         extractor: Build this extractor instead of the one the k-means recorded; it must
             compute the same features (same checkpoint sha256, layer, normalisation).
         dedup: Also store GSLM-style deduplicated units and their durations.
+        progress: Show the audio hours labelled on the driver, live.
+
+    Returns:
+        ``meta.json``'s content, plus this run's ``shards_written``, ``wall_seconds`` and
+        ``throughput`` (audio hours, hours per second overall and per worker, bytes read
+        and written).
 
     Raises:
         LabelError: No utterances manifest, no such k-means, an extractor that cannot be
@@ -222,8 +230,29 @@ def run(
         device=placement.device,
         dedup=dedup,
     )
+    hours = {s: sum(r["duration"] for r in by_shard[s]) / 3600 for s in pending}
+    bar = tqdm(total=round(sum(hours.values()), 4), unit="h", desc="labels", disable=not progress)
+    done_hours = bytes_written = 0.0
+    shards_done = iter(pending)  # ActorPool.map yields in submission order.
     for record in pool.map(lambda a, s: a.label_shard.remote(root, name, s, by_shard[s]), pending):
+        shard = next(shards_done)
+        done_hours += hours[shard]
+        bytes_written += record["bytes"]
+        bar.update(round(hours[shard], 4))
         log.debug("label shard %s", record)
+    bar.close()
+    pass_seconds = time.monotonic() - started
+    throughput = {
+        "wall_seconds": pass_seconds,
+        "hours_labelled": done_hours,
+        "audio_hours_per_second": done_hours / pass_seconds if pass_seconds else 0.0,
+        "workers": max(1, min(placement.count, len(pending))),  # As actor_pool sized it.
+        "bytes_read": int(sum(r["size"] for s in pending for r in by_shard[s])),
+        "bytes_written": int(bytes_written),
+    }
+    throughput["audio_hours_per_second_per_worker"] = (
+        throughput["audio_hours_per_second"] / throughput["workers"]
+    )
     totals = {"utterances": 0, "frames": 0, "rejects": 0}
     for shard in shards:
         record = layout.read_commit(shard)
@@ -233,4 +262,9 @@ def run(
     meta["version"] = project_version()
     meta["hours"] = sum(r["duration"] for r in rows) / 3600
     write_atomic(layout.path("meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
-    return dict(meta, shards_written=len(pending), wall_seconds=time.monotonic() - started)
+    return dict(
+        meta,
+        shards_written=len(pending),
+        wall_seconds=time.monotonic() - started,
+        throughput=throughput,
+    )

@@ -50,6 +50,12 @@ def test_every_utterance_gets_the_units_of_its_exact_features(root, kmeans):
     manifest = pq.read_table(root / "manifest" / "utterances.parquet").to_pylist()
     assert meta["utterances"] == len(manifest) == 10 and meta["rejects"] == 0
     assert meta["kmeans"] == kmeans and meta["spec"]["extractor"] == "mfcc"
+    rate = meta["throughput"]  # This run's accounting: all of the audio, read once.
+    assert rate["hours_labelled"] == pytest.approx(sum(u["duration"] for u in manifest) / 3600)
+    assert rate["bytes_read"] == sum(u["size"] for u in manifest) and rate["bytes_written"] > 0
+    assert rate["audio_hours_per_second_per_worker"] * rate["workers"] == pytest.approx(
+        rate["audio_hours_per_second"]
+    )
     table = ds.dataset(str(root / "labels" / kmeans / "units"), format="parquet").to_table()
     labels = {r["key"]: r for r in table.to_pylist()}
     assert len(labels) == table.num_rows  # Once each.
