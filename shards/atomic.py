@@ -83,6 +83,15 @@ def write_parquet_atomic(
     write_atomic(path, buf.getvalue(), sync_dir=sync_dir)
 
 
+def read_json(path: str) -> dict | None:
+    """A small JSON record, or None when it is not there (not written yet)."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
 def read_commit(commit_path: str, data_path: str) -> dict | None:
     """A unit's commit record, if the record exists and the data file has its ``bytes``."""
     try:

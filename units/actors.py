@@ -26,6 +26,10 @@ class Placement:
     device: str
     options: dict
 
+    def actors(self, needed: int) -> int:
+        """Actors to start for ``needed`` shards: as many as placed, no more than needed."""
+        return max(1, min(self.count, needed))
+
 
 def place(workers: int | None = None, gpus_per_worker: float | None = None) -> Placement:
     """Chooses the actors for the connected cluster.
@@ -53,8 +57,7 @@ def place(workers: int | None = None, gpus_per_worker: float | None = None) -> P
 def actor_pool(cls, placement: Placement, needed: int, *args, **kwargs) -> ActorPool:
     """A pool of ``cls(*args, **kwargs)`` actors: as many as placed, no more than needed."""
     remote = ray.remote(**placement.options)(cls)
-    count = max(1, min(placement.count, needed))
-    return ActorPool([remote.remote(*args, **kwargs) for _ in range(count)])
+    return ActorPool([remote.remote(*args, **kwargs) for _ in range(placement.actors(needed))])
 
 
 def longest_first(shards: list[str], rows_by_shard: dict[str, list[dict]]) -> list[str]:

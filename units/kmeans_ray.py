@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from shards.atomic import write_atomic, write_npy_atomic, write_parquet_atomic
+from shards.atomic import read_json, write_atomic, write_npy_atomic, write_parquet_atomic
 from shards.root import RootLayout
 
 from . import project_version
@@ -223,14 +223,14 @@ def run(
     except FileNotFoundError as e:
         raise KMeansStageError(str(e)) from None
     config = _config(store, features, km, options)
-    saved = _read_json(os.path.join(out, "config.json"))
+    saved = read_json(os.path.join(out, "config.json"))
     if saved is not None and saved["fingerprint"] != config["fingerprint"]:
         raise KMeansStageError(
             f"k-means {name!r} under {root} was started with another config (features "
             f"{saved['features']!r}, k={saved['kmeans']['n_clusters']}, pca={saved['pca']}); "
             "use another --name"
         )
-    done = _read_json(os.path.join(out, "kmeans.json"))
+    done = read_json(os.path.join(out, "kmeans.json"))
     if done is not None:
         log.info("nothing to do: k-means %s is complete", name)
         return dict(done, written=False)
@@ -288,7 +288,7 @@ def fit_pca(parts, directory: str, dim: int, whiten: bool = False) -> PCA:
     or loads the one an earlier run committed there (``pca.json`` is written last)."""
     if os.path.exists(os.path.join(directory, "pca.json")):
         pca = PCA.load(directory, whiten=whiten)
-        pca.total_variance_ = _read_json(os.path.join(directory, "pca.json"))["total_variance"]
+        pca.total_variance_ = read_json(os.path.join(directory, "pca.json"))["total_variance"]
         return pca
     pca = PCA(dim, whiten=whiten).fit(parts)
     os.makedirs(directory, exist_ok=True)
@@ -347,10 +347,3 @@ def export_fairseq(centroids: np.ndarray, path: str) -> None:
     buffer = io.BytesIO()
     joblib.dump(types.SimpleNamespace(cluster_centers_=np.asarray(centroids, np.float32)), buffer)
     write_atomic(path, buffer.getvalue())
-
-
-def _read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)

@@ -46,15 +46,54 @@ log = logging.getLogger(__name__)
 _MANIFEST_COLUMNS = ["key", "shard", "offset", "size", "num_samples", "duration"]
 
 
-class LabelWorker:
-    """Builds the k-means's extractor once and labels audio shards with it.
+class Labeller:
+    """A finished k-means with the extractor that rebuilds its features.
+
+    Called on a batch of decoded utterances, it returns each one's features and units:
+    the frame contract checked per utterance, one assignment for the whole batch (a single
+    GEMM, or GPU search, instead of one per utterance).
 
     Args:
         root: Dataset root.
         kmeans: Finished k-means name.
         extractor: Extractor to use instead of the one the k-means recorded (a moved
             checkpoint, say); it must compute the same features.
-        device: ``cpu``, or ``cuda`` for the model and faiss's GPU index.
+        device: ``cpu``, or ``cuda`` for the model and the centroid search.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        kmeans: str,
+        *,
+        extractor: ExtractorOptions | None = None,
+        device: str = "cpu",
+    ):
+        self.model = KMeansModel.load(root, kmeans)
+        if extractor is None:
+            extractor = extractor_options(self.model.spec)
+        self.extractor = extractors.build(dataclasses.replace(extractor, device=device))
+        check_spec(kmeans, self.model.spec, self.extractor.spec)
+        self.device = device
+
+    def __call__(self, batch: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(features, units)`` per ``(row, waveform)`` of ``batch``."""
+        features = self.extractor([wav for _, wav in batch])
+        for (row, _), feats in zip(batch, features, strict=True):
+            check_frames(self.model.spec, row["key"], row["num_samples"], len(feats))
+        units = self.model.units(np.concatenate(features), device=self.device)
+        bounds = np.cumsum([0] + [len(f) for f in features])
+        return [(f, units[bounds[i] : bounds[i + 1]]) for i, f in enumerate(features)]
+
+
+class LabelWorker:
+    """Builds the k-means's extractor once and labels audio shards with it.
+
+    Args:
+        root: Dataset root.
+        kmeans: Finished k-means name.
+        extractor: See :class:`Labeller`.
+        device: See :class:`Labeller`.
         dedup: Also write GSLM-style deduplicated units with durations.
         batch_seconds: Padded audio per extractor batch.
     """
@@ -69,12 +108,7 @@ class LabelWorker:
         dedup: bool = False,
         batch_seconds: float = 120.0,
     ):
-        self.model = KMeansModel.load(root, kmeans)
-        if extractor is None:
-            extractor = extractor_options(self.model.spec)
-        self.extractor = extractors.build(dataclasses.replace(extractor, device=device))
-        check_spec(kmeans, self.model.spec, self.extractor.spec)
-        self.device = device
+        self.labeller = Labeller(root, kmeans, extractor=extractor, device=device)
         self.dedup = dedup
         self.batch_seconds = batch_seconds
 
@@ -110,26 +144,18 @@ class LabelWorker:
         return dict(record, written=True)
 
     def _label(self, batch: list, shard: str) -> list[dict]:
-        spec = self.model.spec
-        features = self.extractor([wav for _, wav in batch])
-        for (row, _), feats in zip(batch, features, strict=True):
-            check_frames(spec, row["key"], row["num_samples"], len(feats))
-        # One assignment for the whole batch: a single GEMM (or GPU search) instead of one
-        # per utterance.
-        units = self.model.units(np.concatenate(features), device=self.device)
-        bounds = np.cumsum([0] + [len(f) for f in features])
+        frame_rate = self.labeller.model.spec.frame_rate
         out = []
-        for i, (row, _) in enumerate(batch):
-            mine = units[bounds[i] : bounds[i + 1]]
+        for (row, _), (_, units) in zip(batch, self.labeller(batch), strict=True):
             record = {
                 "key": row["key"],
                 "shard": shard,
-                "units": mine,
-                "frames": len(mine),
-                "frame_rate": spec.frame_rate,
+                "units": units,
+                "frames": len(units),
+                "frame_rate": frame_rate,
             }
             if self.dedup:
-                record["dedup_units"], record["durations"] = dedup(mine)
+                record["dedup_units"], record["durations"] = dedup(units)
             out.append(record)
         return out
 
@@ -246,7 +272,7 @@ def run(
         "wall_seconds": pass_seconds,
         "hours_labelled": done_hours,
         "audio_hours_per_second": done_hours / pass_seconds if pass_seconds else 0.0,
-        "workers": max(1, min(placement.count, len(pending))),  # As actor_pool sized it.
+        "workers": placement.actors(len(pending)),
         "bytes_read": int(sum(r["size"] for s in pending for r in by_shard[s])),
         "bytes_written": int(bytes_written),
     }

@@ -33,6 +33,8 @@ import os
 import numpy as np
 import pyarrow as pa
 
+from .labels import dedup
+
 #: Per audio shard: where each utterance's pooled rows sit in ``shards/NNNNNN.npy``.
 W2VU_ROWS = pa.schema(
     [
@@ -61,10 +63,9 @@ def merge_runs(features: np.ndarray, clusters: np.ndarray) -> np.ndarray:
         raise ValueError(f"{len(features)} frames but {len(clusters)} cluster ids")
     if len(features) == 0:
         return np.empty((0, features.shape[1]), np.float32)
-    clusters = np.asarray(clusters)
-    starts = np.flatnonzero(np.r_[True, clusters[1:] != clusters[:-1]])
+    _, counts = dedup(clusters)  # The runs, as GSLM's deduplicated units.
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
     sums = np.add.reduceat(np.asarray(features, np.float64), starts, axis=0)
-    counts = np.diff(np.r_[starts, len(clusters)])
     return (sums / counts[:, None]).astype(np.float32)
 
 

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from shards.atomic import (
     fsync_dir,
     read_commit,
+    read_json,
     remove_temps,
     temp_path,
     write_atomic,
@@ -38,17 +39,18 @@ from shards.atomic import (
 )
 from shards.root import RootLayout
 
-from . import extractors, project_version
+from . import project_version
 from .actors import actor_pool, longest_first, place
 from .fairseq_checkpoint import sha256_file
 from .fairseq_export import assign_splits, link_audio, tsv_text
 from .feature_store import FeatureStore
-from .features_ray import batches, check_frames, decode_rows
+from .features_ray import batches, decode_rows
 from .kmeans import KMeans
 from .kmeans_parts import DataError
 from .kmeans_ray import StageOptions, distribute, fit_pca
 from .kmeans_ray import run as fit_kmeans
-from .labels import LABEL_REJECTS, KMeansModel, check_spec, extractor_options
+from .labels import LABEL_REJECTS
+from .labels_ray import Labeller
 from .w2vu import W2VU_ROWS, W2VUPrep
 
 log = logging.getLogger(__name__)
@@ -115,16 +117,13 @@ class W2VUWorker:
     """Rebuilds the store's extractor once and prepares audio shards with it."""
 
     def __init__(self, root: str, name: str, kmeans: str, options: W2VUOptions, device: str):
-        self.model = KMeansModel.load(root, kmeans)
-        self.extractor = extractors.build(extractor_options(self.model.spec, device))
-        check_spec(kmeans, self.model.spec, self.extractor.spec)
+        self.labeller = Labeller(root, kmeans, device=device)
         self.prep = W2VUPrep.load(
             W2VULayout(root, name).path("pca"),
             options.pca_dim,
             rate=options.rate,
             remove_extra=options.remove_extra,
         )
-        self.device = device
 
     def prepare_shard(self, root: str, name: str, shard: str, rows: list[dict]) -> dict:
         layout = W2VULayout(root, name)
@@ -141,14 +140,8 @@ class W2VUWorker:
             )
 
         for batch in batches(rows, decode_rows(root, rows), 120.0, reject):
-            features = self.extractor([wav for _, wav in batch])
-            for (item, _), feats in zip(batch, features, strict=True):
-                check_frames(self.model.spec, item["key"], item["num_samples"], len(feats))
-            clusters = self.model.units(np.concatenate(features), device=self.device)
-            bounds = np.cumsum([0] + [len(f) for f in features])
-            for i, (item, _) in enumerate(batch):
-                ids = clusters[bounds[i] : bounds[i + 1]]
-                x = self.prep(features[i], ids)
+            for (item, _), (features, ids) in zip(batch, self.labeller(batch), strict=True):
+                x = self.prep(features, ids)
                 pooled.append(x)
                 out.append(
                     {
@@ -248,12 +241,12 @@ def run(
         "split_seed": split_seed,
         "manifest_sha256": sha256_file(manifest_path),
     }
-    saved = _read_json(layout.path("plan.json"))
+    saved = read_json(layout.path("plan.json"))
     if saved is not None and saved != plan:
         raise W2VUError(
             f"w2vu {name!r} under {root} was started with other settings; use another --name"
         )
-    done = _read_json(layout.path("meta.json"))
+    done = read_json(layout.path("meta.json"))
     if done is not None:
         return dict(done, shards_written=0)
     layout.make_dirs()
@@ -262,7 +255,7 @@ def run(
     gpus = place(options.workers, options.gpus_per_worker).options.get("num_gpus", 0)
     stage = StageOptions(workers=options.workers, gpus_per_worker=gpus)
     fit_kmeans(root, features, kmeans, KMeans(options.k, seed=options.seed), stage)
-    if _read_json(layout.path("pca", "pca.json")) is None:
+    if read_json(layout.path("pca", "pca.json")) is None:
         parts = distribute(store, workers=options.workers, gpus_per_worker=0)
         try:
             fit_pca(parts, layout.path("pca"), options.pca_dim)
@@ -349,10 +342,3 @@ def _write_split_npy(layout, split, chosen, placed, total, dim) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, final)
     fsync_dir(layout.directory)
-
-
-def _read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
