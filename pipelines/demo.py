@@ -34,6 +34,7 @@ from . import _cli
 from ._ray import connect
 
 
+@_cli.reports_output_errors
 def main(argv: list[str] | None = None) -> int:
     parser = _cli.parser("pipelines.demo", __doc__)
     parser.add_argument("--workdir", default="demo-output", help="where corpus and root go")

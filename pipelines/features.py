@@ -63,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@_cli.reports_output_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging()
+    _cli.check_writable(args.root)  # A read-only or full ROOT fails here, in a second.
     from units.features_ray import FeatureStageError, run
 
     options = ExtractorOptions(
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(
             f"wrote {summary['shards_written']} feature shard(s) to {args.root}/features/"
-            f"{args.name}: {summary['utterances']} utterances, {summary['rows']} frames"
+            f"{args.name}: {summary['utterances']} utterances, {summary['rows']} frames; "
+            + _cli.describe_throughput(summary["throughput"])
         )
     return 0
 

@@ -173,9 +173,10 @@ def _sharding_options(section: dict):
 
 def run(config: dict) -> dict:
     """Runs every stage in order (Ray must be connected); returns each stage's summary."""
+    from shards import storage
     from units import report
     from units.extractors import ExtractorOptions
-    from units.fairseq_export import export
+    from units.fairseq_export import REMOTE_ROOT_HINT, export
     from units.features_ray import run as extract
     from units.kmeans import KMeans
     from units.kmeans_ray import StageOptions
@@ -190,7 +191,7 @@ def run(config: dict) -> dict:
         out["shard"] = _stage("shard", lambda: shard(
             config["inputs"], root, _sharding_options(config["shard"])
         ))  # fmt: skip
-    elif not os.path.exists(os.path.join(root, "manifest", "utterances.parquet")):
+    elif not storage.exists(os.path.join(root, "manifest", "utterances.parquet")):
         raise ConfigError(f"{root} holds no shards and the config gives no inputs to shard")
     f = config["features"]
     out["features"] = _stage("features", lambda: extract(
@@ -221,7 +222,10 @@ def run(config: dict) -> dict:
         root, k["name"], lab["name"], workers=lab["workers"],
         gpus_per_worker=lab["gpus_per_worker"], dedup=lab["dedup"],
     ))  # fmt: skip
-    if lab["fairseq_splits"]:
+    if lab["fairseq_splits"] and storage.is_url(root):
+        hint = REMOTE_ROOT_HINT.format(root=root)
+        print(f"== fairseq: skipped, fairseq reads local files: {hint}", flush=True)
+    elif lab["fairseq_splits"]:
         out["fairseq"] = _stage("fairseq", lambda: export(
             root, lab["name"], lab["fairseq_splits"], by=lab["split_by"], seed=lab["split_seed"]
         ))  # fmt: skip
@@ -243,6 +247,7 @@ def _stage(name: str, call):
     return summary
 
 
+@_cli.reports_output_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging()
@@ -255,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ._ray import connect
 
+    _cli.check_writable(config["root"], create=bool(config["inputs"]))
     connect(argparse.Namespace(**config["ray"]))
     try:
         summary = run(config)

@@ -58,13 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write kmeans.joblib, loadable by fairseq's dump_km_label.py",
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ray_arguments(parser)
     return parser
 
 
+@_cli.reports_output_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging()
+    _cli.check_writable(args.root)  # A read-only or full ROOT fails here, in a second.
     for flag, value in (("--k", args.k), ("--max-iter", args.max_iter)):
         if value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         gpus_per_worker=args.gpus_per_worker,
         hold=not args.stream,
         fairseq_export=args.fairseq_export,
+        progress=not args.no_progress,
     )
     try:
         meta = run(args.root, args.features, args.name, km, options)
@@ -109,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     if not meta["written"]:
         print(f"nothing to do: k-means {args.name} is complete")
     else:
+        rate = meta["throughput"]
         print(
             f"wrote {args.root}/kmeans/{args.name}: k={meta['k']}, {meta['iterations']} "
-            f"iterations, inertia {meta['inertia_per_frame']:.4g} per frame"
+            f"iterations, inertia {meta['inertia_per_frame']:.4g} per frame: "
+            + _cli.describe_throughput(rate)
         )
     return 0
 

@@ -83,9 +83,11 @@ def parse_splits(text: str) -> dict[str, float]:
     return out
 
 
+@_cli.reports_output_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging()
+    _cli.check_writable(args.root)  # A read-only or full ROOT fails here, in a second.
     from units import extractors
     from units.labels import KMeansModel, LabelError, check_spec
 
@@ -124,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"labelled {meta['utterances']} utterances ({meta['frames']} frames at "
             f"{meta['frame_rate']:g} Hz) into {args.root}/labels/{args.name}/units: "
-            f"{rate['hours_labelled']:.3f} h in {rate['wall_seconds']:.1f} s, "
-            f"{rate['audio_hours_per_second_per_worker']:.3f} audio-h/s per worker"
+            + _cli.describe_throughput(rate)
         )
     if splits:
         from units.fairseq_export import export

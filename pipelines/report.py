@@ -30,6 +30,7 @@ def build_parser():
     return parser
 
 
+@_cli.reports_output_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging()
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out or os.path.join(args.root, "reports", args.labels)
+    _cli.check_writable(args.root if args.out is None else os.path.dirname(os.path.abspath(out)))
     paths = report.write(built, out)
     print(json.dumps(built.metrics, indent=1, sort_keys=True))
     print(report.headline(built.metrics))

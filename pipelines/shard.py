@@ -101,6 +101,7 @@ def options_from(args) -> ShardingOptions:
     )
 
 
+@_cli.reports_output_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging()
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _cli.check_writable(args.output, create=True)
     connect(args)
     try:
         summary = run(args.input, args.output, opts, progress=not args.no_progress)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"wrote {summary['shards_written']} shard(s) to {args.output}: "
             f"{summary['hours']:.3f} h in {summary['segments']} samples, "
-            f"{summary['rejects']} rejected"
+            f"{summary['rejects']} rejected; " + _cli.describe_throughput(summary["throughput"])
         )
     return 0
 

@@ -71,13 +71,16 @@ def build_parser():
         default=None,
         help="GPUs per actor (default: 1 when the cluster has GPUs; 0 for CPUs only)",
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ray_arguments(parser)
     return parser
 
 
+@_cli.reports_output_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging()
+    _cli.check_writable(args.root)  # A read-only or full ROOT fails here, in a second.
     from units.extractors import ExtractorOptions, build
     from units.sampling import SampleRequest
     from units.w2vu_ray import W2VUOptions, run
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 options,
                 SampleRequest(percent=args.percent),
                 gpus_per_worker=args.gpus_per_worker,
+                progress=not args.no_progress,
             )
         meta = run(
             args.root,
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 gpus_per_worker=args.gpus_per_worker,
             ),
+            progress=not args.no_progress,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -130,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     if meta["shards_written"] == 0:
         print(f"nothing to do: w2vu {args.name} is complete")
     else:
-        print(f"wrote {args.root}/w2vu/{args.name}: {meta['splits_written']}")
+        rate = meta["throughput"]
+        print(
+            f"wrote {args.root}/w2vu/{args.name}: {meta['splits_written']}: "
+            + _cli.describe_throughput(rate)
+        )
     return 0
 
 

@@ -3,18 +3,27 @@
 Every stage commits its units of output this way (DESIGN.md, invariant 2): write under a
 hidden temporary name, fsync, rename into place, and last a small commit record that says the
 unit is complete.
+
+A root on an object store (``s3://...``) has no rename and no fsync. There a writer builds its
+file in local scratch space (``UNITPIPE_SCRATCH``, default the system temp directory), uploads
+it under a hidden temporary key, moves it to its final key (a server-side copy) and writes the
+commit record last. An object appears whole or not at all, and readers trust a unit only
+through its commit record, whose ``bytes`` must match the object's size: an upload cut short,
+or a data object that a retry is rewriting, is never taken for a committed unit.
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
+import tempfile
 import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from . import storage
 
 
 def temp_prefix(final_path: str) -> str:
@@ -24,20 +33,62 @@ def temp_prefix(final_path: str) -> str:
     return os.path.join(directory, f".{name}.tmp-")
 
 
-def temp_path(final_path: str) -> str:
-    """A fresh temporary name for ``final_path``; the pid in it tells which process writes it
-    (the fault tests use it)."""
+def _temp_name(final_path: str) -> str:
+    # The pid tells which process writes it (the fault tests use it).
     return f"{temp_prefix(final_path)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def scratch_dir() -> str:
+    """Local space where files bound for an object store are built."""
+    path = os.environ.get("UNITPIPE_SCRATCH") or os.path.join(tempfile.gettempdir(), "unitpipe")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def temp_path(final_path: str) -> str:
+    """A fresh local file to build ``final_path`` in, to be published with :func:`publish`.
+
+    Beside the final file for a local path; in scratch space for a remote one.
+    """
+    if storage.is_url(final_path):
+        return _temp_name(os.path.join(scratch_dir(), os.path.basename(final_path)))
+    return _temp_name(final_path)
+
+
+def publish(temp: str, final_path: str, sync_dir: bool = True) -> None:
+    """Makes a finished (and fsynced) temporary file visible as ``final_path``."""
+    if storage.is_url(final_path):
+        remote_temp = _temp_name(final_path)
+        try:
+            storage.upload(temp, remote_temp)
+            storage.move(remote_temp, final_path)
+        finally:
+            os.unlink(temp)
+        return
+    os.replace(temp, final_path)
+    if sync_dir:
+        fsync_dir(os.path.dirname(final_path))
 
 
 def remove_temps(final_path: str) -> None:
     """Drops what earlier, killed writers of ``final_path`` left behind."""
-    for stale in glob.glob(temp_prefix(final_path) + "*"):
-        os.unlink(stale)
+    directory, name = os.path.split(temp_prefix(final_path))
+    for stale in storage.glob(directory, name + "*"):
+        storage.remove(stale)
+
+
+def remove_all_temps(*directories: str) -> None:
+    """Drops every temporary file in ``directories``: call only when no writer is alive
+    (a stage's end), as an attempt that lost a race with another leaves its file behind."""
+    for directory in directories:
+        for stale in storage.glob(directory, ".*.tmp-*"):
+            storage.remove(stale)
 
 
 def fsync_dir(path: str) -> None:
-    """Makes renames in ``path`` durable."""
+    """Makes renames in ``path`` durable (object stores are durable on write)."""
+    if storage.is_url(path):
+        return
     fd = os.open(path or ".", os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -47,11 +98,24 @@ def fsync_dir(path: str) -> None:
 
 def write_atomic(path: str, data: bytes, sync_dir: bool = True) -> None:
     """Writes a small file under a temporary name, fsyncs it and renames it into place."""
+    if storage.is_url(path):
+        tmp = _temp_name(path)
+        storage.write_bytes(tmp, data)
+        storage.move(tmp, path)
+        return
     tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        # A full disk leaves no half-written temporary file behind, and its error names the
+        # file (a failed write or close does not).
+        storage.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = path
+        raise
     os.replace(tmp, path)
     if sync_dir:
         fsync_dir(os.path.dirname(path))
@@ -86,8 +150,7 @@ def write_parquet_atomic(
 def read_json(path: str) -> dict | None:
     """A small JSON record, or None when it is not there (not written yet)."""
     try:
-        with open(path, "rb") as f:
-            return json.load(f)
+        return json.loads(storage.read_bytes(path))
     except FileNotFoundError:
         return None
 
@@ -95,9 +158,8 @@ def read_json(path: str) -> dict | None:
 def read_commit(commit_path: str, data_path: str) -> dict | None:
     """A unit's commit record, if the record exists and the data file has its ``bytes``."""
     try:
-        with open(commit_path, "rb") as f:
-            record = json.load(f)
-        size = os.path.getsize(data_path)
+        record = json.loads(storage.read_bytes(commit_path))
+        size = storage.file_size(data_path)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return record if size == record["bytes"] else None

@@ -13,7 +13,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import write_atomic, write_parquet_atomic
+from . import storage
+from .atomic import read_json, write_atomic, write_parquet_atomic
 from .root import RootLayout
 from .schemas import REJECTS, SHARDS, UTTERANCES
 
@@ -56,7 +57,7 @@ def finalize(
         num_shards: Shards in the plan (all must be committed).
         plan_rejects: Rejects from discovery, probing and planning.
         meta: The plan's metadata (files discovered, layout).
-        run: This run's ``wall_seconds`` and ``hours_written``, for throughput.
+        run: This run's throughput record (:func:`shards.throughput.record`).
 
     Returns:
         The summary.
@@ -74,11 +75,11 @@ def finalize(
         if record is None:
             raise RuntimeError(f"shard {layout.shard_name(i)} is not committed; rerun to finish it")
         shard_rows.append({k: record[k] for k in SHARDS.names})
-        table = pq.read_table(layout.utterances_part(i), schema=UTTERANCES)
+        table = storage.read_parquet(layout.utterances_part(i), schema=UTTERANCES)
         utterances.write(table)
         speakers.update(s for s in table.column("speaker").to_pylist() if s is not None)
         sources_taken.update(table.column("source").to_pylist())
-        part_rejects = pq.read_table(layout.rejects_part(i), schema=REJECTS)
+        part_rejects = storage.read_parquet(layout.rejects_part(i), schema=REJECTS)
         rejects.write(part_rejects)
         by_reason.update(part_rejects.column("reason").to_pylist())
     shards = pa.Table.from_pylist(shard_rows, schema=SHARDS)
@@ -86,7 +87,6 @@ def finalize(
     write_atomic(layout.manifest("utterances.parquet"), utterances.close())
     write_atomic(layout.manifest("rejects.parquet"), rejects.close())
     write_parquet_atomic(layout.manifest("shards.parquet"), shards)
-    wall = run.get("wall_seconds") or 0.0
     summary = {
         "layout": meta.get("layout"),
         "files": meta["files"],
@@ -100,12 +100,7 @@ def finalize(
         "rejects": int(sum(by_reason.values())),
         "rejects_by_reason": dict(sorted(by_reason.items())),
         # Throughput of the run that finished the job (a resumed run counts its own work).
-        "throughput": {
-            "wall_seconds": wall,
-            "hours_written": run.get("hours_written", 0.0),
-            "audio_hours_per_second": run.get("hours_written", 0.0) / wall if wall else 0.0,
-            "bytes_written": run.get("bytes_written", 0),
-        },
+        "throughput": run,
     }
     write_atomic(
         layout.manifest("summary.json"), json.dumps(summary, indent=1, sort_keys=True).encode()
@@ -114,8 +109,4 @@ def finalize(
 
 
 def read_summary(layout: RootLayout) -> dict | None:
-    try:
-        with open(layout.manifest("summary.json"), "rb") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
+    return read_json(layout.manifest("summary.json"))

@@ -14,10 +14,9 @@ import math
 import re
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from . import vad
-from .atomic import write_atomic, write_parquet_atomic
+from . import storage, vad
+from .atomic import read_json, write_atomic, write_parquet_atomic
 from .discover import AUDIO_EXTENSIONS, LAYOUTS
 from .probe import Probe
 from .root import RootLayout
@@ -228,14 +227,12 @@ def save(layout: RootLayout, plan: Plan) -> None:
 
 def load(layout: RootLayout) -> Plan | None:
     """The saved plan, or ``None`` when the root has no complete plan."""
-    try:
-        with open(layout.plan_path("plan.json"), "rb") as f:
-            meta = json.load(f)
-    except FileNotFoundError:
+    meta = read_json(layout.plan_path("plan.json"))
+    if meta is None:
         return None
-    rows = pq.read_table(layout.plan_path("plan.parquet")).to_pylist()
+    rows = storage.read_parquet(layout.plan_path("plan.parquet")).to_pylist()
     shards: list[list[dict]] = [[] for _ in range(meta["shards"])]
     for row in rows:
         shards[row["shard"]].append(row)
-    rejects = pq.read_table(layout.plan_path("rejects.parquet")).to_pylist()
+    rejects = storage.read_parquet(layout.plan_path("rejects.parquet")).to_pylist()
     return Plan(shards, rejects, meta)

@@ -9,6 +9,7 @@ writes only the rest.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 import ray
 
-from . import discover, storage
+from . import discover, storage, throughput
 from . import plan as planning
 from .manifest import finalize, read_summary
 from .plan import ShardingOptions
@@ -54,12 +55,7 @@ def validate(inputs: list[str], root: str, opts: ShardingOptions) -> None:
         opts.validate()
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if storage.is_url(root):
-        raise UsageError(
-            f"output {root!r}: object-storage roots are not supported by the shard "
-            "stage yet; write to a local path"
-        )
-    out = os.path.realpath(storage.local_path(root))
+    out = root if storage.is_url(root) else os.path.realpath(storage.local_path(root))
     for path in inputs:
         if not storage.exists(path):
             raise UsageError(
@@ -67,6 +63,11 @@ def validate(inputs: list[str], root: str, opts: ShardingOptions) -> None:
                 "file (.tsv, .csv, .jsonl, .parquet)"
             )
         if storage.is_url(path):
+            if storage.is_url(root) and (out == path or out.startswith(path.rstrip("/") + "/")):
+                raise UsageError(
+                    f"output {root!r} lies inside input {path!r}: its shards would be "
+                    "read as inputs; choose an output outside the input tree"
+                )
             continue
         src = os.path.realpath(storage.local_path(path))
         if os.path.isdir(src) and (out == src or out.startswith(src + os.sep)):
@@ -154,7 +155,8 @@ def run(
     Raises:
         UsageError: Bad arguments (before any work).
         RuntimeError: Shards that failed for reasons other than bad input (disk full, ...);
-            the others are committed and a rerun finishes the job.
+            the others are committed (after a full or read-only output, no further shard is
+            started) and a rerun finishes the job. The first failure is its ``__cause__``.
     """
     opts = ShardingOptions() if opts is None else opts
     validate(inputs, root, opts)
@@ -164,7 +166,7 @@ def run(
     layout = RootLayout(root)
     layout.make_dirs()
     for leftover in layout.temp_files():  # A killed writer's temporary files; never visible.
-        os.unlink(leftover)
+        storage.remove(leftover)
     made = _plan(inputs, layout, opts)
     pending = [i for i in range(len(made.shards)) if layout.read_commit(i) is None]
     skipped = len(made.shards) - len(pending)
@@ -177,25 +179,49 @@ def run(
     hours_written, bytes_written, failures = _write_all(
         layout, made, pending, opts, progress, on_shard
     )
+    for leftover in layout.temp_files():  # All tasks are done: no writer is alive.
+        storage.remove(leftover)
     if failures:
+        message, first = failures[0]
         raise RuntimeError(
             f"{len(failures)} shard(s) failed and are not committed; rerun the same command to "
-            "retry them. First error:\n" + failures[0]
-        )
-    for leftover in layout.temp_files():  # All tasks are done: no writer is alive.
-        os.unlink(leftover)
+            "retry them. First error:\n" + message
+        ) from first
     summary = finalize(
         layout,
         len(made.shards),
         made.rejects,
         made.meta,
-        {
-            "wall_seconds": time.monotonic() - started,
-            "hours_written": hours_written,
-            "bytes_written": bytes_written,
-        },
+        throughput.record(
+            "hours_written",
+            hours_written,
+            wall_seconds=time.monotonic() - started,
+            # One task per CPU at a time (see _write_all), never more than there were shards.
+            workers=min(len(pending), int(ray.cluster_resources().get("CPU", 1))),
+            bytes_read=_source_bytes(made, pending),
+            bytes_written=bytes_written,
+        ),
     )
     return dict(summary, shards_written=len(pending), shards_skipped=skipped)
+
+
+def _source_bytes(made: planning.Plan, pending: list[int]) -> int:
+    """Bytes of the input files of ``pending`` shards (a file cut into segments once)."""
+    sizes = {r["source"]: r["file_bytes"] for i in pending for r in made.shards[i]}
+    return int(sum(sizes.values()))
+
+
+#: A shard task lost with its worker, node or result, after Ray's own retries; sent again
+#: up to _RESUBMITS times before it counts as failed.
+_LOST = (
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+)
+_RESUBMITS = 3
+
+#: Errors of the output's file system: every further shard would fail the same way.
+_OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _planned_hours(rows: list[dict]) -> float:
@@ -220,9 +246,11 @@ def _write_all(layout, made, pending, opts, progress, on_shard):
     queue = collections.deque(pending)
     hours = 0.0
     nbytes = files = 0
-    failures: list[str] = []
-    while queue or in_flight:
-        while queue and len(in_flight) < window:
+    failures: list[tuple[str, BaseException]] = []
+    lost: collections.Counter = collections.Counter()  # Shard -> times sent again.
+    stop = False  # The output cannot be written: no further shard is started.
+    while (queue and not stop) or in_flight:
+        while queue and not stop and len(in_flight) < window:
             i = queue.popleft()
             ref = _shard_task.remote(layout.root, i, made.shards[i], opts)
             in_flight[ref] = i
@@ -232,7 +260,16 @@ def _write_all(layout, made, pending, opts, progress, on_shard):
             try:
                 record = ray.get(ref)
             except Exception as e:
-                failures.append(f"shard {layout.shard_name(i)}: {e}")
+                if isinstance(e, _LOST) and lost[i] < _RESUBMITS and not stop:
+                    # Ray's own retries are spent (nodes kept dying under it). The lost task
+                    # is gone, and a shard is written from scratch, so send it once more.
+                    lost[i] += 1
+                    log.warning("shard %s was lost (%s); writing it again", i, type(e).__name__)
+                    queue.appendleft(i)
+                    continue
+                failures.append((f"shard {layout.shard_name(i)}: {e}", e))
+                cause = getattr(e, "cause", e)  # A RayTaskError carries the task's error.
+                stop = stop or (isinstance(cause, OSError) and cause.errno in _OUTPUT_FULL)
                 continue
             hours += record["seconds"] / 3600
             nbytes += record["bytes"]

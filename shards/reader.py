@@ -7,7 +7,6 @@ tar can reach outside its archive.
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import io
 import json
@@ -17,10 +16,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import soundfile as sf
 
-from . import keys
+from . import keys, storage
 from .root import RootLayout
 
 
@@ -54,7 +52,7 @@ def _split(member: tarfile.TarInfo) -> tuple[str, str]:
 
 def iter_shard(path: str) -> Iterator[Sample]:
     """Yields the samples of one shard tar, in stored order."""
-    with builtins.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with storage.open_input(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         pending: dict[str, dict[str, bytes]] = {}
         for member in tar:
             key, ext = _split(member)
@@ -77,7 +75,7 @@ def open_shards(root: str) -> Iterator[Sample]:
         ...     print(sample.key, sample.waveform.shape, sample.sample_rate)
     """
     layout = RootLayout(root)
-    names = pq.read_table(layout.manifest("shards.parquet"), columns=["name"]).column("name")
+    names = storage.read_parquet(layout.manifest("shards.parquet"), columns=["name"]).column("name")
     for name in names.to_pylist():
         yield from iter_shard(os.path.join(layout.shards_dir, f"{name}.tar"))
 
@@ -92,7 +90,7 @@ class Index:
 
     def __init__(self, root: str):
         self._layout = RootLayout(root)
-        table = pq.read_table(
+        table = storage.read_parquet(
             self._layout.manifest("utterances.parquet"), columns=["key", "shard", "offset", "size"]
         )
         self._rows = {
@@ -117,12 +115,12 @@ class Index:
 def read_audio(root: str, shard: str, offset: int, size: int) -> tuple[np.ndarray, int]:
     """Decodes one member found through the manifest (``shard``, ``offset``, ``size``)."""
     path = os.path.join(RootLayout(root).shards_dir, f"{shard}.tar")
-    with builtins.open(path, "rb") as f:
+    with storage.open_input(path) as f:
         return _decode(_read_member(f, path, offset, size))
 
 
 def _read_member(f, path: str, offset: int, size: int) -> bytes:
-    total = os.fstat(f.fileno()).st_size
+    total = f.seek(0, io.SEEK_END)
     if offset < 512 or offset + size > total:
         raise ValueError(f"offset {offset}+{size} lies outside {path} ({total} bytes)")
     f.seek(offset)
@@ -131,7 +129,7 @@ def _read_member(f, path: str, offset: int, size: int) -> bytes:
 
 def _read_at(layout: RootLayout, key: str, shard: str, offset: int, size: int) -> Sample:
     path = os.path.join(layout.shards_dir, f"{shard}.tar")
-    with builtins.open(path, "rb") as f:
+    with storage.open_input(path) as f:
         flac = _read_member(f, path, offset, size)
         # The json member follows the flac data (padded to 512 bytes); tarfile reads its
         # header from there, PAX extensions included.
@@ -151,7 +149,7 @@ def get(root: str, key: str) -> Sample:
     For many lookups build an :class:`Index` once instead.
     """
     layout = RootLayout(root)
-    table = pq.read_table(
+    table = storage.read_parquet(
         layout.manifest("utterances.parquet"),
         columns=["key", "shard", "offset", "size"],
         filters=pc.field("key") == key,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 
 from . import storage
@@ -22,12 +21,10 @@ class RootLayout:
     root: str
 
     def __post_init__(self):
-        if storage.is_url(self.root):
-            raise ValueError(
-                f"output {self.root!r}: object-storage roots are not supported by the shard "
-                "stage yet; write to a local path (or a mounted bucket)"
-            )
-        object.__setattr__(self, "root", storage.local_path(self.root))
+        if not storage.is_url(self.root):
+            object.__setattr__(self, "root", storage.local_path(self.root))
+        else:
+            object.__setattr__(self, "root", self.root.rstrip("/"))
 
     @property
     def shards_dir(self) -> str:
@@ -47,7 +44,7 @@ class RootLayout:
 
     def make_dirs(self) -> None:
         for d in (self.shards_dir, self.parts_dir, self.plan_dir):
-            os.makedirs(d, exist_ok=True)
+            storage.makedirs(d)
 
     @staticmethod
     def shard_name(index: int) -> str:
@@ -79,5 +76,5 @@ class RootLayout:
         """Leftovers of interrupted writers (hidden ``.NAME.tmp-*`` files)."""
         found = []
         for d in (self.shards_dir, self.parts_dir, self.manifest_dir, self.plan_dir):
-            found.extend(glob.glob(os.path.join(d, ".*.tmp-*")))
+            found.extend(storage.glob(d, ".*.tmp-*"))
         return sorted(found)

@@ -7,6 +7,7 @@ its manifest parts are in place), so a killed writer leaves nothing that a rerun
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -20,7 +21,7 @@ from .plan import ShardingOptions
 from .probe import ProbeError, check_whole, read_voice_activity
 from .root import RootLayout
 from .schemas import MIN_SAMPLES, REJECTS, SAMPLE_RATE, UTTERANCES, Reason, Stage, reject_row
-from .tar_writer import ShardWriter, SourceReadError
+from .tar_writer import ShardWriter, SourceReadError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def write_shard(root: str, index: int, rows: list[dict], opts: ShardingOptions) 
             ahead.advance(i)
             try:
                 _write_input(writer, layout.shard_name(index), plan_row, opts, utterances, rejects)
+            except WriteError:  # The tar itself cannot be written: the shard fails.
+                raise
             except AudioError as e:
                 rejects.append(
                     reject_row(plan_row["source"], Stage.SHARD, e.reason, str(e), plan_row["key"])
@@ -85,21 +88,30 @@ def write_shard(root: str, index: int, rows: list[dict], opts: ShardingOptions) 
         write_parquet_atomic(layout.utterances_part(index), utterances, UTTERANCES, sync_dir=False)
         write_parquet_atomic(layout.rejects_part(index), rejects, REJECTS, sync_dir=False)
         nbytes, sha256 = writer.commit(sync_dir=False)
+        record = {
+            "name": layout.shard_name(index),
+            "samples": len(utterances),
+            "seconds": sum(u["duration"] for u in utterances),
+            "bytes": nbytes,
+            "sha256": sha256,
+            "rejects": len(rejects),
+        }
+        # Tar and parts are durable under their final names before the record that trusts
+        # them.
+        fsync_dir(layout.shards_dir)
+        fsync_dir(layout.parts_dir)
+        write_atomic(layout.commit_path(index), json.dumps(record, sort_keys=True).encode())
     except BaseException:
+        # A full disk, say: no part of the shard stays visible without its commit record.
         writer.abort()
+        for path in (
+            layout.shard_path(index),
+            layout.utterances_part(index),
+            layout.rejects_part(index),
+        ):
+            with contextlib.suppress(OSError):
+                storage.remove(path)
         raise
-    # Tar and parts are durable under their final names before the record that trusts them.
-    fsync_dir(layout.shards_dir)
-    fsync_dir(layout.parts_dir)
-    record = {
-        "name": layout.shard_name(index),
-        "samples": len(utterances),
-        "seconds": sum(u["duration"] for u in utterances),
-        "bytes": nbytes,
-        "sha256": sha256,
-        "rejects": len(rejects),
-    }
-    write_atomic(layout.commit_path(index), json.dumps(record, sort_keys=True).encode())
     return dict(record, written=True)
 
 
@@ -216,6 +228,8 @@ def _pass_through(
             member = writer.add(row["key"], f, size, meta)
     except ProbeError as e:
         raise AudioError(e.reason, str(e)) from e
+    except WriteError:
+        raise
     except SourceReadError as e:
         raise AudioError(Reason.IO_ERROR, str(e)) from e
     except PermissionError as e:

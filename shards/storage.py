@@ -6,6 +6,9 @@ operating system's own errors (a broken symlink, a permission denied) distinguis
 
 from __future__ import annotations
 
+import fnmatch
+import functools
+import io
 import os
 import posixpath
 import urllib.parse
@@ -28,8 +31,24 @@ def local_path(path: str) -> str:
 
 
 def _remote(url: str) -> tuple[pafs.FileSystem, str]:
-    fs, path = pafs.FileSystem.from_uri(url)
-    return fs, path
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in _BUCKET_SCHEMES:
+        return pafs.FileSystem.from_uri(url)
+    base = urllib.parse.urlunsplit(parts._replace(path=""))
+    # One filesystem per bucket (and endpoint): creating an S3 client costs a round trip.
+    fs = _filesystem(base, os.environ.get("AWS_ENDPOINT_URL", ""))
+    return fs, (parts.netloc + parts.path).rstrip("/")
+
+
+# Schemes whose paths are "bucket/key" (pyarrow's own convention for them).
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(base: str, endpoint: str) -> pafs.FileSystem:
+    del endpoint  # Part of the cache key only: a new endpoint needs a new client.
+    fs, _ = pafs.FileSystem.from_uri(base)
+    return fs
 
 
 def _scheme(url: str) -> str:
@@ -87,6 +106,111 @@ def walk_files(root: str) -> Iterator[str]:
             yield name if rel_dir == "." else os.path.join(rel_dir, name)
 
 
+def makedirs(path: str) -> None:
+    """Creates a local directory and its parents; object stores have no directories."""
+    if not is_url(path):
+        os.makedirs(local_path(path), exist_ok=True)
+
+
+def listdir(path: str) -> list[str]:
+    """Names of the entries of a directory (or key prefix), sorted; [] when it is missing."""
+    if is_url(path):
+        fs, p = _remote(path)
+        infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+        return sorted(posixpath.basename(i.path) for i in infos)
+    try:
+        return sorted(os.listdir(local_path(path)))
+    except FileNotFoundError:
+        return []
+
+
+def glob(directory: str, pattern: str) -> list[str]:
+    """Entries of ``directory`` whose name matches ``pattern`` (fnmatch, dot files included
+    only by a pattern that starts with a dot), as full paths, sorted."""
+    return [
+        join(directory, name)
+        for name in listdir(directory)
+        if fnmatch.fnmatchcase(name, pattern) and (pattern.startswith(".") or name[0] != ".")
+    ]
+
+
+def remove(path: str) -> None:
+    """Deletes a file; a missing one is not an error (another attempt removed it)."""
+    if is_url(path):
+        fs, p = _remote(path)
+        try:
+            fs.delete_file(p)
+        except FileNotFoundError:
+            pass
+        return
+    try:
+        os.unlink(local_path(path))
+    except FileNotFoundError:
+        pass
+
+
+def move(src: str, dst: str) -> None:
+    """Renames ``src`` to ``dst`` on one filesystem (on an object store: copy, then delete)."""
+    if is_url(dst):
+        fs, s = _remote(src)
+        _, d = _remote(dst)
+        fs.move(s, d)
+    else:
+        os.replace(local_path(src), local_path(dst))
+
+
+def upload(local: str, url: str) -> None:
+    """Copies a local file to a remote location (multipart for large files)."""
+    fs, p = _remote(url)
+    with open(local, "rb") as src, fs.open_output_stream(p, metadata={}) as dst:
+        while chunk := src.read(1 << 24):
+            dst.write(chunk)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Writes a remote object in one request (objects appear whole or not at all)."""
+    fs, p = _remote(url)
+    with fs.open_output_stream(p, metadata={}) as f:
+        f.write(data)
+
+
+def read_parquet(path, **kwargs):
+    """``pyarrow.parquet.read_table`` for a local path or a URL."""
+    import pyarrow.parquet as pq
+
+    if isinstance(path, str) and is_url(path):
+        fs, p = _remote(path)
+        return pq.read_table(p, filesystem=fs, **kwargs)
+    return pq.read_table(path, **kwargs)
+
+
+def dataset(path: str | list[str], **kwargs):
+    """``pyarrow.dataset.dataset`` over a directory of Parquet files (hidden, temporary, files
+    are ignored as pyarrow always does) or a list of them, local or remote."""
+    import pyarrow.dataset as ds
+
+    first = path[0] if isinstance(path, list) and path else path
+    if isinstance(first, str) and is_url(first):
+        fs = _remote(first)[0]
+        paths = [_remote(p)[1] for p in path] if isinstance(path, list) else _remote(path)[1]
+        return ds.dataset(paths, filesystem=fs, format="parquet", **kwargs)
+    return ds.dataset(path, format="parquet", **kwargs)
+
+
+def read_bytes(path: str) -> bytes:
+    with open_input(path) as f:
+        return f.read()
+
+
+def load_npy(path: str, mmap: bool = False):
+    """A ``.npy`` array; memory-mapped from local disk when asked, read whole from a URL."""
+    import numpy as np
+
+    if is_url(path):
+        return np.load(io.BytesIO(read_bytes(path)))
+    return np.load(local_path(path), mmap_mode="r" if mmap else None)
+
+
 def open_input(path: str) -> BinaryIO:
     """Opens a file for binary reading (seekable), local or remote."""
     if is_url(path):
@@ -101,9 +225,13 @@ def read_text(path: str) -> str:
 
 
 def file_size(path: str) -> int:
+    """Size in bytes; ``FileNotFoundError`` when missing, local or remote."""
     if is_url(path):
         fs, p = _remote(path)
-        return fs.get_file_info(p).size
+        info = fs.get_file_info(p)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(path)
+        return info.size
     return os.stat(local_path(path)).st_size
 
 

@@ -12,6 +12,7 @@ writes them, without ``TarFile.addfile``'s per-member copies and small-buffer lo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,8 +20,8 @@ import os
 import tarfile
 from typing import BinaryIO
 
-from . import keys
-from .atomic import fsync_dir, temp_path
+from . import keys, storage
+from .atomic import publish, temp_path
 
 #: Sources up to this size are read whole (one read, one hash update, one write).
 _WHOLE_READ = 8 << 20
@@ -42,6 +43,11 @@ class Member:
 
 class SourceReadError(OSError):
     """The source ended early or failed while it was copied; the member was rolled back."""
+
+
+class WriteError(OSError):
+    """Writing the tar itself failed (a full disk, a read-only file system): the shard
+    cannot be finished, whatever its inputs. Never an input's fault, so never a reject."""
 
 
 def _padding(size: int) -> bytes:
@@ -99,7 +105,10 @@ class ShardWriter:
         self._keys: set[str] = set()
 
     def _write(self, data: bytes) -> None:
-        self._raw.write(data)
+        try:
+            self._raw.write(data)
+        except OSError as e:
+            raise self._write_error(e) from e
         self._hash.update(data)
         self._position += len(data)
 
@@ -124,6 +133,7 @@ class ShardWriter:
         Raises:
             ValueError: The key is not a valid member stem or was added before.
             SourceReadError: ``flac`` failed or ended early; nothing of this sample remains.
+            WriteError: The tar could not be written; the shard must be aborted.
         """
         keys.check(key)
         if key in self._keys:
@@ -133,9 +143,14 @@ class ShardWriter:
             self._write(_header(f"{key}.flac", size))
             offset = self._position
             digest = self._copy(flac, size)
+        except WriteError:
+            raise
         except OSError as e:  # Roll the tar back to before this member.
-            self._raw.seek(start)
-            self._raw.truncate()
+            try:
+                self._raw.seek(start)
+                self._raw.truncate()
+            except OSError as failed:
+                raise self._write_error(failed) from failed
             self._position, self._hash = start, hash_before
             raise SourceReadError(f"copying {key}: {e}") from e
         self._write(_padding(size))
@@ -157,16 +172,23 @@ class ShardWriter:
                 directory sync it once themselves).
         """
         self._finish_archive()
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
-        os.replace(self.temp_path, self.final_path)
-        if sync_dir:
-            fsync_dir(os.path.dirname(self.final_path))
+        try:
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+        except OSError as e:
+            raise self._write_error(e) from e
+        publish(self.temp_path, self.final_path, sync_dir=sync_dir)
         return self._position, self._hash.hexdigest()
 
     def abort(self) -> None:
-        """Drops the temporary file."""
-        self._raw.close()
-        if os.path.exists(self.temp_path):
-            os.unlink(self.temp_path)
+        """Drops the temporary file; never raises (it runs while another error is raised,
+        and on a full disk closing the file fails to flush it too)."""
+        with contextlib.suppress(OSError):
+            self._raw.close()
+        with contextlib.suppress(OSError):
+            storage.remove(self.temp_path)
+
+    def _write_error(self, e: OSError) -> WriteError:
+        """``e`` (ENOSPC names no file) as a :class:`WriteError` that names the tar."""
+        return WriteError(e.errno, e.strerror, e.filename or self.temp_path)

@@ -224,8 +224,10 @@ _GLOBAL_NAME = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)|<class '([A-Za-z_][\w.]*)'>
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """sha256 of a file, read in chunks."""
+    from shards import storage
+
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_input(os.fspath(path)) as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()

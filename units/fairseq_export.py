@@ -18,11 +18,10 @@ import io
 import json
 import os
 
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import soundfile as sf
 
-from shards.atomic import write_atomic
+from shards import storage
+from shards.atomic import read_json, write_atomic
 from shards.root import RootLayout
 
 from .labels import LabelError, LabelLayout
@@ -60,6 +59,14 @@ def assign_splits(rows: list[dict], percents: dict[str, float], by: str, seed: i
     return out
 
 
+#: What to do with labels on object storage that fairseq should train on.
+REMOTE_ROOT_HINT = (
+    "copy the root to a local disk (`aws s3 sync {root} /data/root`) and run the export "
+    "there: `unitpipe label --root /data/root --name NAME --fairseq-splits ...` labels "
+    "nothing again (every shard is committed) and writes the fairseq files"
+)
+
+
 def export(
     root: str,
     labels: str,
@@ -80,18 +87,17 @@ def export(
     if audio not in ("shards", "source"):
         raise LabelError(f"audio {audio!r}: use shards or source")
     root = RootLayout(root).root
+    if storage.is_url(root):
+        raise LabelError(f"fairseq reads local files: {REMOTE_ROOT_HINT.format(root=root)}")
     layout = LabelLayout(root, labels)
-    if not os.path.exists(layout.path("meta.json")):
+    meta = read_json(layout.path("meta.json"))
+    if meta is None:
         raise LabelError(f"no finished labels {labels!r} under {root}: run pipelines.label first")
-    with open(layout.path("meta.json")) as f:
-        meta = json.load(f)
     units = {
         r["key"]: r["units"]
-        for r in ds.dataset(layout.units_dir, format="parquet")
-        .to_table(columns=["key", "units"])
-        .to_pylist()
+        for r in storage.dataset(layout.units_dir).to_table(columns=["key", "units"]).to_pylist()
     }
-    manifest = pq.read_table(
+    manifest = storage.read_parquet(
         RootLayout(root).manifest("utterances.parquet"),
         columns=_EXPORT_COLUMNS,
     ).to_pylist()
@@ -128,9 +134,14 @@ def export(
 
 def link_audio(root: str, directory: str, rows: list[dict]) -> str:
     """``DIRECTORY/audio/NNNNNN.zip`` symlinks to the shard tars the rows live in; returns
-    the audio directory (the first line of a fairseq tsv)."""
+    the audio directory (the first line of a fairseq tsv).
+
+    An object store has no symlinks: there the tsv points at ``ROOT/shards`` itself.
+    """
+    if storage.is_url(directory):
+        return RootLayout(root).shards_dir
     audio = os.path.join(directory, "audio")
-    os.makedirs(audio, exist_ok=True)
+    storage.makedirs(audio)
     for shard in sorted({r["shard"] for r in rows}):
         link = os.path.join(audio, f"{shard}.zip")
         if not os.path.lexists(link):
@@ -173,12 +184,13 @@ def tsv_text(audio: str, rows: list[dict], sources: set[str] = frozenset()) -> s
         if row["key"] in sources and _source_reads_back(row):
             lines.append(f"{row['source']}\t{row['num_samples']}")
             continue
-        line = f"{row['shard']}.zip:{row['offset']}:{row['size']}\t{row['num_samples']}"
+        suffix = ".tar" if storage.is_url(audio) else ".zip"  # See link_audio.
+        line = f"{row['shard']}{suffix}:{row['offset']}:{row['size']}\t{row['num_samples']}"
         _check_reads_back(audio, line, row)
         lines.append(os.path.join(audio, line))
     # fairseq joins the first line with each path: one root that holds both kinds.
     top = "/" if sources else audio
-    return "\n".join([top] + [os.path.relpath(line, top) for line in lines]) + "\n"
+    return "\n".join([top] + [line[len(top) :].lstrip("/") for line in lines]) + "\n"
 
 
 def _source_reads_back(row: dict) -> bool:
@@ -192,7 +204,7 @@ def _source_reads_back(row: dict) -> bool:
 def _check_reads_back(audio_root: str, line: str, row: dict) -> None:
     """Reads a tsv line the way fairseq does (seek, read, decode) and checks the length."""
     path, offset, length = line.split("\t")[0].rsplit(":", 2)
-    with open(os.path.join(audio_root, path), "rb") as f:
+    with storage.open_input(os.path.join(audio_root, path)) as f:
         f.seek(int(offset))
         data = f.read(int(length))
     frames = sf.info(io.BytesIO(data)).frames

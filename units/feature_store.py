@@ -17,6 +17,7 @@ disk as they are computed and memory does not grow with the shard.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -25,9 +26,16 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from shards.atomic import fsync_dir, read_commit, temp_path, write_atomic, write_parquet_atomic
+from shards import storage
+from shards.atomic import (
+    publish,
+    read_commit,
+    read_json,
+    temp_path,
+    write_atomic,
+    write_parquet_atomic,
+)
 
 FEATURE_INDEX = pa.schema(
     [
@@ -83,7 +91,7 @@ class StoreLayout:
         return os.path.join(self.shards_dir, f"{shard}.commit.json")
 
     def make_dirs(self) -> None:
-        os.makedirs(self.shards_dir, exist_ok=True)
+        storage.makedirs(self.shards_dir)
 
     def read_commit(self, shard: str) -> dict | None:
         return read_commit(self.commit_path(shard), self.array_path(shard))
@@ -130,7 +138,8 @@ class FeatureShardWriter:
                 key, "non_finite_features", "NaN or Inf in the features (or beyond float16)"
             )
             return
-        self._f.write(half.tobytes())
+        with self._naming_errors():
+            self._f.write(half.tobytes())
         self._index.append(
             {"key": key, "shard": self.shard, "offset": self._rows, "frames": len(half)}
         )
@@ -141,20 +150,13 @@ class FeatureShardWriter:
 
     def commit(self) -> dict:
         """Writes the real header, fsyncs, renames, then the index and the commit record."""
-        self._f.seek(0)
-        self._f.write(_npy_header(self._rows, self.dim))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        nbytes = self._f.seek(0, io.SEEK_END)
-        self._f.close()
-        write_parquet_atomic(
-            self.layout.index_path(self.shard), self._index, FEATURE_INDEX, sync_dir=False
-        )
-        write_parquet_atomic(
-            self.layout.rejects_path(self.shard), self.rejects, FEATURE_REJECTS, sync_dir=False
-        )
-        os.replace(self._temp, self.layout.array_path(self.shard))
-        fsync_dir(self.layout.shards_dir)
+        with self._naming_errors():
+            self._f.seek(0)
+            self._f.write(_npy_header(self._rows, self.dim))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            nbytes = self._f.seek(0, io.SEEK_END)
+            self._f.close()
         record = {
             "shard": self.shard,
             "utterances": len(self._index),
@@ -162,15 +164,45 @@ class FeatureShardWriter:
             "bytes": nbytes,
             "rejects": len(self.rejects),
         }
-        write_atomic(
-            self.layout.commit_path(self.shard), json.dumps(record, sort_keys=True).encode()
-        )
+        try:
+            write_parquet_atomic(
+                self.layout.index_path(self.shard), self._index, FEATURE_INDEX, sync_dir=False
+            )
+            write_parquet_atomic(
+                self.layout.rejects_path(self.shard), self.rejects, FEATURE_REJECTS, sync_dir=False
+            )
+            publish(self._temp, self.layout.array_path(self.shard))
+            write_atomic(
+                self.layout.commit_path(self.shard), json.dumps(record, sort_keys=True).encode()
+            )
+        except BaseException:  # A full disk: no shard stays visible without its record.
+            for path in (
+                self.layout.array_path(self.shard),
+                self.layout.index_path(self.shard),
+                self.layout.rejects_path(self.shard),
+            ):
+                with contextlib.suppress(OSError):
+                    storage.remove(path)
+            raise
         return record
 
     def abort(self) -> None:
-        self._f.close()
-        if os.path.exists(self._temp):
-            os.unlink(self._temp)
+        """Drops the temporary file; never raises (it runs while another error is raised,
+        and on a full disk closing the file fails to flush it too)."""
+        with contextlib.suppress(OSError):
+            self._f.close()
+        with contextlib.suppress(OSError):
+            storage.remove(self._temp)
+
+    @contextlib.contextmanager
+    def _naming_errors(self):
+        """A failed write names the file it failed on (a full disk's ENOSPC names none)."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                e.filename = self._temp
+            raise
 
 
 def finalize(layout: StoreLayout, shards: Iterable[str], meta: dict) -> dict:
@@ -183,8 +215,8 @@ def finalize(layout: StoreLayout, shards: Iterable[str], meta: dict) -> dict:
             raise RuntimeError(f"feature shard {shard} is not committed; rerun to finish it")
         for k in totals:
             totals[k] += record[k]
-        indexes.append(pq.read_table(layout.index_path(shard), schema=FEATURE_INDEX))
-        rejects.append(pq.read_table(layout.rejects_path(shard), schema=FEATURE_REJECTS))
+        indexes.append(storage.read_parquet(layout.index_path(shard), schema=FEATURE_INDEX))
+        rejects.append(storage.read_parquet(layout.rejects_path(shard), schema=FEATURE_REJECTS))
     index = pa.concat_tables(indexes) if indexes else FEATURE_INDEX.empty_table()
     rejected = pa.concat_tables(rejects) if rejects else FEATURE_REJECTS.empty_table()
     write_parquet_atomic(layout.path("index.parquet"), index)
@@ -206,21 +238,21 @@ class FeatureStore:
     def __init__(self, root: str, name: str):
         self.layout = StoreLayout(root, name)
         meta_path = self.layout.path("meta.json")
-        if not os.path.exists(meta_path):
+        self.meta = read_json(meta_path)
+        if self.meta is None:
             raise FileNotFoundError(
                 f"no finished feature store {name!r} under {root}: run pipelines.features first"
             )
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        self.index = pq.read_table(self.layout.path("index.parquet"))
+        self.index = storage.read_parquet(self.layout.path("index.parquet"))
 
     @property
     def dim(self) -> int:
         return self.meta["spec"]["dim"]
 
     def shard_array(self, shard: str) -> np.ndarray:
-        """One shard's rows, memory-mapped (float16, (rows, dim))."""
-        return np.load(self.layout.array_path(shard), mmap_mode="r")
+        """One shard's rows (float16, (rows, dim)): memory-mapped from local disk, read whole
+        from an object store."""
+        return storage.load_npy(self.layout.array_path(shard), mmap=True)
 
     def shard_names(self) -> list[str]:
         return list(self.meta["shards"])

@@ -14,21 +14,26 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
-from shards.atomic import remove_temps, write_atomic, write_parquet_atomic
+from shards import storage, throughput
+from shards.atomic import (
+    read_json,
+    remove_all_temps,
+    remove_temps,
+    write_atomic,
+    write_parquet_atomic,
+)
 from shards.reader import read_audio
 from shards.root import RootLayout
 
 from . import extractors, feature_store
-from .actors import actor_pool, place
+from .actors import actor_pool, map_until_failure, place
 from .extractor import FeatureSpec
 from .extractors import ExtractorOptions
 from .feature_store import FeatureShardWriter, StoreLayout
@@ -136,7 +141,7 @@ def _decode_task(root: str, rows: list[dict]) -> list:
 def _plan(root: str, name: str, spec: FeatureSpec, request: SampleRequest) -> dict:
     layout = RootLayout(root)
     manifest = layout.manifest("utterances.parquet")
-    if not os.path.exists(manifest):
+    if not storage.exists(manifest):
         raise FeatureStageError(
             f"no utterances manifest under {root}: run `python -m pipelines.shard --output "
             f"{root} ...` first"
@@ -145,17 +150,16 @@ def _plan(root: str, name: str, spec: FeatureSpec, request: SampleRequest) -> di
     plan = {"spec": spec.to_json(), "request": dataclasses.asdict(request)}
     plan["fingerprint"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     saved_path = store.path("plan.json")
-    if os.path.exists(saved_path):
-        with open(saved_path) as f:
-            saved = json.load(f)
+    saved = read_json(saved_path)
+    if saved is not None:
         if saved["fingerprint"] != plan["fingerprint"]:
             raise FeatureStageError(
                 f"feature store {name!r} was started with another extractor or sample "
                 f"({saved['spec']['extractor']}, {saved['request']}); use another --name"
             )
-        sample = pq.read_table(store.path("sample.parquet")).to_pylist()
+        sample = storage.read_parquet(store.path("sample.parquet")).to_pylist()
         return dict(saved, sample=sample)
-    rows = pq.read_table(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
+    rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
     try:
         sample = draw(rows, request)
     except ValueError as e:
@@ -204,13 +208,13 @@ def run(
         by_shard[row["shard"]].append(row)
     shards = sorted(by_shard)
     pending = [s for s in shards if store.read_commit(s) is None]
-    if not pending and os.path.exists(store.path("meta.json")):
-        with open(store.path("meta.json")) as f:
-            meta = json.load(f)
+    meta = read_json(store.path("meta.json")) if not pending else None
+    if meta is not None:
         log.info("nothing to do: feature store %s is complete", name)
         return dict(meta, shards_written=0)
-    hours = _write(root, name, options, by_shard, pending, gpus_per_worker, progress)
+    hours, workers = _write(root, name, options, by_shard, pending, gpus_per_worker, progress)
     sample_hours = sum(r["duration"] for r in plan["sample"]) / 3600
+    remove_all_temps(store.shards_dir)  # Every writer is done (see labels_ray).
     meta = feature_store.finalize(
         store,
         shards,
@@ -220,19 +224,23 @@ def run(
             "sample": {"utterances": len(plan["sample"]), "hours": sample_hours},
         },
     )
-    wall = time.monotonic() - started
     return dict(
         meta,
         shards_written=len(pending),
-        throughput={
-            "wall_seconds": wall,
-            "hours_extracted": hours,
-            "audio_hours_per_second": hours / wall if wall else 0.0,
-        },
+        throughput=throughput.record(
+            "hours_extracted",
+            hours,
+            wall_seconds=time.monotonic() - started,
+            workers=workers,
+            # The FLAC members decoded, and the feature arrays committed, by this run.
+            bytes_read=sum(r["size"] for s in pending for r in by_shard[s]),
+            bytes_written=sum(store.read_commit(s)["bytes"] for s in pending),
+        ),
     )
 
 
-def _write(root, name, options, by_shard, pending, gpus_per_worker, progress) -> float:
+def _write(root, name, options, by_shard, pending, gpus_per_worker, progress):
+    """Writes the pending shards; returns their audio hours and the number of actors."""
     from tqdm import tqdm
 
     placement = place(None, gpus_per_worker)
@@ -248,10 +256,11 @@ def _write(root, name, options, by_shard, pending, gpus_per_worker, progress) ->
     total = sum(r["duration"] for s in pending for r in by_shard[s]) / 3600
     bar = tqdm(total=round(total, 4), unit="h", desc="features", disable=not progress)
     hours = 0.0
-    for shard, record in zip(pending, pool.map(submit, pending), strict=True):
-        shard_hours = sum(r["duration"] for r in by_shard[shard]) / 3600
-        hours += shard_hours
-        bar.update(round(shard_hours, 4))
-        log.debug("feature shard %s: %s", shard, record)
-    bar.close()
-    return hours
+    with bar:  # Closed on errors too: an error's line never follows a half-drawn bar.
+        for record in map_until_failure(pool, submit, pending):
+            shard = record["shard"]
+            shard_hours = sum(r["duration"] for r in by_shard[shard]) / 3600
+            hours += shard_hours
+            bar.update(round(shard_hours, 4))
+            log.debug("feature shard %s: %s", shard, record)
+    return hours, placement.actors(len(pending))

@@ -34,8 +34,11 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
+
+from shards import storage
 
 from . import kmeans_parts
 from .feature_store import FeatureStore
@@ -175,7 +178,14 @@ class KMeans:
                 )
 
     # ------------------------------------------------------------------ fit
-    def fit(self, data, *, checkpoint: str | None = None, check: bool = True) -> KMeans:
+    def fit(
+        self,
+        data,
+        *,
+        checkpoint: str | None = None,
+        check: bool = True,
+        callback: Callable[[dict], None] | None = None,
+    ) -> KMeans:
         """Fits the centroids.
 
         Args:
@@ -186,6 +196,8 @@ class KMeans:
             checkpoint: A directory: the state is saved there after every iteration, and a
                 fit that finds a state there resumes from it.
             check: Scan the data for NaN/Inf first (it also loads held parts).
+            callback: Called with each iteration's stats (a dict with the fields of
+                :attr:`iterations_`) when it ends; a driver shows progress with it.
 
         Raises:
             DataError: Empty data, fewer rows than clusters, NaN/Inf (named), a bad init.
@@ -193,12 +205,12 @@ class KMeans:
         """
         parts, owned = self._as_parts(data)
         try:
-            return self._fit(parts, checkpoint, check)
+            return self._fit(parts, checkpoint, check, callback)
         finally:
             if owned is not None:
                 owned.shutdown()
 
-    def _fit(self, parts, checkpoint: str | None, check: bool) -> KMeans:
+    def _fit(self, parts, checkpoint: str | None, check: bool, callback=None) -> KMeans:
         self._validate(parts)
         if check:
             check_finite(parts)
@@ -212,9 +224,9 @@ class KMeans:
         if state.get("done"):
             log.info("k-means checkpoint is complete: nothing to do")
         elif self.algorithm == "lloyd":
-            self._lloyd(parts, state, checkpoint)
+            self._lloyd(parts, state, checkpoint, callback or _ignore)
         else:
-            self._minibatch(parts, state, checkpoint)
+            self._minibatch(parts, state, checkpoint, callback or _ignore)
         self.cluster_centers_ = state["centroids"]
         self.inertia_ = state["inertia"]
         self.counts_ = state["counts"]
@@ -296,7 +308,7 @@ class KMeans:
         return kmeans_plusplus(points, k, rng, weights=weights.astype(np.float64))
 
     # ------------------------------------------------------------------ Lloyd
-    def _lloyd(self, parts, state: dict, checkpoint: str | None) -> None:
+    def _lloyd(self, parts, state: dict, checkpoint: str | None, callback) -> None:
         history = state["history"]
         while True:
             started = time.perf_counter()
@@ -321,6 +333,7 @@ class KMeans:
                 history.append(stats)
                 state["done"] = True
                 self._save(parts, checkpoint, state)
+                callback(stats)
                 return
             centroids, empty = update(state["centroids"], sums, counts)
             stats.update(empty_clusters=empty, seconds=time.perf_counter() - started)
@@ -335,9 +348,10 @@ class KMeans:
                 stats["seconds"],
             )
             self._save(parts, checkpoint, state)
+            callback(stats)
 
     # ------------------------------------------------------------------ mini-batch
-    def _minibatch(self, parts, state: dict, checkpoint: str | None) -> None:
+    def _minibatch(self, parts, state: dict, checkpoint: str | None, callback) -> None:
         rate = min(1.0, self.batch_size / parts.rows)
         steps = self.max_iter * max(1, math.ceil(parts.rows / self.batch_size))
         history = state["history"]
@@ -373,6 +387,7 @@ class KMeans:
             )
             state.update(centroids=c64.astype(np.float32), iteration=step + 1, ewa=ewa)
             self._save(parts, checkpoint, state)
+            callback(history[-1])
         results = parts.map("stats", state["centroids"])
         _, counts, inertia = kmeans_parts.reduce(parts, [nodes for nodes, _ in results])
         state.update(inertia=inertia, counts=counts, done=True)
@@ -389,7 +404,7 @@ class KMeans:
             return
         from shards.atomic import write_atomic
 
-        os.makedirs(directory, exist_ok=True)
+        storage.makedirs(directory)
         arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
         scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
         scalars["fingerprint"] = self._fingerprint(parts)
@@ -401,9 +416,9 @@ class KMeans:
         if directory is None:
             return None
         path = os.path.join(directory, "checkpoint.npz")
-        if not os.path.exists(path):
+        if not storage.exists(path):
             return None
-        with np.load(path) as saved:
+        with storage.load_npy(path) as saved:
             state = json.loads(str(saved["state"]))
             state.update({k: saved[k] for k in saved.files if k != "state"})
         if state.pop("fingerprint") != self._fingerprint(parts):
@@ -434,6 +449,10 @@ class KMeans:
 
     def fit_predict(self, x: np.ndarray) -> np.ndarray:
         return self.fit(x).predict(x)
+
+
+def _ignore(stats: dict) -> None:
+    """The callback of a fit that reports nothing."""
 
 
 def _as_rows(x, dim: int) -> np.ndarray:

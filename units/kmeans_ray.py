@@ -22,10 +22,15 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
+from ray.exceptions import ActorUnavailableError
+from tqdm import tqdm
 
+from shards import storage
 from shards.atomic import read_json, write_atomic, write_npy_atomic, write_parquet_atomic
 from shards.root import RootLayout
+from shards.throughput import record as throughput_record
 
 from . import project_version
 from .feature_store import FeatureStore
@@ -44,16 +49,54 @@ from .pca import PCA
 log = logging.getLogger(__name__)
 
 # An actor that dies (a lost node) is restarted from its constructor arguments and the
-# call retried; every call is a pure function of the part's data and the arguments.
+# call retried; every call is a pure function of the part's data, the state that earlier
+# calls set (which RayParts.map gives a restarted part back) and the arguments.
 _RETRIES = {"max_restarts": 3, "max_task_retries": 3}
 
+#: Times RayParts.map gives a lost part its state back and calls it again before failing.
+_RESTORE_ATTEMPTS = 20
 
-class _ArrayPart(Part):
+
+class PartRestarted(RuntimeError):
+    """A part's actor was restarted (its node was lost): its rows are back, but not the state
+    that earlier calls set (a PCA projection, k-means|| distances)."""
+
+
+class _RayPart(Part):
+    """A part in a Ray actor, which knows whether Ray restarted it.
+
+    Ray restarts a lost actor from its constructor arguments, so the rows come back (read
+    again from the store, or from the array's object), but not what earlier calls set. Until
+    :meth:`restore` has replayed those calls, :meth:`call` refuses to compute on the bare
+    part: a wrong answer would be silent (a missing projection changes the dimension only
+    when PCA reduces it).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._current = not ray.get_runtime_context().was_current_actor_reconstructed
+
+    def call(self, method: str, *args):
+        """``method(*args)``, unless the part lost its state."""
+        if not self._current:
+            raise PartRestarted(f"the part of blocks [{self.lo}, {self.hi}) was restarted")
+        return getattr(self, method)(*args)
+
+    def restore(self, journal: list) -> None:
+        """Replays ``(method, args)`` calls in order, in one actor call (a second restart
+        cannot leave a part half restored and marked current)."""
+        for method, args in journal:
+            resolved = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
+            getattr(self, method)(*resolved)
+        self._current = True
+
+
+class _ArrayPart(_RayPart):
     def __init__(self, array, offset, blocks, lo, hi, hold, device):
         super().__init__(ArraySource(array, offset), blocks, lo, hi, hold=hold, device=device)
 
 
-class _StorePart(Part):
+class _StorePart(_RayPart):
     def __init__(self, root, name, blocks, lo, hi, hold, device):
         row_lo, row_hi = blocks.span(lo)[0], blocks.span(hi - 1)[1]
         source = StoreSource(root, name, row_lo, row_hi)
@@ -69,6 +112,8 @@ class RayParts:
         self.actors, self.blocks, self.dim = actors, blocks, dim
         self._fingerprint = fingerprint
         self._refs = list(refs)  # Keeps the actors' data alive for restarts.
+        # The calls that set the parts' state, in order, for a part that restarts.
+        self._journal: list[tuple[str, list]] = []
 
     @property
     def rows(self) -> int:
@@ -77,7 +122,40 @@ class RayParts:
     def map(self, method: str, *args) -> list:
         # Large arguments (centroids, candidates) go to the object store once, not per actor.
         refs = [ray.put(a) if isinstance(a, np.ndarray) and a.nbytes > 65536 else a for a in args]
-        return ray.get([getattr(actor, method).remote(*refs) for actor in self.actors])
+        calls = [actor.call.remote(method, *refs) for actor in self.actors]
+        results = [
+            self._get(actor, call, method, refs)
+            for actor, call in zip(self.actors, calls, strict=True)
+        ]
+        if method in ("set_projection", "seed_update"):
+            self._journal.append((method, refs))
+        elif method == "seed_weights":  # Ends k-means||: frees what seed_update built.
+            self._journal = [entry for entry in self._journal if entry[0] != "seed_update"]
+        return results
+
+    def _get(self, actor, call, method: str, refs: list):
+        """``call``'s result. A part whose node was lost meanwhile gets its state back and
+        the call again: Ray restarts its actor, and every call is a pure function of the
+        part's rows and state (replaying ``seed_update`` on a part that had it is harmless:
+        distances to the same candidates are the same minimum)."""
+        for attempt in range(_RESTORE_ATTEMPTS):
+            try:
+                if call is None:
+                    ray.get(actor.restore.remote(self._journal))
+                    call = actor.call.remote(method, *refs)
+                return ray.get(call)
+            except (PartRestarted, ActorUnavailableError) as e:
+                if attempt == _RESTORE_ATTEMPTS - 1:
+                    raise
+                log.warning(
+                    "a k-means part was lost during %s (%s); giving it its state back",
+                    method,
+                    type(e).__name__,
+                )
+                if isinstance(e, ActorUnavailableError):  # Its node's death not yet known.
+                    time.sleep(1.0)
+                call = None
+        raise AssertionError("unreachable")
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -171,6 +249,8 @@ class StageOptions:
         gpus_per_worker: GPUs per actor.
         hold: Actors keep their rows in memory (``False``: stream from the store).
         fairseq_export: Also write ``kmeans.joblib`` for fairseq's ``dump_km_label.py``.
+        progress: Show the iterations on the driver, live, with the audio hours the
+            features cover.
     """
 
     pca: int | None = None
@@ -179,6 +259,7 @@ class StageOptions:
     gpus_per_worker: float = 0
     hold: bool = True
     fairseq_export: bool = False
+    progress: bool = False
 
 
 def _config(store: FeatureStore, features: str, km: KMeans, options: StageOptions) -> dict:
@@ -209,6 +290,11 @@ def run(
 
     Returns:
         The content of ``kmeans.json`` plus ``written`` (whether this run fitted anything).
+        Its ``throughput`` is that of the run that finished the fit: ``hours_clustered``
+        (the audio the store's frames cover), wall time, audio hours per second overall and
+        per worker, the feature bytes read (the store's shard files, counted once, though
+        ``hold=False`` reads them again on every pass) and the bytes of the output files,
+        ``kmeans.json`` aside.
 
     Raises:
         KMeansStageError: A missing or empty store, k or a PCA size that does not fit the
@@ -256,7 +342,7 @@ def run(
             check_finite(parts)
         except DataError as e:
             raise KMeansStageError(f"feature store {features!r}: {e}") from None
-        os.makedirs(out, exist_ok=True)
+        storage.makedirs(out)
         write_atomic(
             os.path.join(out, "config.json"), json.dumps(config, indent=1, sort_keys=True).encode()
         )
@@ -274,24 +360,34 @@ def run(
                     pca.explained_variance_.sum() / pca.total_variance_
                 ),
             }
+        hours = _hours(store)
+        bar = tqdm(desc="k-means", unit="it", disable=not options.progress)
+
+        def on_iteration(stats: dict) -> None:
+            bar.update(1)
+            bar.set_postfix(inertia=f"{stats['inertia']:.6g}", audio_h=f"{hours:.3f}")
+
         try:
-            km.fit(parts, checkpoint=out, check=False)
+            km.fit(parts, checkpoint=out, check=False, callback=on_iteration)
         except CheckpointMismatchError as e:
             raise KMeansStageError(str(e)) from None
+        finally:
+            bar.close()
     finally:
+        workers = len(parts.actors)
         parts.shutdown()
-    return _commit(out, store, config, km, options, pca_meta, rows, dim, started)
+    return _commit(out, store, config, km, options, pca_meta, rows, dim, started, workers)
 
 
 def fit_pca(parts, directory: str, dim: int, whiten: bool = False) -> PCA:
     """Fits a PCA on ``parts`` into ``directory`` (with wav2vec-U's ``{dim}_pca_A/b.npy``),
     or loads the one an earlier run committed there (``pca.json`` is written last)."""
-    if os.path.exists(os.path.join(directory, "pca.json")):
+    if storage.exists(os.path.join(directory, "pca.json")):
         pca = PCA.load(directory, whiten=whiten)
         pca.total_variance_ = read_json(os.path.join(directory, "pca.json"))["total_variance"]
         return pca
     pca = PCA(dim, whiten=whiten).fit(parts)
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
     pca.save(directory)
     write_atomic(
         os.path.join(directory, "pca.json"),
@@ -300,7 +396,14 @@ def fit_pca(parts, directory: str, dim: int, whiten: bool = False) -> PCA:
     return pca
 
 
-def _commit(out, store, config, km: KMeans, options, pca_meta, rows, dim, started) -> dict:
+def _hours(store: FeatureStore) -> float:
+    """Hours of audio the store's frames cover: its index's frames at the spec's frame rate
+    (one hop each, so a window's length short of each utterance's duration)."""
+    frames = pc.sum(store.index.column("frames")).as_py() or 0
+    return frames / store.meta["spec"]["frame_rate"] / 3600
+
+
+def _commit(out, store, config, km: KMeans, options, pca_meta, rows, dim, started, workers) -> dict:
     write_npy_atomic(os.path.join(out, "centroids.npy"), km.cluster_centers_.astype(np.float32))
     table = pa.Table.from_pylist([dataclasses.asdict(s) for s in km.iterations_])
     write_parquet_atomic(os.path.join(out, "iterations.parquet"), table)
@@ -329,6 +432,19 @@ def _commit(out, store, config, km: KMeans, options, pca_meta, rows, dim, starte
         "wall_seconds": time.monotonic() - started,
         "version": project_version(),
     }
+    # The run that finished the fit: every file of the output but kmeans.json itself.
+    meta["throughput"] = throughput_record(
+        "hours_clustered",
+        _hours(store),
+        wall_seconds=meta["wall_seconds"],
+        workers=workers,
+        bytes_read=sum(storage.file_size(store.layout.array_path(s)) for s in store.shard_names()),
+        bytes_written=sum(
+            storage.file_size(storage.join(out, f))
+            for f in storage.walk_files(out)
+            if f != "kmeans.json"
+        ),
+    )
     write_atomic(
         os.path.join(out, "kmeans.json"), json.dumps(meta, indent=1, sort_keys=True).encode()
     )

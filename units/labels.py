@@ -17,13 +17,13 @@ joins the utterances manifest on ``key``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
 import pyarrow as pa
 
-from shards.atomic import read_commit
+from shards import storage
+from shards.atomic import read_commit, read_json
 
 from .extractor import FeatureSpec
 from .extractors import ExtractorOptions
@@ -74,7 +74,7 @@ class LabelLayout:
 
     def make_dirs(self) -> None:
         for sub in ("units", "rejects", "commits"):
-            os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
+            storage.makedirs(os.path.join(self.directory, sub))
 
     def units_path(self, shard: str) -> str:
         return os.path.join(self.units_dir, f"{shard}.parquet")
@@ -146,14 +146,13 @@ class KMeansModel:
     def load(cls, root: str, name: str) -> KMeansModel:
         directory = os.path.join(root, "kmeans", name)
         meta_path = os.path.join(directory, "kmeans.json")
-        if not os.path.exists(meta_path):
+        if not storage.exists(meta_path):
             raise LabelError(
                 f"no finished k-means {name!r} under {root}: run `python -m pipelines.kmeans "
                 f"--root {root} --name {name} ...` first"
             )
-        with open(meta_path) as f:
-            meta = json.load(f)
-        centroids = np.load(os.path.join(directory, "centroids.npy"))
+        meta = read_json(meta_path)
+        centroids = storage.load_npy(os.path.join(directory, "centroids.npy"))
         mean = matrix = None
         if meta.get("pca"):
             from .pca import PCA

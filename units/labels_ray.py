@@ -11,6 +11,7 @@ nothing. Units must have exactly the frames the frame contract gives for the utt
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,14 +19,22 @@ import os
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
-from tqdm import tqdm
 
-from shards.atomic import fsync_dir, remove_temps, write_atomic, write_parquet_atomic
+from shards import storage
+from shards.atomic import (
+    fsync_dir,
+    read_json,
+    remove_all_temps,
+    remove_temps,
+    write_atomic,
+    write_parquet_atomic,
+)
 from shards.root import RootLayout
+from shards.throughput import hours_bar
+from shards.throughput import record as throughput_record
 
 from . import extractors, project_version
-from .actors import actor_pool, longest_first, place
+from .actors import actor_pool, longest_first, map_until_failure, place
 from .extractors import ExtractorOptions
 from .fairseq_checkpoint import sha256_file
 from .features_ray import batches, check_frames, decode_rows
@@ -129,18 +138,24 @@ class LabelWorker:
         for batch in batches(rows, decode_rows(root, rows), self.batch_seconds, reject):
             out += self._label(batch, shard)
         schema = LABELS_DEDUP if self.dedup else LABELS
-        write_parquet_atomic(final, out, schema, sync_dir=False)
-        write_parquet_atomic(layout.rejects_path(shard), rejects, LABEL_REJECTS, sync_dir=False)
-        fsync_dir(layout.units_dir)
-        fsync_dir(os.path.dirname(layout.rejects_path(shard)))
-        record = {
-            "shard": shard,
-            "utterances": len(out),
-            "frames": int(sum(r["frames"] for r in out)),
-            "rejects": len(rejects),
-            "bytes": os.path.getsize(final),
-        }
-        write_atomic(layout.commit_path(shard), json.dumps(record, sort_keys=True).encode())
+        try:
+            write_parquet_atomic(final, out, schema, sync_dir=False)
+            write_parquet_atomic(layout.rejects_path(shard), rejects, LABEL_REJECTS, sync_dir=False)
+            fsync_dir(layout.units_dir)
+            fsync_dir(os.path.dirname(layout.rejects_path(shard)))
+            record = {
+                "shard": shard,
+                "utterances": len(out),
+                "frames": int(sum(r["frames"] for r in out)),
+                "rejects": len(rejects),
+                "bytes": storage.file_size(final),
+            }
+            write_atomic(layout.commit_path(shard), json.dumps(record, sort_keys=True).encode())
+        except BaseException:  # A full disk: no label shard stays visible without its record.
+            for path in (final, layout.rejects_path(shard)):
+                with contextlib.suppress(OSError):
+                    storage.remove(path)
+            raise
         return dict(record, written=True)
 
     def _label(self, batch: list, shard: str) -> list[dict]:
@@ -209,7 +224,7 @@ def run(
     check_spec(kmeans, model.spec, built.spec)
     del built
     manifest = RootLayout(root).manifest("utterances.parquet")
-    if not os.path.exists(manifest):
+    if not storage.exists(manifest):
         raise LabelError(f"no utterances manifest under {root}: run pipelines.shard first")
     layout = LabelLayout(root, name)
     lineage = {
@@ -226,15 +241,14 @@ def run(
         "dedup": dedup,
     }
     plan_path = layout.path("plan.json")
-    if os.path.exists(plan_path):
-        with open(plan_path) as f:
-            saved = json.load(f)
+    if storage.exists(plan_path):
+        saved = read_json(plan_path)
         if saved != lineage:
             raise LabelError(
                 f"labels {name!r} were started with another k-means or manifest "
                 f"({saved['kmeans']}); use another --name"
             )
-    rows = pq.read_table(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
+    rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
     by_shard: dict[str, list[dict]] = collections.defaultdict(list)
     for row in rows:
         by_shard[row["shard"]].append(row)
@@ -242,9 +256,8 @@ def run(
     layout.make_dirs()
     write_atomic(plan_path, json.dumps(lineage, indent=1, sort_keys=True).encode())
     pending = longest_first([s for s in shards if layout.read_commit(s) is None], by_shard)
-    if not pending and os.path.exists(layout.path("meta.json")):
-        with open(layout.path("meta.json")) as f:
-            return dict(json.load(f), shards_written=0)
+    if not pending and storage.exists(layout.path("meta.json")):
+        return dict(read_json(layout.path("meta.json")), shards_written=0)
     placement = place(workers, gpus_per_worker)
     pool = actor_pool(
         LabelWorker,
@@ -257,28 +270,25 @@ def run(
         dedup=dedup,
     )
     hours = {s: sum(r["duration"] for r in by_shard[s]) / 3600 for s in pending}
-    bar = tqdm(total=round(sum(hours.values()), 4), unit="h", desc="labels", disable=not progress)
     done_hours = bytes_written = 0.0
-    shards_done = iter(pending)  # ActorPool.map yields in submission order.
-    for record in pool.map(lambda a, s: a.label_shard.remote(root, name, s, by_shard[s]), pending):
-        shard = next(shards_done)
-        done_hours += hours[shard]
-        bytes_written += record["bytes"]
-        bar.update(round(hours[shard], 4))
-        log.debug("label shard %s", record)
-    bar.close()
-    pass_seconds = time.monotonic() - started
-    throughput = {
-        "wall_seconds": pass_seconds,
-        "hours_labelled": done_hours,
-        "audio_hours_per_second": done_hours / pass_seconds if pass_seconds else 0.0,
-        "workers": placement.actors(len(pending)),
-        "bytes_read": int(sum(r["size"] for s in pending for r in by_shard[s])),
-        "bytes_written": int(bytes_written),
-    }
-    throughput["audio_hours_per_second_per_worker"] = (
-        throughput["audio_hours_per_second"] / throughput["workers"]
+    with hours_bar(sum(hours.values()), "labels", progress) as bar:  # Closed on errors too.
+        for record in map_until_failure(
+            pool, lambda a, s: a.label_shard.remote(root, name, s, by_shard[s]), pending
+        ):
+            done_hours += hours[record["shard"]]
+            bytes_written += record["bytes"]
+            bar.update(hours[record["shard"]])
+            log.debug("label shard %s", record)
+    throughput = throughput_record(
+        "hours_labelled",
+        done_hours,
+        wall_seconds=time.monotonic() - started,
+        workers=placement.actors(len(pending)),
+        bytes_read=sum(r["size"] for s in pending for r in by_shard[s]),
+        bytes_written=bytes_written,
     )
+    # Every writer is done: what an attempt that lost a race left behind goes.
+    remove_all_temps(*(layout.path(sub) for sub in ("units", "rejects", "commits")))
     totals = {"utterances": 0, "frames": 0, "rejects": 0}
     for shard in shards:
         record = layout.read_commit(shard)

@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from shards import storage
 from shards.atomic import write_npy_atomic
 
 from . import kmeans_parts
@@ -128,9 +129,9 @@ class PCA:
     @classmethod
     def load(cls, directory: str, *, whiten: bool = False) -> PCA:
         """A PCA saved by :meth:`save`."""
-        components = np.load(os.path.join(directory, "pca_components.npy"))
+        components = storage.load_npy(os.path.join(directory, "pca_components.npy"))
         pca = cls(len(components), whiten=whiten)
-        pca.mean_ = np.load(os.path.join(directory, "pca_mean.npy"))
+        pca.mean_ = storage.load_npy(os.path.join(directory, "pca_mean.npy"))
         pca.components_ = components
-        pca.explained_variance_ = np.load(os.path.join(directory, "pca_variance.npy"))
+        pca.explained_variance_ = storage.load_npy(os.path.join(directory, "pca_variance.npy"))
         return pca

@@ -27,10 +27,9 @@ import json
 import os
 
 import numpy as np
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
-from shards.atomic import write_atomic
+from shards import storage
+from shards.atomic import read_json, write_atomic
 from shards.root import RootLayout
 
 from . import metrics, phone_refs
@@ -62,11 +61,10 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
     root = RootLayout(root).root
     layout = LabelLayout(root, labels)
     meta_path = layout.path("meta.json")
-    if not os.path.exists(meta_path):
+    if not storage.exists(meta_path):
         raise LabelError(f"no finished labels {labels!r} under {root}: run pipelines.label first")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    manifest = pq.read_table(
+    meta = read_json(meta_path)
+    manifest = storage.read_parquet(
         RootLayout(root).manifest("utterances.parquet"), columns=["key", "duration", "speaker"]
     ).to_pylist()
     refs = phone_refs.read_references(phones) if phones else None
@@ -76,7 +74,7 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
 
     k, hyps = int(meta["k"]), {}
     usage = metrics.UnitUsage(k)
-    dataset = ds.dataset(layout.units_dir, format="parquet")
+    dataset = storage.dataset(layout.units_dir)
     for batch in dataset.to_batches(columns=["key", "units"]):
         units = batch.column("units")
         # flatten() honours a sliced array, where .values would not.
@@ -120,21 +118,21 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
 
 def _inertia(root: str, kmeans: str) -> list[float]:
     path = os.path.join(root, "kmeans", kmeans, "iterations.parquet")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return []
-    return pq.read_table(path, columns=["inertia"]).column("inertia").to_pylist()
+    return storage.read_parquet(path, columns=["inertia"]).column("inertia").to_pylist()
 
 
 def _rejects(root: str, layout: LabelLayout) -> dict[str, int]:
     """``stage: reason`` -> count, for the shard stage and the label pass."""
     out: dict[str, int] = collections.Counter()
     shard_rejects = RootLayout(root).manifest("rejects.parquet")
-    if os.path.exists(shard_rejects):
-        for row in pq.read_table(shard_rejects, columns=["stage", "reason"]).to_pylist():
+    if storage.exists(shard_rejects):
+        for row in storage.read_parquet(shard_rejects, columns=["stage", "reason"]).to_pylist():
             out[f"{row['stage']}: {row['reason']}"] += 1
     label_rejects = os.path.join(layout.directory, "rejects")
-    if os.path.isdir(label_rejects) and os.listdir(label_rejects):
-        table = ds.dataset(label_rejects, format="parquet").to_table(columns=["reason"])
+    if storage.glob(label_rejects, "*.parquet"):
+        table = storage.dataset(label_rejects).to_table(columns=["reason"])
         for reason in table.column("reason").to_pylist():
             out[f"label: {reason}"] += 1
     return dict(sorted(out.items()))
@@ -313,7 +311,7 @@ def _fmt(value) -> str:
 
 def write(report: Report, directory: str) -> dict[str, str]:
     """Writes the page, ``metrics.json`` and the PNGs under ``directory``; returns paths."""
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
     pngs = figures(report)
     paths = {}
     for name, png in pngs.items():

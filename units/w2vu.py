@@ -33,6 +33,8 @@ import os
 import numpy as np
 import pyarrow as pa
 
+from shards import storage
+
 from .labels import dedup
 
 #: Per audio shard: where each utterance's pooled rows sit in ``shards/NNNNNN.npy``.
@@ -116,8 +118,8 @@ class W2VUPrep:
     @classmethod
     def load(cls, directory: str, dim: int, **kwargs) -> W2VUPrep:
         """Reads the wav2vec-U PCA files, the ones fairseq's ``apply_pca.py`` would use."""
-        a = np.load(os.path.join(directory, f"{dim}_pca_A.npy"))
-        b = np.load(os.path.join(directory, f"{dim}_pca_b.npy"))
+        a = storage.load_npy(os.path.join(directory, f"{dim}_pca_A.npy"))
+        b = storage.load_npy(os.path.join(directory, f"{dim}_pca_b.npy"))
         return cls(a, b, **kwargs)
 
     def __call__(self, features: np.ndarray, clusters: np.ndarray) -> np.ndarray:

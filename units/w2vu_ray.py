@@ -17,20 +17,23 @@ A rerun skips every finished step and committed shard; a finished run does nothi
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import time
 
 import numpy as np
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
+from shards import storage
 from shards.atomic import (
     fsync_dir,
+    publish,
     read_commit,
     read_json,
+    remove_all_temps,
     remove_temps,
     temp_path,
     write_atomic,
@@ -38,9 +41,11 @@ from shards.atomic import (
     write_parquet_atomic,
 )
 from shards.root import RootLayout
+from shards.throughput import hours_bar
+from shards.throughput import record as throughput_record
 
 from . import project_version
-from .actors import actor_pool, longest_first, place
+from .actors import actor_pool, longest_first, map_until_failure, place
 from .fairseq_checkpoint import sha256_file
 from .fairseq_export import assign_splits, link_audio, tsv_text
 from .feature_store import FeatureStore
@@ -101,7 +106,7 @@ class W2VULayout:
 
     def make_dirs(self) -> None:
         for sub in ("features", "rows", "rejects", "commits"):
-            os.makedirs(self.path(sub), exist_ok=True)
+            storage.makedirs(self.path(sub))
 
     def features_path(self, shard: str) -> str:
         return self.path("features", f"{shard}.npy")
@@ -156,25 +161,37 @@ class W2VUWorker:
                 row += len(x)
         dim = len(self.prep.pca_b)
         array = np.concatenate(pooled) if pooled else np.empty((0, dim), np.float32)
-        write_npy_atomic(layout.features_path(shard), array, sync_dir=False)
-        write_parquet_atomic(layout.rows_path(shard), out, W2VU_ROWS, sync_dir=False)
-        write_parquet_atomic(
-            layout.path("rejects", f"{shard}.parquet"), rejects, LABEL_REJECTS, sync_dir=False
+        written = (
+            layout.features_path(shard),
+            layout.rows_path(shard),
+            layout.path("rejects", f"{shard}.parquet"),
         )
-        fsync_dir(layout.path("features"))
-        fsync_dir(layout.path("rows"))
-        fsync_dir(layout.path("rejects"))
-        record = {
-            "shard": shard,
-            "utterances": len(out),
-            "rows": int(row),
-            "rejects": len(rejects),
-            "bytes": os.path.getsize(layout.rows_path(shard)),
-        }
-        write_atomic(
-            layout.path("commits", f"{shard}.json"), json.dumps(record, sort_keys=True).encode()
-        )
-        return dict(record, written=True)
+        try:
+            write_npy_atomic(written[0], array, sync_dir=False)
+            write_parquet_atomic(written[1], out, W2VU_ROWS, sync_dir=False)
+            write_parquet_atomic(written[2], rejects, LABEL_REJECTS, sync_dir=False)
+            fsync_dir(layout.path("features"))
+            fsync_dir(layout.path("rows"))
+            fsync_dir(layout.path("rejects"))
+            record = {
+                "shard": shard,
+                "utterances": len(out),
+                "rows": int(row),
+                "rejects": len(rejects),
+                "bytes": storage.file_size(layout.rows_path(shard)),
+            }
+            write_atomic(
+                layout.path("commits", f"{shard}.json"),
+                json.dumps(record, sort_keys=True).encode(),
+            )
+        except BaseException:  # A full disk: no shard stays visible without its record.
+            for path in written:
+                with contextlib.suppress(OSError):
+                    storage.remove(path)
+            raise
+        # What this call wrote, for the stage's throughput (not part of the commit record).
+        nbytes = sum(storage.file_size(path) for path in written)
+        return dict(record, written=True, bytes_written=nbytes)
 
 
 def run(
@@ -186,6 +203,7 @@ def run(
     by: str = "utterance",
     split_seed: int = 0,
     options: W2VUOptions = W2VUOptions(),
+    progress: bool = False,
 ) -> dict:
     """Prepares wav2vec-U features for every utterance under ``root`` into ``ROOT/w2vu/NAME``.
 
@@ -201,6 +219,15 @@ def run(
         by: ``utterance`` or ``speaker``.
         split_seed: Seed of the split draw.
         options: See :class:`W2VUOptions`.
+        progress: Show the audio hours of the pass on the driver, live (and the k-means
+            iterations).
+
+    Returns:
+        ``meta.json``'s content, plus this run's ``shards_written`` and ``wall_seconds``.
+        Its ``throughput`` is that of the run that finished the output: the audio hours of
+        the shards it prepared, its wall time (fits included), audio hours per second
+        overall and per worker of the pass, the audio bytes it read and the bytes of the
+        shard and split files it wrote.
 
     Raises:
         W2VUError: A missing store or manifest, a PCA wider than the features, splits that
@@ -221,7 +248,7 @@ def run(
             f"--pca-dim {options.pca_dim} must be between 1 and the feature dimension {store.dim}"
         )
     manifest_path = RootLayout(root).manifest("utterances.parquet")
-    manifest = pq.read_table(manifest_path, columns=_MANIFEST_COLUMNS).to_pylist()
+    manifest = storage.read_parquet(manifest_path, columns=_MANIFEST_COLUMNS).to_pylist()
     try:
         assign_splits(manifest, splits, by, split_seed)  # Fails early on bad or empty splits.
     except ValueError as e:
@@ -253,7 +280,7 @@ def run(
     write_atomic(layout.path("plan.json"), json.dumps(plan, indent=1, sort_keys=True).encode())
 
     gpus = place(options.workers, options.gpus_per_worker).options.get("num_gpus", 0)
-    stage = StageOptions(workers=options.workers, gpus_per_worker=gpus)
+    stage = StageOptions(workers=options.workers, gpus_per_worker=gpus, progress=progress)
     fit_kmeans(root, features, kmeans, KMeans(options.k, seed=options.seed), stage)
     if read_json(layout.path("pca", "pca.json")) is None:
         parts = distribute(store, workers=options.workers, gpus_per_worker=0)
@@ -269,28 +296,52 @@ def run(
         by_shard[row["shard"]].append(row)
     shards = sorted(by_shard)
     pending = longest_first([s for s in shards if layout.read_commit(s) is None], by_shard)
+    hours, bytes_written, workers = 0.0, 0, 1
     if pending:
-        _pass(root, name, kmeans, options, pending, by_shard)
-    meta = _assemble(root, layout, plan, shards, manifest, splits, by, split_seed)
+        hours, bytes_written, workers = _pass(
+            root, name, kmeans, options, pending, by_shard, progress
+        )
+    meta, split_files = _assemble(root, layout, plan, shards, manifest, splits, by, split_seed)
+    meta["throughput"] = throughput_record(
+        "hours_prepared",
+        hours,
+        wall_seconds=time.monotonic() - started,
+        workers=workers,
+        bytes_read=sum(r["size"] for s in pending for r in by_shard[s]),
+        bytes_written=bytes_written + sum(storage.file_size(p) for p in split_files),
+    )
+    write_atomic(layout.path("meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
     return dict(meta, shards_written=len(pending), wall_seconds=time.monotonic() - started)
 
 
-def _pass(root, name, kmeans, options, pending, by_shard) -> None:
+def _pass(root, name, kmeans, options, pending, by_shard, progress) -> tuple[float, int, int]:
+    """Prepares the ``pending`` shards; returns their audio hours, the bytes written and
+    the number of workers."""
     placement = place(options.workers, options.gpus_per_worker)
     pool = actor_pool(
         W2VUWorker, placement, len(pending), root, name, kmeans, options, placement.device
     )
-    for record in pool.map(
-        lambda a, s: a.prepare_shard.remote(root, name, s, by_shard[s]), pending
-    ):
-        log.debug("w2vu shard %s", record)
+    hours = {s: sum(r["duration"] for r in by_shard[s]) / 3600 for s in pending}
+    done_hours, nbytes = 0.0, 0
+    with hours_bar(sum(hours.values()), "w2vu", progress) as bar:  # Closed on errors too.
+        for record in map_until_failure(
+            pool, lambda a, s: a.prepare_shard.remote(root, name, s, by_shard[s]), pending
+        ):
+            done_hours += hours[record["shard"]]
+            nbytes += record.get("bytes_written", 0)
+            bar.update(hours[record["shard"]])
+            log.debug("w2vu shard %s", record)
+    return done_hours, nbytes, placement.actors(len(pending))
 
 
-def _assemble(root, layout, plan, shards, manifest, splits, by, split_seed) -> dict:
-    """Concatenates the committed shards into the split files, in manifest order."""
-    table = ds.dataset(
-        [layout.rows_path(s) for s in shards], schema=W2VU_ROWS, format="parquet"
-    ).to_table(columns=["key", "shard", "row", "length"])
+def _assemble(root, layout, plan, shards, manifest, splits, by, split_seed) -> tuple[dict, list]:
+    """Concatenates the committed shards into the split files, in manifest order; returns
+    the content of ``meta.json`` (written by the caller) and the split files."""
+    # Every writer of the pass is done: what an attempt that lost a race left behind goes.
+    remove_all_temps(*(layout.path(sub) for sub in ("features", "rows", "rejects", "commits")))
+    table = storage.dataset([layout.rows_path(s) for s in shards], schema=W2VU_ROWS).to_table(
+        columns=["key", "shard", "row", "length"]
+    )
     placed = {r["key"]: r for r in table.to_pylist()}
     rows = [r for r in manifest if r["key"] in placed]
     try:
@@ -299,13 +350,14 @@ def _assemble(root, layout, plan, shards, manifest, splits, by, split_seed) -> d
         raise W2VUError(f"after the pass: {e}") from None
     audio = link_audio(root, layout.directory, rows)
     dim = plan["options"]["pca_dim"]
-    counts = {}
+    counts, files = {}, []
     for split, chosen in members.items():
         lengths = [placed[r["key"]]["length"] for r in chosen]
         _write_split_npy(layout, split, chosen, placed, sum(lengths), dim)
         write_atomic(layout.path(f"{split}.lengths"), "".join(f"{n}\n" for n in lengths).encode())
         write_atomic(layout.path(f"{split}.tsv"), tsv_text(audio, chosen).encode())
         counts[split] = {"utterances": len(chosen), "frames": int(sum(lengths))}
+        files += [layout.path(f"{split}.{ext}") for ext in ("npy", "lengths", "tsv")]
     rejects = len(manifest) - len(rows)
     meta = dict(
         plan,
@@ -316,8 +368,7 @@ def _assemble(root, layout, plan, shards, manifest, splits, by, split_seed) -> d
         pca_dir=layout.path("pca"),
         version=project_version(),
     )
-    write_atomic(layout.path("meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
-    return meta
+    return meta, files
 
 
 def _write_split_npy(layout, split, chosen, placed, total, dim) -> None:
@@ -326,19 +377,37 @@ def _write_split_npy(layout, split, chosen, placed, total, dim) -> None:
     final = layout.path(f"{split}.npy")
     remove_temps(final)
     tmp = temp_path(final)
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
-    at, current, source = 0, None, None
-    for row in chosen:
-        place = placed[row["key"]]
-        if place["shard"] != current:
-            current = place["shard"]
-            source = np.load(layout.features_path(current), mmap_mode="r")
-        n = place["length"]
-        out[at : at + n] = source[place["row"] : place["row"] + n]
-        at += n
-    out.flush()
-    del out, source
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(layout.directory)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
+        _allocate(tmp)
+        at, current, source = 0, None, None
+        for row in chosen:
+            place = placed[row["key"]]
+            if place["shard"] != current:
+                current = place["shard"]
+                source = storage.load_npy(layout.features_path(current), mmap=True)
+            n = place["length"]
+            out[at : at + n] = source[place["row"] : place["row"] + n]
+            at += n
+        out.flush()
+        del out, source
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        publish(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            storage.remove(tmp)
+        raise
+
+
+def _allocate(path: str) -> None:
+    """Reserves the blocks of a sparse file before it is written through a memory map: a
+    full disk is then an ``OSError`` here, not a SIGBUS that kills the process mid-write."""
+    with open(path, "rb+") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return  # A file system without fallocate: nothing reserved, as before.
+            e.filename = path
+            raise

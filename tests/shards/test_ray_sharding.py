@@ -69,6 +69,17 @@ def test_librispeech_is_passed_through_byte_for_byte_with_a_complete_manifest(
     sample = shards.get(str(tmp_path), keys[0])
     assert sample.meta["text"].startswith("WORDS OF UTTERANCE 0")
     assert sample.meta["speaker"] == keys[0].split("-")[0]
+    # This run's throughput: every hour and byte it read and wrote, over its 2 workers.
+    speed = summary["throughput"]
+    assert speed["hours_written"] == pytest.approx(sum(u["duration"] for u in utts) / 3600)
+    assert speed["bytes_written"] == sum(
+        os.path.getsize(tmp_path / "shards" / f) for f in os.listdir(tmp_path / "shards")
+    )
+    assert speed["bytes_read"] == sum(os.path.getsize(u["source"]) for u in utts)
+    assert speed["workers"] == 2 and speed["audio_hours_per_second"] == pytest.approx(
+        speed["hours_written"] / speed["wall_seconds"]
+    )
+    assert speed["audio_hours_per_second_per_worker"] == speed["audio_hours_per_second"] / 2
 
 
 def test_reading_back_with_open_get_index_and_plain_webdataset_agree(librispeech, tmp_path):

@@ -49,9 +49,8 @@ def test_mfcc_store_holds_the_sample_with_exact_frame_counts(root):
     store = FeatureStore(str(root), "mfcc50")
     index = shards.Index(str(root))
     mfcc = KaldiMFCC()
-    manifest_order = [
-        u["key"] for u in pq.read_table(root / "manifest" / "utterances.parquet").to_pylist()
-    ]
+    manifest = pq.read_table(root / "manifest" / "utterances.parquet").to_pylist()
+    manifest_order = [u["key"] for u in manifest]
     keys = [k for k, _ in store]
     assert keys == [k for k in manifest_order if k in set(keys)]  # Shard order, manifest order.
     for key, feats in store:
@@ -60,6 +59,16 @@ def test_mfcc_store_holds_the_sample_with_exact_frame_counts(root):
         np.testing.assert_array_equal(feats, mfcc([wav])[0].astype(np.float16))
     speakers = {k.split("-")[0] for k in keys}
     assert len(speakers) == 2  # Stratified: both speakers are in the sample.
+    # This run's throughput: the sample's hours and FLAC bytes, the arrays it committed.
+    sampled = [u for u in manifest if u["key"] in set(keys)]
+    speed = meta["throughput"]
+    assert speed["hours_extracted"] == pytest.approx(sum(u["duration"] for u in sampled) / 3600)
+    assert speed["bytes_read"] == sum(u["size"] for u in sampled)
+    arrays = [f for f in _files(store.layout.shards_dir) if f.endswith(".npy")]
+    sizes = [os.path.getsize(os.path.join(store.layout.shards_dir, f)) for f in arrays]
+    assert speed["bytes_written"] == sum(sizes) and speed["workers"] == 2
+    per_worker = speed["audio_hours_per_second"] / speed["workers"]
+    assert speed["audio_hours_per_second_per_worker"] == pytest.approx(per_worker)
 
 
 def test_a_rerun_does_nothing_and_a_lost_shard_is_rewritten_identically(root):

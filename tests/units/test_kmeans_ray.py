@@ -74,6 +74,25 @@ def test_stage_writes_centroids_stats_and_a_fairseq_export(root):
     assert {"inertia", "seconds", "empty_clusters", "imbalance"} <= set(iterations[0])
     inertias = [r["inertia"] for r in iterations]
     assert all(b <= a * (1 + 1e-12) for a, b in zip(inertias, inertias[1:], strict=False))
+    # This run's accounting: the audio the store's frames cover, its feature files read,
+    # every output file but kmeans.json written.
+    rate = saved["throughput"]
+    assert meta["throughput"] == rate
+    frames = sum(FeatureStore(str(root), "mfcc").index.column("frames").to_pylist())
+    assert frames == len(rows)
+    assert rate["hours_clustered"] == pytest.approx(frames / saved["spec"]["frame_rate"] / 3600)
+    store_files = (root / "features" / "mfcc" / "shards").glob("*.npy")
+    assert rate["bytes_read"] == sum(p.stat().st_size for p in store_files)
+    written = [p for p in out.rglob("*") if p.is_file() and p.name != "kmeans.json"]
+    assert {p.name for p in written} >= {"centroids.npy", "kmeans.joblib", "checkpoint.npz"}
+    assert rate["bytes_written"] == sum(p.stat().st_size for p in written)
+    assert rate["workers"] == 2 and rate["wall_seconds"] == saved["wall_seconds"]
+    assert rate["audio_hours_per_second"] == pytest.approx(
+        rate["hours_clustered"] / rate["wall_seconds"]
+    )
+    assert rate["audio_hours_per_second_per_worker"] * 2 == pytest.approx(
+        rate["audio_hours_per_second"]
+    )
     # What fairseq's dump_km_label.py does with the file (ApplyKmeans, numpy path).
     model = joblib.load(out / "kmeans.joblib")
     c_np = model.cluster_centers_.transpose()

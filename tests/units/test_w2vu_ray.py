@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -44,6 +45,29 @@ def root(tmp_path_factory, model_dir):
     return out
 
 
+def _check_throughput(rate, root, out, shards):
+    """The run's accounting against the manifest and the files on disk: the audio of the
+    shards it prepared (``None``: all), read once; their files and the splits written."""
+    manifest = pq.read_table(root / "manifest" / "utterances.parquet").to_pylist()
+    read = [r for r in manifest if shards is None or r["shard"] in shards]
+    assert rate["hours_prepared"] == pytest.approx(sum(r["duration"] for r in read) / 3600)
+    assert rate["bytes_read"] == sum(r["size"] for r in read)
+    names = {r["shard"] for r in read}
+    files = [out / sub / f"{s}.{ext}" for s in names for sub, ext in _SHARD_FILES]
+    files += [out / f"{split}.{ext}" for split in SPLITS for ext in ("npy", "lengths", "tsv")]
+    assert rate["bytes_written"] == sum(f.stat().st_size for f in files)
+    assert rate["workers"] == min(2, len(names))  # ray_local has 2 CPUs.
+    assert rate["audio_hours_per_second"] == pytest.approx(
+        rate["hours_prepared"] / rate["wall_seconds"]
+    )
+    assert rate["audio_hours_per_second_per_worker"] * rate["workers"] == pytest.approx(
+        rate["audio_hours_per_second"]
+    )
+
+
+_SHARD_FILES = (("features", "npy"), ("rows", "parquet"), ("rejects", "parquet"))
+
+
 def _read_split(directory, split):
     lengths = [int(n) for n in (directory / f"{split}.lengths").read_text().split()]
     tsv = (directory / f"{split}.tsv").read_text().splitlines()
@@ -56,6 +80,7 @@ def test_the_split_files_equal_the_steps_done_one_at_a_time(root, model_dir):
     out = root / "w2vu" / "w"
     meta = (out / "meta.json").read_text()
     assert '"features": "w-layer2"' in meta and '"kmeans": "w-cls4"' in meta
+    _check_throughput(json.loads(meta)["throughput"], root, out, None)
     kmeans = KMeansModel.load(str(root), "w-cls4")
     assert kmeans.pca_mean is None  # Clusters on the layer features, before the PCA.
     assert kmeans.spec.layer == 2 and kmeans.spec.normalize_waveform
@@ -121,6 +146,7 @@ def test_a_rerun_does_nothing_and_a_resumed_run_writes_the_same_bytes(root, tmp_
     options = W2VUOptions(k=4, pca_dim=8)
     meta = run(str(root), "w-layer2", "w", SPLITS, options=options)
     assert meta["shards_written"] == 1
+    _check_throughput(meta["throughput"], root, out, {commit.stem})
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after.keys() == before.keys()
     for name in before:

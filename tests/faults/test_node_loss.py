@@ -1,0 +1,382 @@
+"""A worker node lost in the middle of each Ray stage: the job completes, as a clean run does.
+
+One simulated cluster (``ray.cluster_utils.Cluster``: a head without CPUs, so that all work
+runs on two one-CPU worker nodes) serves the module. Each stage runs once cleanly, then once
+more while a worker node is lost (its raylet and workers killed at once); the outputs must be
+the same files with the same bytes (same keys, each once) and, for k-means, the same
+centroids. The shard, feature and label stages must finish on the one node left (a node is
+added back after them); k-means, which needs every part, gets a replacement node at once.
+
+The stage runs in a thread (``Cluster.add_node``/``remove_node`` use signal handlers: main
+thread only) and is held at a point where it is certainly mid-way (after its first unit is
+committed, with the rest not yet handed out) while the node is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import filecmp
+import glob
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+from ray._private import ray_constants
+from ray.cluster_utils import Cluster
+
+import units.features_ray
+import units.kmeans_ray
+import units.labels_ray
+from shards import synthetic
+from shards.atomic import read_json
+from shards.plan import ShardingOptions
+from shards.ray_sharding import run as shard
+from tests.processes import kill_ray_of
+from tests.stores import frames
+from units.extractors import ExtractorOptions
+from units.features_ray import run as extract
+from units.kmeans import KMeans
+from units.kmeans_ray import StageOptions, distribute
+from units.kmeans_ray import run as fit_kmeans
+from units.labels_ray import run as label
+from units.sampling import SampleRequest
+
+pytestmark = pytest.mark.slow
+
+OPTS = ShardingOptions(max_samples=2)  # 16 utterances: 8 shards.
+SHARDS = 8
+NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+# A lost node is declared dead after about 3 s instead of Ray's default 15 s (a lost k-means
+# part waits for it: Ray restarts its actor only then). Loose enough for a loaded machine.
+HEALTH = {
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 1000,
+    "health_check_failure_threshold": 3,
+}
+KM = dict(seed=0, block_rows=512)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head with no CPU and two worker nodes of one CPU each, with the driver connected.
+
+    Its own RAY_TMPDIR keeps its address file (``ray_current_cluster``) away from the
+    ``ray.init()`` of other modules, and marks its processes for the final clean-up.
+    """
+    ray_tmp = tempfile.mkdtemp(prefix="up-nl-", dir="/tmp")  # Short: socket paths <= 107 B.
+    made = None
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", ray_tmp)
+        try:
+            made = Cluster(
+                initialize_head=True,
+                head_node_args=dict(
+                    NODE, num_cpus=0, include_dashboard=False, _system_config=HEALTH
+                ),
+            )
+            for _ in range(2):
+                made.add_node(**NODE)
+            ray.init(address=made.address, log_to_driver=False)
+            _wait_for_cpus(2)
+            yield made
+        finally:
+            try:
+                ray.shutdown()
+                if made is not None:
+                    made.shutdown()
+            finally:  # Even when a stage left hanging in its thread upsets the shutdown.
+                kill_ray_of(ray_tmp)  # Workers of removed nodes, if any outlived their raylet.
+                shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _wait_for_cpus(cpus: int, timeout: float = 60) -> None:
+    """Waits until the cluster has ``cpus`` CPUs, all free: a node just added reports its
+    resources a moment after it registers, a node just removed is counted until declared
+    dead, and the actors of a finished stage go a moment after their handles."""
+    deadline = time.monotonic() + timeout
+    while (
+        not ray.cluster_resources().get("CPU", 0) == ray.available_resources().get("CPU", 0) == cpus
+    ):
+        assert time.monotonic() < deadline, f"the cluster has {ray.available_resources()} free"
+        time.sleep(0.1)
+
+
+def _remove_whole_node(cluster, node) -> None:
+    """Removes ``node`` as a machine is lost: its raylet and every worker at once.
+
+    ``remove_node`` kills the node's own processes; its workers (actors included, which the
+    driver calls directly) would live on until they notice their raylet is gone, and might
+    still answer a call or two. They are the raylet's children: killed by PID.
+    """
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    workers = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # "PID (NAME) STATE PPID ...": NAME may hold spaces and parentheses.
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == raylet:
+                    workers.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    assert workers, "the node has no worker to lose"
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    cluster.remove_node(node, allow_graceful=False)
+
+
+class NodeLoss:
+    """Runs a stage in a thread, holds it at :meth:`hold`, removes a worker node meanwhile.
+
+    Args:
+        cluster: The cluster.
+        committed: Counts the units the stage has committed (at the moment of the loss).
+        replace_during: Add a replacement node as soon as the stage goes on (k-means needs
+            every part); otherwise the stage must finish on the one node left, and the
+            replacement comes after it, for the next test.
+    """
+
+    def __init__(self, cluster, committed, *, replace_during: bool = False):
+        self.cluster, self.committed = cluster, committed
+        self.replace_during = replace_during
+        self.reached, self.resume = threading.Event(), threading.Event()
+        self.committed_at_loss: int | None = None
+        self.actor_nodes: list[str] = []  # Of the stage's pool, when it has one.
+        self.lost_node: str | None = None
+
+    def hold(self) -> None:
+        """Called from the stage's thread: the first call waits until a node is gone."""
+        if not self.reached.is_set():
+            self.reached.set()
+            assert self.resume.wait(timeout=120), "the node was never removed"
+
+    def run(self, stage, *args, **kwargs):
+        outcome: dict = {}
+
+        def target():
+            try:
+                outcome["result"] = stage(*args, **kwargs)
+            except BaseException as e:  # Raised again in the test's thread.
+                outcome["error"] = e
+            finally:
+                self.reached.set()  # A stage that ends before the hold point lets run go on.
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        assert self.reached.wait(timeout=180), "the stage never reached its hold point"
+        assert thread.is_alive(), f"the stage ended before the node was lost: {outcome}"
+        self.committed_at_loss = self.committed()
+        victim = sorted(self.cluster.worker_nodes, key=lambda n: n.unique_id)[0]
+        self.lost_node = victim.node_id
+        _remove_whole_node(self.cluster, victim)
+        self.resume.set()
+        if self.replace_during:
+            self.cluster.add_node(**NODE)
+        thread.join(timeout=240)
+        assert not thread.is_alive(), "the stage did not finish after the node was lost"
+        if not self.replace_during:
+            self.cluster.add_node(**NODE)
+        _wait_for_cpus(2)  # The next stage must see both nodes (and place an actor on each).
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+
+
+def _node_of(actor) -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def _held(module, loss: NodeLoss):
+    """``module.map_until_failure`` that holds the stage at the first finished shard (the
+    generator is suspended there: no further shard is handed out until it goes on)."""
+    real = module.map_until_failure
+
+    def map_until_failure(pool, submit, items):
+        loss.actor_nodes = ray.get([a.__ray_call__.remote(_node_of) for a in pool.actors])
+        for result in real(pool, submit, items):
+            loss.hold()
+            yield result
+
+    return map_until_failure
+
+
+def _assert_lost_an_actor(loss: NodeLoss, caplog) -> None:
+    """The lost node took one of the pool's two actors with it, shards still to write; the
+    shard it held, or the next one it was given, went to the other actor."""
+    assert len(loss.actor_nodes) == 2 and loss.lost_node in loss.actor_nodes
+    assert "handing it out again" in caplog.text
+
+
+def _files(directory) -> list[str]:
+    return sorted(
+        os.path.relpath(p, directory)
+        for p in glob.glob(os.path.join(directory, "**", "*"), recursive=True)
+        if os.path.isfile(p)
+    )
+
+
+def _same_files(a, b, skip=()) -> list[str]:
+    """Asserts that ``a`` and ``b`` hold the same files with the same bytes; returns them."""
+    files = _files(a)
+    assert files == _files(b)
+    assert not [f for f in files if ".tmp" in f]  # No temporary file left visible.
+    for f in files:
+        if f not in skip:
+            assert filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False), f
+    return files
+
+
+def _keys(paths) -> list[str]:
+    return [k for p in paths for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()]
+
+
+def _count(pattern: str):
+    return lambda: len(glob.glob(pattern))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    synthetic.write_librispeech(str(root), speakers=2, chapters=2, utterances=4, seconds=(1.0, 2.0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def root(cluster, corpus, tmp_path_factory):
+    """The clean run of every stage: the reference of each test."""
+    out = tmp_path_factory.mktemp("clean")
+    shard([str(corpus)], str(out), OPTS)
+    extract(str(out), "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=100, seed=0))
+    fit_kmeans(str(out), "mfcc", "km", KMeans(8, **KM), StageOptions(pca=12))
+    label(str(out), "km", "units")
+    return out
+
+
+def test_a_node_lost_while_sharding(cluster, corpus, root, tmp_path):
+    out = tmp_path / "lost"
+    loss = NodeLoss(cluster, _count(str(out / "manifest" / "parts" / "*.commit.json")))
+    summary = loss.run(shard, [str(corpus)], str(out), OPTS, on_shard=lambda record: loss.hold())
+    # The driver holds at most 2 tasks per CPU in flight: most shards were still to come.
+    assert 0 < loss.committed_at_loss < SHARDS == summary["shards"]
+    _same_files(root / "shards", out / "shards")
+    _same_files(root / "plan", out / "plan")
+    _same_files(root / "manifest", out / "manifest", skip=["summary.json"])
+    clean = read_json(str(root / "manifest" / "summary.json"))
+    lost = read_json(str(out / "manifest" / "summary.json"))
+    assert clean.pop("throughput")["bytes_written"] == lost.pop("throughput")["bytes_written"]
+    assert clean == lost  # Only its wall time and rate differ.
+    keys = _keys([out / "manifest" / "utterances.parquet"])
+    assert len(keys) == len(set(keys)) == 16
+
+
+def test_a_node_lost_while_extracting_features(cluster, root, caplog, monkeypatch):
+    store = root / "features" / "mfcc_lost"
+    loss = NodeLoss(cluster, _count(str(store / "shards" / "*.commit.json")))
+    monkeypatch.setattr(units.features_ray, "map_until_failure", _held(units.features_ray, loss))
+    with caplog.at_level(logging.WARNING, logger="units.actors"):
+        meta = loss.run(
+            extract,
+            str(root),
+            "mfcc_lost",
+            ExtractorOptions("mfcc"),
+            SampleRequest(percent=100, seed=0),
+        )
+    # Held at the first shard: one more in flight per actor (2), the others still queued.
+    assert 0 < loss.committed_at_loss <= 3 < SHARDS == meta["shards_written"]
+    _assert_lost_an_actor(loss, caplog)
+    _same_files(root / "features" / "mfcc", store)
+    keys = _keys(glob.glob(str(store / "shards" / "*.index.parquet")))
+    assert len(keys) == len(set(keys)) == 16
+
+
+def test_a_node_lost_while_fitting_kmeans(cluster, root, caplog, monkeypatch):
+    out = root / "kmeans" / "km_lost"
+    lloyd = []
+    # Iterations done before the loss; every part is needed: the lost one restarts on a new node.
+    loss = NodeLoss(cluster, lambda: len(lloyd) - 1, replace_during=True)
+    real = units.kmeans_ray.RayParts.map
+
+    def held(parts, method, *args):
+        if method == "stats":
+            lloyd.append(method)
+            if len(lloyd) == 3:  # Two Lloyd iterations done and checkpointed.
+                loss.hold()
+        return real(parts, method, *args)
+
+    monkeypatch.setattr(units.kmeans_ray.RayParts, "map", held)
+    with caplog.at_level(logging.WARNING, logger="units.kmeans_ray"):
+        meta = loss.run(
+            fit_kmeans, str(root), "mfcc", "km_lost", KMeans(8, **KM), StageOptions(pca=12)
+        )
+    clean = read_json(str(root / "kmeans" / "km" / "kmeans.json"))
+    assert 0 < loss.committed_at_loss < meta["iterations"] == clean["iterations"]
+    # The part on the lost node was restarted from its rows and given its PCA projection.
+    assert "giving it its state back" in caplog.text
+    centroids = np.load(out / "centroids.npy")
+    assert np.array_equal(centroids, np.load(root / "kmeans" / "km" / "centroids.npy"))
+    assert meta["inertia"] == clean["inertia"] and meta["pca"] == clean["pca"]
+    timeless = ["iteration", "inertia", "relative_change", "empty_clusters", "imbalance"]
+    np.testing.assert_equal(  # NaN == NaN (the first relative change).
+        pq.read_table(out / "iterations.parquet", columns=timeless).to_pylist(),
+        pq.read_table(root / "kmeans" / "km" / "iterations.parquet", columns=timeless).to_pylist(),
+    )
+    _same_files(root / "kmeans" / "km" / "pca", out / "pca")
+
+
+def test_a_node_lost_while_labelling(cluster, root, caplog, monkeypatch):
+    out = root / "labels" / "units_lost"
+    loss = NodeLoss(cluster, _count(str(out / "commits" / "*.json")))
+    monkeypatch.setattr(units.labels_ray, "map_until_failure", _held(units.labels_ray, loss))
+    with caplog.at_level(logging.WARNING, logger="units.actors"):
+        meta = loss.run(label, str(root), "km", "units_lost")
+    assert 0 < loss.committed_at_loss <= 3 < SHARDS == meta["shards_written"]
+    _assert_lost_an_actor(loss, caplog)
+    _same_files(root / "labels" / "units", out)
+    keys = _keys(glob.glob(str(out / "units" / "*.parquet")))
+    assert len(keys) == len(set(keys)) == meta["utterances"] == 16
+
+
+def test_a_kmeans_part_restarted_while_seeding_gets_its_distances_back(cluster, caplog):
+    # k-means|| keeps per-row distances in the parts between calls: a restarted part gets
+    # them back by replaying its seed_update calls (its process killed, not a whole node:
+    # the same path, cheaper).
+    x = frames(3000, seed=5)
+    clean = KMeans(8, **KM).fit(x)  # In this process: the same centroids, any parts.
+    parts = distribute(x, workers=2, block_rows=KM["block_rows"])
+    real, calls = parts.map, []
+
+    def map_(method, *args):
+        calls.append(method)
+        if method == "seed_sample" and calls.count(method) == 2:  # After two seed_updates.
+            pid = ray.get(parts.actors[1].__ray_call__.remote(lambda part: os.getpid()))
+            os.kill(pid, signal.SIGKILL)
+            while _alive(pid):
+                time.sleep(0.01)
+        return real(method, *args)
+
+    parts.map = map_
+    try:
+        with caplog.at_level(logging.WARNING, logger="units.kmeans_ray"):
+            km = KMeans(8, **KM).fit(parts)
+    finally:
+        parts.shutdown()
+    assert "a k-means part was lost during seed_sample" in caplog.text
+    assert np.array_equal(km.cluster_centers_, clean.cluster_centers_)
+    assert km.n_iter_ == clean.n_iter_
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a killed child of another process stays a zombie a while)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
