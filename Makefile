@@ -36,6 +36,7 @@ bench: install
 	$(PY) bench/features.py
 	$(PY) bench/kmeans.py
 	$(PY) bench/label.py
+	$(PY) bench/roots.py
 	$(PY) bench/gpu.py
 
 lint: install

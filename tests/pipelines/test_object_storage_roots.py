@@ -35,16 +35,6 @@ def s3(s3_server):
 
 
 @pytest.fixture(scope="module")
-def ray_after_s3(s3):
-    """Ray started after the S3 environment is set, so its workers inherit it."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     corpus = tmp_path_factory.mktemp("corpus")
     write_demo_corpus(str(corpus), minutes=1.0, speakers=2, seed=3)

@@ -27,16 +27,6 @@ def corpus(tmp_path_factory, s3_server):
     return local
 
 
-@pytest.fixture(scope="module")
-def ray_after_s3(s3_server):
-    """Ray started after the S3 environment is set, so its workers inherit it."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _utterances(root):
     rows = pq.read_table(f"{root}/manifest/utterances.parquet").to_pylist()
     return {r["key"]: (r["sha256"], r["num_samples"], r["passthrough"]) for r in rows}
