@@ -46,6 +46,7 @@ import time
 import yaml
 
 from . import _cli
+from ._ray import add_ray_arguments
 
 DEFAULTS: dict = {
     "root": None,
@@ -157,6 +158,7 @@ def build_parser():
     parser = _cli.parser("pipelines.hubert", __doc__)
     parser.add_argument("--config", default=None, help="YAML config (see the keys above)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    add_ray_arguments(parser)  # The same flags as every stage (ray.address=... also works).
     return parser
 
 
@@ -253,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     _cli.setup_logging()
     try:
         config = load_config(args.config, args.overrides)
+        for key in ("address", "num_cpus"):
+            if getattr(args, key) is not None:
+                config["ray"][key] = getattr(args, key)
         if config["inputs"]:
             _sharding_options(config["shard"])
     except (ConfigError, ValueError, TypeError) as e:

@@ -85,6 +85,21 @@ def test_ray_job_submit_runs_the_hubert_pipeline_on_a_running_head(tmp_path):
         utterances = len((corpus / "phones.tsv").read_text().splitlines())
         assert metrics["k"] == 8 and metrics["utterances"] == utterances
         assert (root / "labels" / "it1" / "fairseq" / "train.tsv").exists()
+        # The same command as a driver of its own, joining the head by --address, then by
+        # RAY_ADDRESS: it finds every stage complete.
+        driver = [sys.executable, *entrypoint[1:]]
+        for extra, extra_env in (([f"--address=127.0.0.1:{gcs}"], {}),
+                                 ([], {"RAY_ADDRESS": f"127.0.0.1:{gcs}"})):  # fmt: skip
+            joined = subprocess.run(
+                [*driver[:3], *extra, *driver[3:]], cwd=REPO, env=dict(env, **extra_env),
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            out = joined.stdout + joined.stderr
+            assert joined.returncode == 0, out[-3000:]
+            assert "Connecting to existing Ray cluster" in out, out[-3000:]
+            assert "started in-process local Ray" not in out
+            for stage in ("shard", "features", "kmeans", "label"):
+                assert f"== {stage}: already complete" in out
     finally:
         kill_ray_of(ray_tmp)  # Stop the head by PID (never `ray stop`: other Rays may run).
         shutil.rmtree(ray_tmp, ignore_errors=True)
