@@ -85,6 +85,17 @@ def remove_all_temps(*directories: str) -> None:
             storage.remove(stale)
 
 
+def unpublish(*paths: str) -> None:
+    """Removes the published files of a unit whose commit record was never written (a full
+    disk, say), so that none stays visible without it. Never raises: it runs while the
+    error that stopped the unit propagates."""
+    for path in paths:
+        try:
+            storage.remove(path)
+        except OSError:
+            pass
+
+
 def fsync_dir(path: str) -> None:
     """Makes renames in ``path`` durable (object stores are durable on write)."""
     if storage.is_url(path):

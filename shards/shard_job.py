@@ -7,7 +7,6 @@ its manifest parts are in place), so a killed writer leaves nothing that a rerun
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
@@ -15,7 +14,7 @@ import logging
 from collections.abc import Iterator
 
 from . import audio, keys, storage, vad
-from .atomic import fsync_dir, remove_temps, write_atomic, write_parquet_atomic
+from .atomic import fsync_dir, remove_temps, unpublish, write_atomic, write_parquet_atomic
 from .audio import AudioError, EncodedFile
 from .plan import ShardingOptions
 from .probe import ProbeError, check_whole, read_voice_activity
@@ -102,15 +101,10 @@ def write_shard(root: str, index: int, rows: list[dict], opts: ShardingOptions) 
         fsync_dir(layout.parts_dir)
         write_atomic(layout.commit_path(index), json.dumps(record, sort_keys=True).encode())
     except BaseException:
-        # A full disk, say: no part of the shard stays visible without its commit record.
         writer.abort()
-        for path in (
-            layout.shard_path(index),
-            layout.utterances_part(index),
-            layout.rejects_part(index),
-        ):
-            with contextlib.suppress(OSError):
-                storage.remove(path)
+        unpublish(
+            layout.shard_path(index), layout.utterances_part(index), layout.rejects_part(index)
+        )
         raise
     return dict(record, written=True)
 

@@ -33,6 +33,7 @@ from shards.atomic import (
     read_commit,
     read_json,
     temp_path,
+    unpublish,
     write_atomic,
     write_parquet_atomic,
 )
@@ -175,14 +176,12 @@ class FeatureShardWriter:
             write_atomic(
                 self.layout.commit_path(self.shard), json.dumps(record, sort_keys=True).encode()
             )
-        except BaseException:  # A full disk: no shard stays visible without its record.
-            for path in (
+        except BaseException:
+            unpublish(
                 self.layout.array_path(self.shard),
                 self.layout.index_path(self.shard),
                 self.layout.rejects_path(self.shard),
-            ):
-                with contextlib.suppress(OSError):
-                    storage.remove(path)
+            )
             raise
         return record
 

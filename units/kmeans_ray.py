@@ -376,15 +376,18 @@ def run(
     finally:
         workers = len(parts.actors)
         parts.shutdown()
-    return _commit(out, store, config, km, options, pca_meta, rows, dim, started, workers)
+    return _commit(
+        out, store, config, km, options, pca_meta, rows, dim, started, workers=workers, hours=hours
+    )
 
 
 def fit_pca(parts, directory: str, dim: int, whiten: bool = False) -> PCA:
     """Fits a PCA on ``parts`` into ``directory`` (with wav2vec-U's ``{dim}_pca_A/b.npy``),
     or loads the one an earlier run committed there (``pca.json`` is written last)."""
-    if storage.exists(os.path.join(directory, "pca.json")):
+    committed = read_json(os.path.join(directory, "pca.json"))
+    if committed is not None:
         pca = PCA.load(directory, whiten=whiten)
-        pca.total_variance_ = read_json(os.path.join(directory, "pca.json"))["total_variance"]
+        pca.total_variance_ = committed["total_variance"]
         return pca
     pca = PCA(dim, whiten=whiten).fit(parts)
     storage.makedirs(directory)
@@ -403,7 +406,9 @@ def _hours(store: FeatureStore) -> float:
     return frames / store.meta["spec"]["frame_rate"] / 3600
 
 
-def _commit(out, store, config, km: KMeans, options, pca_meta, rows, dim, started, workers) -> dict:
+def _commit(
+    out, store, config, km: KMeans, options, pca_meta, rows, dim, started, *, workers, hours
+) -> dict:
     write_npy_atomic(os.path.join(out, "centroids.npy"), km.cluster_centers_.astype(np.float32))
     table = pa.Table.from_pylist([dataclasses.asdict(s) for s in km.iterations_])
     write_parquet_atomic(os.path.join(out, "iterations.parquet"), table)
@@ -435,7 +440,7 @@ def _commit(out, store, config, km: KMeans, options, pca_meta, rows, dim, starte
     # The run that finished the fit: every file of the output but kmeans.json itself.
     meta["throughput"] = throughput_record(
         "hours_clustered",
-        _hours(store),
+        hours,
         wall_seconds=meta["wall_seconds"],
         workers=workers,
         bytes_read=sum(storage.file_size(store.layout.array_path(s)) for s in store.shard_names()),

@@ -11,7 +11,6 @@ nothing. Units must have exactly the frames the frame contract gives for the utt
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import logging
@@ -26,6 +25,7 @@ from shards.atomic import (
     read_json,
     remove_all_temps,
     remove_temps,
+    unpublish,
     write_atomic,
     write_parquet_atomic,
 )
@@ -151,10 +151,8 @@ class LabelWorker:
                 "bytes": storage.file_size(final),
             }
             write_atomic(layout.commit_path(shard), json.dumps(record, sort_keys=True).encode())
-        except BaseException:  # A full disk: no label shard stays visible without its record.
-            for path in (final, layout.rejects_path(shard)):
-                with contextlib.suppress(OSError):
-                    storage.remove(path)
+        except BaseException:
+            unpublish(final, layout.rejects_path(shard))
             raise
         return dict(record, written=True)
 
@@ -241,8 +239,8 @@ def run(
         "dedup": dedup,
     }
     plan_path = layout.path("plan.json")
-    if storage.exists(plan_path):
-        saved = read_json(plan_path)
+    saved = read_json(plan_path)
+    if saved is not None:
         if saved != lineage:
             raise LabelError(
                 f"labels {name!r} were started with another k-means or manifest "
@@ -256,8 +254,9 @@ def run(
     layout.make_dirs()
     write_atomic(plan_path, json.dumps(lineage, indent=1, sort_keys=True).encode())
     pending = longest_first([s for s in shards if layout.read_commit(s) is None], by_shard)
-    if not pending and storage.exists(layout.path("meta.json")):
-        return dict(read_json(layout.path("meta.json")), shards_written=0)
+    meta = read_json(layout.path("meta.json")) if not pending else None
+    if meta is not None:
+        return dict(meta, shards_written=0)
     placement = place(workers, gpus_per_worker)
     pool = actor_pool(
         LabelWorker,

@@ -61,9 +61,9 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
     root = RootLayout(root).root
     layout = LabelLayout(root, labels)
     meta_path = layout.path("meta.json")
-    if not storage.exists(meta_path):
-        raise LabelError(f"no finished labels {labels!r} under {root}: run pipelines.label first")
     meta = read_json(meta_path)
+    if meta is None:
+        raise LabelError(f"no finished labels {labels!r} under {root}: run pipelines.label first")
     manifest = storage.read_parquet(
         RootLayout(root).manifest("utterances.parquet"), columns=["key", "duration", "speaker"]
     ).to_pylist()

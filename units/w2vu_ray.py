@@ -36,6 +36,7 @@ from shards.atomic import (
     remove_all_temps,
     remove_temps,
     temp_path,
+    unpublish,
     write_atomic,
     write_npy_atomic,
     write_parquet_atomic,
@@ -184,10 +185,8 @@ class W2VUWorker:
                 layout.path("commits", f"{shard}.json"),
                 json.dumps(record, sort_keys=True).encode(),
             )
-        except BaseException:  # A full disk: no shard stays visible without its record.
-            for path in written:
-                with contextlib.suppress(OSError):
-                    storage.remove(path)
+        except BaseException:
+            unpublish(*written)
             raise
         # What this call wrote, for the stage's throughput (not part of the commit record).
         nbytes = sum(storage.file_size(path) for path in written)
