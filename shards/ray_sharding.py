@@ -230,18 +230,10 @@ def _planned_hours(rows: list[dict]) -> float:
 
 
 def _write_all(layout, made, pending, opts, progress, on_shard):
-    from tqdm import tqdm
-
     resources = ray.cluster_resources()
     window = max(2, int(2 * resources.get("CPU", 1)))
     total_hours = sum(_planned_hours(made.shards[i]) for i in pending)
-    bar = tqdm(
-        total=round(total_hours, 4),
-        unit="h",
-        desc="audio",
-        disable=not progress,
-        bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}]{postfix}",
-    )
+    bar = throughput.hours_bar(total_hours, "audio", progress)
     in_flight: dict = {}
     queue = collections.deque(pending)
     hours = 0.0
@@ -274,7 +266,7 @@ def _write_all(layout, made, pending, opts, progress, on_shard):
             hours += record["seconds"] / 3600
             nbytes += record["bytes"]
             files += len(made.shards[i])
-            bar.update(round(_planned_hours(made.shards[i]), 4))
+            bar.update(_planned_hours(made.shards[i]))
             bar.set_postfix(
                 files=files, shards=f"{len(pending) - len(queue) - len(in_flight)}/{len(pending)}"
             )

@@ -51,7 +51,13 @@ def hours_bar(total_hours: float, desc: str, enabled: bool = True):
     ``total_hours``; a no-op bar when not ``enabled``."""
     from tqdm import tqdm
 
-    return tqdm(
+    class HoursBar(tqdm):
+        def update(self, n=1):
+            # Shards finish in any order, and their hours summed in another order than the
+            # total's can pass it by a rounding error: the bar stops at its total.
+            return super().update(max(0.0, min(n, self.total - self.n)))
+
+    return HoursBar(
         total=total_hours,
         unit="h",
         desc=desc,

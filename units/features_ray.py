@@ -241,8 +241,6 @@ def run(
 
 def _write(root, name, options, by_shard, pending, gpus_per_worker, progress):
     """Writes the pending shards; returns their audio hours and the number of actors."""
-    from tqdm import tqdm
-
     placement = place(None, gpus_per_worker)
     use_gpu = placement.device == "cuda"
     options = dataclasses.replace(options, device=placement.device)
@@ -254,13 +252,13 @@ def _write(root, name, options, by_shard, pending, gpus_per_worker, progress):
         return actor.write_shard.remote(root, name, shard, rows, decoded)
 
     total = sum(r["duration"] for s in pending for r in by_shard[s]) / 3600
-    bar = tqdm(total=round(total, 4), unit="h", desc="features", disable=not progress)
+    bar = throughput.hours_bar(total, "features", progress)
     hours = 0.0
     with bar:  # Closed on errors too: an error's line never follows a half-drawn bar.
         for record in map_until_failure(pool, submit, pending):
             shard = record["shard"]
             shard_hours = sum(r["duration"] for r in by_shard[shard]) / 3600
             hours += shard_hours
-            bar.update(round(shard_hours, 4))
+            bar.update(shard_hours)
             log.debug("feature shard %s: %s", shard, record)
     return hours, placement.actors(len(pending))
