@@ -14,6 +14,7 @@ from shards import synthetic
 from shards.plan import ShardingOptions
 from shards.ray_sharding import run as shard
 from tests.models import save_tiny
+from tests.numerics import assert_within, float16_bound, kaldi_bound
 from units.extractors import ExtractorOptions
 from units.feature_store import FeatureStore
 from units.features_ray import FeatureStageError
@@ -56,7 +57,12 @@ def test_mfcc_store_holds_the_sample_with_exact_frame_counts(root):
     for key, feats in store:
         wav = index.get(key).waveform
         assert feats.shape == (MFCC.frames(len(wav)), 39) and feats.dtype == np.float16
-        np.testing.assert_array_equal(feats, mfcc([wav])[0].astype(np.float16))
+        # The worker batched this utterance with its shard's others, in another process with
+        # another thread count: float32 values within the computation's rounding bound, then
+        # rounded to float16, which may land one float16 ulp away (seen: 3 of 9,165 values on
+        # an AMD CPU). The bound is derived in tests/numerics.py.
+        alone = mfcc([wav])[0]
+        assert_within(feats, alone, float16_bound(alone, kaldi_bound(wav, mfcc=True)), key)
     speakers = {k.split("-")[0] for k in keys}
     assert len(speakers) == 2  # Stratified: both speakers are in the sample.
     # This run's throughput: the sample's hours and FLAC bytes, the arrays it committed.

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.numerics import clear_frames
 from tests.stores import K, frames, write_store
 from units.extractor import MFCC_SPEC
 from units.feature_store import FeatureStore
@@ -99,7 +100,11 @@ def test_stage_writes_centroids_stats_and_a_fairseq_export(root):
     c_norm = (c_np**2).sum(0, keepdims=True)
     x = rows.astype(np.float32)
     dist = (x**2).sum(1, keepdims=True) - 2 * np.matmul(x, c_np) + c_norm
-    np.testing.assert_array_equal(np.argmin(dist, axis=1), km.predict(x))
+    # Two float32 formulas for the same distances: the same centroid wherever rounding
+    # cannot reorder the two nearest (tests/numerics.py), which is nearly every row.
+    clear = clear_frames(x, model.cluster_centers_, 0.0)
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(np.argmin(dist, axis=1)[clear], km.predict(x)[clear])
     # Done is done; the same name with another config is refused, and nothing changes.
     before = {p: os.stat(out / p).st_mtime_ns for p in os.listdir(out)}
     again = run(str(root), "mfcc", "km12", KMeans(K, seed=0, max_iter=20, block_rows=256))

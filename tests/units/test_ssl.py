@@ -36,6 +36,7 @@ transformers = pytest.importorskip("transformers")
 
 from units.frames import SSL  # noqa: E402
 from units.ssl import (  # noqa: E402
+    WEIGHT_ALIGNMENT,
     ModelLoadError,
     SSLExtractor,
     SSLModel,
@@ -137,6 +138,16 @@ def test_loaded_model_matches_the_in_memory_one(name, saved, loaded):
         assert bundle.sha256 == hashlib.sha256(f.read()).hexdigest()
 
     memory = SSLModel.from_transformers(model, path=directory, sha256=bundle.sha256)
+    # The same weights, bit for bit, each in torch's own 64-byte-aligned storage: MKL picks
+    # kernels by operand alignment, and the file's tensors sit at the offsets its header
+    # gives (an AMD CPU computed other bits from them, up to 4.8e-7, before the loader
+    # moved them).
+    loaded_weights = dict(bundle.model.state_dict())
+    for key, tensor in memory.model.state_dict().items():
+        assert torch.equal(loaded_weights[key], tensor), key
+        assert loaded_weights[key].data_ptr() % WEIGHT_ALIGNMENT == 0, key
+    # Same process, same weights at the same alignment, same inputs: the determinism
+    # contract promises the same bits on any machine.
     wavs = [chirp(n, i) for i, n in enumerate(LENGTHS)]
     for layer in (1, LAYERS):
         got = SSLExtractor(bundle, layer)(wavs)
