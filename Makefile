@@ -4,7 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 # pyproject keeps a torch range for GPU clusters; constraints.txt pins the CPU build here.
-PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
+# -qq: pip prints errors only (a machine's pip.conf may name local indexes that are absent,
+# which pip reports once per package at -q).
+PIP_INSTALL := $(PY) -m pip install -qq -c constraints.txt
 # Every Ray port on loopback; no token needed by a head that tests start.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE := disabled
@@ -26,7 +28,7 @@ NUMERIC_GENERIC := MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default OMP_NUM_THREA
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -qq --upgrade pip
 	$(PIP_INSTALL) -e '.[cpu,dev]'
 	touch $(STAMP)
 
