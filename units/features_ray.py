@@ -5,6 +5,12 @@ audio shard. Workers are Ray actors, each of which builds its extractor once (on
 per worker): on a cluster with GPUs, GPU actors take decoded audio from CPU tasks, so a GPU
 never waits on FLAC decoding; without GPUs, CPU actors decode for themselves. A feature shard
 is committed atomically; a rerun skips committed shards and a finished run does nothing.
+
+Determinism (README, "Determinism"): :func:`batches` cuts one shard's rows, in manifest
+order, at ``batch_seconds`` of audio, a rule of the shard alone, so neither the number of
+workers nor a retry changes what shares a batch: on one machine type the store is the same
+bytes. The batch does decide the shapes of the float32 kernels, so ``batch_seconds`` is
+part of the config, and features computed in another batch agree within float32 rounding.
 """
 
 from __future__ import annotations

@@ -30,6 +30,12 @@ the float32 floor: bins some 90 dB below their frame's loudest, as at the edges 
 silence, carry float32 FFT rounding of the loud bins, and there every float32
 implementation, torchaudio's included, is up to ~1e-2 from float64. Frames of digital
 silence are exactly ``log(eps)`` in all of them.
+
+Batching changes no formula, but it sets the shapes of the ``rfft`` and matmul calls, and
+MKL picks kernels (so orders of summation) by shape, CPU and alignment: with MKL's AVX2
+kernels an utterance batched with others comes out up to 8 float32 ulps from the same
+utterance alone (1.9e-5 on a cepstrum of 34), while its AVX-512 kernels give the same bits.
+Both stay far inside the float32 error bound of the computation (``tests/numerics.py``).
 """
 
 from __future__ import annotations

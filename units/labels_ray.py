@@ -6,6 +6,12 @@ assigns the nearest centroid and writes uint16 units; features are never stored.
 shard is committed atomically; a rerun skips committed shards and a finished run does
 nothing. Units must have exactly the frames the frame contract gives for the utterance's
 ``num_samples``: a mismatch is an error naming the key.
+
+Determinism (README, "Determinism"): a worker batches one shard's rows in manifest order,
+cut at ``batch_seconds`` of audio (:func:`units.features_ray.batches`), so which worker
+labels a shard, and how often it is retried, never changes a batch; on one machine type
+the label shards are the same bytes. Elsewhere features move within float32 rounding, and
+units only where the two nearest centroids are that close: at least 99.99% of frames agree.
 """
 
 from __future__ import annotations

@@ -44,6 +44,12 @@ before attention is local and the attention masks padded frames:
 - group-norm front ends (base models; the norm's statistics run over time and would include
   the padding) and data2vec-audio (its stack of positional convolutions carries padded
   frames into real ones): only windows of exactly equal length share a batch, unpadded.
+
+Bits. Exact arithmetic would make batching invisible; float32 kernels sum in an order set
+by shape, CPU, thread count and operand alignment, so batched and padded frames agree with
+unbatched ones within rounding, and the same bits come back only for the same batches on
+the same machine type. Loaded weights are moved to 64-byte-aligned storage
+(:func:`align_weights`) so that how a checkpoint was loaded is not one of those causes.
 """
 
 from __future__ import annotations

@@ -1,0 +1,201 @@
+"""How far features and units move across math-library settings, on real speech.
+
+The determinism contract (README, "Determinism") promises the same bits only on one machine
+type; across CPU types and BLAS/FFT builds, features within the float32 error bound of
+their computation and units on at least 99.99% of frames. This measures both on the
+LibriSpeech sample (``../shared/data/librispeech-sample``, 52 minutes, 251 speakers): the
+MFCC features, in the label pass's batches, and their k = 100 units, computed in one
+worker process per setting (the settings ``make test-numerics`` uses, which change results
+on an AVX-512 Intel CPU, plus one thread), compared with the default process's.
+
+The baseline, in the same run: an independent float32 implementation of the same
+features, kaldi-native-fbank (its cepstra, with torchaudio's deltas), labelled by the same
+centroids. It shows what "agree" means for two implementations of one formula, which the
+settings should beat.
+
+Usage::
+
+    .venv/bin/python bench/determinism.py                 # the whole sample
+    .venv/bin/python bench/determinism.py --files 40      # quick
+
+Output: one ``RESULT`` line per setting and one for the baseline, with the largest
+difference on cepstra, the largest difference as a share of the float32 bound
+(``tests/numerics.py``), the share of frames whose unit agrees, and whether every frame
+count is equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from _common import REPO, prepare
+
+prepare()
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "librispeech-sample")
+
+#: The label pass's batches: ``batch_seconds`` of audio per extractor call.
+BATCH_SECONDS = 120.0
+K = 100
+
+SETTINGS = {
+    "default": {},
+    "one_thread": {"OMP_NUM_THREADS": "1"},
+    "avx2": {
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+    },
+    "generic_one_thread": {
+        "MKL_CBWR": "COMPATIBLE",
+        "ATEN_CPU_CAPABILITY": "default",
+        "OMP_NUM_THREADS": "1",
+    },
+}
+
+
+def _has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx2 " in f.read()
+    except OSError:
+        return False
+
+
+if _has_avx2():  # OpenBLAS's Haswell kernels need AVX2, as in the Makefile.
+    SETTINGS["avx2"]["OPENBLAS_CORETYPE"] = "Haswell"
+
+
+def load(files: int) -> tuple[list[str], list[np.ndarray]]:
+    paths = sorted(glob.glob(os.path.join(DATA, "*", "*", "*.flac")))[:files]
+    if not paths:
+        sys.exit(f"no FLAC files under {DATA}")
+    return paths, [sf.read(p, dtype="float32")[0] for p in paths]
+
+
+def features(wavs: list[np.ndarray]) -> list[np.ndarray]:
+    """MFCC in the label pass's batches (in order, cut at ``BATCH_SECONDS``)."""
+    from units.kaldi_features import KaldiMFCC
+
+    mfcc, out, batch, seconds = KaldiMFCC(), [], [], 0.0
+    for wav in wavs:
+        batch.append(wav)
+        seconds += len(wav) / 16_000
+        if seconds >= BATCH_SECONDS:
+            out += mfcc(batch)
+            batch, seconds = [], 0.0
+    return out + (mfcc(batch) if batch else [])
+
+
+def worker(files: int, centroids_path: str, out_path: str) -> None:
+    """One setting: features and units, written for the parent to compare."""
+    from units.kmeans_parts import Assigner
+
+    _, wavs = load(files)
+    feats = features(wavs)
+    assign = Assigner(np.load(centroids_path))
+    units = [assign(np.ascontiguousarray(f), distances=False)[0] for f in feats]
+    np.savez(out_path, *feats, *units)
+
+
+def knf_features(wavs: list[np.ndarray]) -> list[np.ndarray]:
+    """kaldi-native-fbank's cepstra with torchaudio's deltas (replicate padding, width 2)."""
+    import kaldi_native_fbank as knf
+
+    def deltas(c: np.ndarray) -> np.ndarray:
+        padded = np.concatenate([c[:1], c[:1], c, c[-1:], c[-1:]])
+        n = len(c)
+        d = 1 * (padded[3 : 3 + n] - padded[1 : 1 + n]) + 2 * (padded[4 : 4 + n] - padded[:n])
+        return (d / 10.0).astype(np.float32)
+
+    out = []
+    for wav in wavs:
+        opts = knf.MfccOptions()
+        opts.num_ceps, opts.cepstral_lifter, opts.use_energy = 13, 22.0, False
+        opts.mel_opts.num_bins, opts.mel_opts.low_freq, opts.mel_opts.high_freq = 23, 20.0, 0.0
+        opts.frame_opts.samp_freq, opts.frame_opts.dither = 16000, 0.0
+        opts.frame_opts.snip_edges, opts.frame_opts.window_type = True, "povey"
+        computer = knf.OnlineMfcc(opts)
+        computer.accept_waveform(16000, wav.tolist())
+        computer.input_finished()
+        c = np.stack([computer.get_frame(i) for i in range(computer.num_frames_ready)])
+        d = deltas(c)
+        out.append(np.concatenate([c, d, deltas(d)], axis=1).astype(np.float32))
+    return out
+
+
+def compare(name: str, seconds: float, ref, got, ref_units, got_units, bounds) -> str:
+    static = max(float(np.abs(a[:, :13] - b[:, :13]).max()) for a, b in zip(ref, got, strict=True))
+    share = max(
+        float((np.abs(a - b) / bd).max()) for a, b, bd in zip(ref, got, bounds, strict=True)
+    )
+    frames = sum(len(u) for u in ref_units)
+    agree = sum(int((a == b).sum()) for a, b in zip(ref_units, got_units, strict=True)) / frames
+    counts = all(len(a) == len(b) for a, b in zip(ref, got, strict=True))
+    same_bits = all(np.array_equal(a, b) for a, b in zip(ref, got, strict=True))
+    return (
+        f"RESULT bench=determinism contender={name} frames={frames} seconds={seconds:.1f} "
+        f"same_bits={same_bits} max_cepstrum_diff={static:.3g} max_share_of_bound={share:.3g} "
+        f"units_agree={agree:.6f} frame_counts_equal={counts} target_agree=0.9999"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=251)
+    parser.add_argument("--worker", nargs=2, metavar=("CENTROIDS", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.files, *args.worker)
+        return
+
+    from tests.numerics import kaldi_bound
+    from units.kmeans import KMeans
+
+    paths, wavs = load(args.files)
+    hours = sum(len(w) for w in wavs) / 16_000 / 3600
+    print(f"{len(paths)} files, {hours:.2f} audio hours of LibriSpeech")
+    with tempfile.TemporaryDirectory() as tmp:
+        centroids = os.path.join(tmp, "centroids.npy")
+        fitted = KMeans(K, seed=0).fit(np.concatenate(features(wavs)))
+        np.save(centroids, fitted.cluster_centers_)
+        runs = {}
+        for name, setting in SETTINGS.items():
+            out = os.path.join(tmp, f"{name}.npz")
+            env = {**os.environ, **setting}
+            start = time.perf_counter()
+            cmd = [sys.executable, __file__, "--files", str(args.files), "--worker", centroids, out]
+            subprocess.run(cmd, check=True, env=env)
+            arrays = np.load(out)
+            n = len(wavs)
+            runs[name] = (
+                time.perf_counter() - start,
+                [arrays[f"arr_{i}"] for i in range(n)],
+                [arrays[f"arr_{n + i}"] for i in range(n)],
+            )
+        bounds = [kaldi_bound(w, mfcc=True) for w in wavs]
+        _, ref, ref_units = runs["default"]
+        for name, (seconds, feats, units) in runs.items():
+            if name != "default":
+                print(compare(name, seconds, ref, feats, ref_units, units, bounds))
+        start = time.perf_counter()
+        knf = knf_features(wavs)
+        seconds = time.perf_counter() - start
+        from units.kmeans_parts import Assigner
+
+        assign = Assigner(fitted.cluster_centers_)
+        knf_units = [assign(np.ascontiguousarray(f), distances=False)[0] for f in knf]
+        print(compare("kaldi_native_fbank", seconds, ref, knf, ref_units, knf_units, bounds))
+
+
+if __name__ == "__main__":
+    main()
