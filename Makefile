@@ -58,6 +58,7 @@ bench: install
 	$(PY) bench/label.py
 	$(PY) bench/roots.py
 	$(PY) bench/gpu.py
+	$(PY) bench/determinism.py
 
 lint: install
 	$(PY) -m ruff check shards units pipelines tests bench
