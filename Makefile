@@ -17,7 +17,7 @@ export RAY_AUTH_MODE := disabled
 # results on an AVX-512 Intel CPU (README, "Determinism"), so a test that holds only for one
 # CPU's kernels fails here too. OpenBLAS's Haswell kernels need AVX2: set only where it is.
 NUMERIC_TESTS := tests/units/test_kaldi_features.py tests/units/test_ssl.py \
-	tests/units/test_kmeans.py tests/units/test_pca.py \
+	tests/units/test_kmeans.py tests/units/test_kmeans_ray.py tests/units/test_pca.py \
 	tests/units/test_features_ray.py::test_mfcc_store_holds_the_sample_with_exact_frame_counts \
 	tests/units/test_labels_ray.py::test_every_utterance_gets_the_units_of_its_exact_features \
 	tests/units/test_labels_ray.py::test_ssl_labels_follow_the_50hz_contract_on_odd_lengths \

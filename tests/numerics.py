@@ -19,9 +19,11 @@ independent and of mean zero, an ``n``-term sum or dot product is off by at most
 
 with probability at least ``1 - 2 exp(-lam**2 / 2)``; ``lam = 6`` makes that 1 - 3e-8 per
 value. An FFT of length ``N`` is a pairwise sum in ``log2(N)`` stages whose every
-operation is a complex multiply-add (at most ``ETA = 1 + 2 sqrt(2)`` units of roundoff,
-Higham's Lemma 3.5 with ``gamma(4)`` for the product), so each bin is off by at most
-``lam * sqrt(log2(N)) * ETA * u * ||x||_2``.
+operation is a complex multiply-add: at most ``ETA = 1 + 2 sqrt(2)`` units of roundoff
+(a complex product is off by at most ``sqrt(2) * 2u``, Higham's Lemma 3.5, and the add by
+``u``). Every input sample reaches a bin through ``log2(N)`` such roundings with unit-modulus
+twiddles, so each bin is off by at most ``lam * sqrt(log2(N)) * ETA * u * ||x||_2``. This
+assumes accurately computed twiddles, as MKL, pocketfft, FFTW and cuFFT have.
 
 A real bug (a wrong window, a missing delta, another mel scale) moves audible frames'
 features by 0.01 to 100, at least an order of magnitude above these bounds (the tests that
@@ -70,9 +72,6 @@ def _frames64(wav: np.ndarray) -> np.ndarray:
 def log_mel_bound(wav: np.ndarray, num_bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Kaldi's log-mel energies in float64, and how far two float32 evaluations may differ.
 
-    Returns:
-        ``(log_mel, bound)``, both ``(T, num_bins)``.
-
     The float32 computation, step by step, and the error each step can add (two
     evaluations, so every term counts twice):
 
@@ -88,6 +87,9 @@ def log_mel_bound(wav: np.ndarray, num_bins: int) -> tuple[np.ndarray, np.ndarra
     4. Log: ``log(E +- dE)``, both sides floored at float32 epsilon as the extractor does,
        plus the log's own rounding. A bin whose energy is within ``dE`` of zero is not
        resolved by float32 at all: its bound is the distance to the floor, as it must be.
+
+    Returns:
+        ``(log_mel, bound)``, both ``(T, num_bins)``.
     """
     frames = _frames64(wav)
     banks = kaldi_mel_banks(num_bins).double().numpy()  # (257, num_bins)
