@@ -19,6 +19,7 @@ export RAY_AUTH_MODE := disabled
 NUMERIC_TESTS := tests/units/test_kaldi_features.py tests/units/test_ssl.py \
 	tests/units/test_kmeans.py tests/units/test_kmeans_ray.py tests/units/test_pca.py \
 	tests/units/test_features_ray.py::test_mfcc_store_holds_the_sample_with_exact_frame_counts \
+	tests/units/test_features_ray.py::test_a_tiny_hubert_from_a_local_directory_gives_its_layer \
 	tests/units/test_labels_ray.py::test_every_utterance_gets_the_units_of_its_exact_features \
 	tests/units/test_labels_ray.py::test_ssl_labels_follow_the_50hz_contract_on_odd_lengths \
 	tests/units/test_w2vu_ray.py::test_the_split_files_equal_the_steps_done_one_at_a_time
