@@ -40,6 +40,7 @@ from units.ssl import (  # noqa: E402
     ModelLoadError,
     SSLExtractor,
     SSLModel,
+    align_weights,
     layer_norm_waveform,
     load_hf,
     plan_windows,
@@ -122,6 +123,21 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # --- loading ---------------------------------------------------------------------------
+
+
+def test_align_weights_moves_only_misaligned_tensors_and_keeps_their_bits():
+    layer = torch.nn.Linear(7, 5)
+    storage = torch.randn(64)
+    # A weight four bytes past a 64-byte boundary, as a slice of a mapped file can be.
+    layer.weight.data = storage[1:36].view(5, 7)
+    expected = layer.weight.detach().clone()
+    bias_at = layer.bias.data_ptr()
+    assert layer.weight.data_ptr() % WEIGHT_ALIGNMENT != 0
+    assert align_weights(layer) == 1
+    assert layer.weight.data_ptr() % WEIGHT_ALIGNMENT == 0
+    assert torch.equal(layer.weight, expected) and layer.weight.is_contiguous()
+    assert layer.bias.data_ptr() == bias_at  # Already aligned: not copied.
+    assert align_weights(layer) == 0
 
 
 @pytest.mark.parametrize("name", VARIANTS)
