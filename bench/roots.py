@@ -80,8 +80,8 @@ def main() -> int:
     import pyarrow.fs as pafs
     import ray
 
+    from pipelines.demo.corpus import write_demo_corpus
     from shards import storage
-    from shards.demo_corpus import write_demo_corpus
 
     work = tempfile.mkdtemp(prefix="bench-roots-")
     try:

@@ -9,17 +9,30 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUBCOMMANDS = ("shard", "features", "kmeans", "label", "report", "hubert", "w2vu", "demo")
-
-
-def _summary(name: str) -> str:
-    doc = importlib.import_module(f"pipelines.{name}").__doc__ or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+#: Each subcommand's one-line summary: the first line of its module's docstring, kept here
+#: so that ``unitpipe --help`` imports no stage (torch, Ray and scipy take seconds to load).
+#: ``tests/pipelines/test_cli.py`` checks that the two agree.
+SUMMARIES = {
+    "shard": "Shard a speech corpus into WebDataset tars with Parquet manifests, on Ray.",
+    "features": "Extract features of a seeded sample of a sharded corpus into a feature store, "
+    "on Ray.",
+    "kmeans": "Fit k-means (optionally after PCA) on a feature store, distributed on Ray.",
+    "label": "Label every utterance of a sharded corpus with the units of a finished k-means, "
+    "on Ray.",
+    "report": "Write a unit-quality report for a label set: ROOT/reports/NAME/report.html and "
+    "metrics.json.",
+    "hubert": "One HuBERT iteration end to end: shard -> features (a sample) -> k-means -> "
+    "labels -> report.",
+    "w2vu": "Prepare wav2vec-U audio features from a sharded corpus, on Ray.",
+    "demo": "The demo job on in-process Ray, HuBERT's first iteration end to end on generated "
+    "speech.",
+}
+SUBCOMMANDS = tuple(SUMMARIES)
 
 
 def usage() -> str:
     lines = ["usage: unitpipe SUBCOMMAND [--help] [ARGS...]", "", "subcommands:"]
-    lines += [f"  {name:<9} {_summary(name)}" for name in SUBCOMMANDS]
+    lines += [f"  {name:<9} {summary}" for name, summary in SUMMARIES.items()]
     lines += [
         "",
         "Example:",

@@ -9,10 +9,10 @@ The next iteration is the same file with the features taken from a checkpoint's 
 ``features.extractor=hf:/ckpt/hubert-it1 features.layer=6`` (and new names).
 
 Example:
-    python -m pipelines.hubert --config configs/hubert-mfcc.yaml root=/data/ls100 \
+    python -m pipelines.hubert --config configs/hubert-mfcc.yaml root=/data/ls100 \\
         inputs=[/data/LibriSpeech/train-clean-100]
-    python -m pipelines.hubert --config configs/hubert-mfcc.yaml root=/data/ls100 \
-        features.name=h6 features.extractor=fairseq:/ckpt/it1.pt features.layer=6 \
+    python -m pipelines.hubert --config configs/hubert-mfcc.yaml root=/data/ls100 \\
+        features.name=h6 features.extractor=fairseq:/ckpt/it1.pt features.layer=6 \\
         kmeans.name=h6k500 kmeans.k=500 label.name=it2
     ray job submit --working-dir . -- python -m pipelines.hubert --config configs/hubert-mfcc.yaml
 

@@ -8,7 +8,7 @@ With --fairseq-splits, also ROOT/labels/NAME/fairseq/{split}.tsv, {split}.km and
 dict.km.txt for fairseq's HuBERT training (audio paths point into the shards, no copies).
 
 Example:
-    python -m pipelines.label --root /data/ls100 --kmeans mfcc100 --name it1 \
+    python -m pipelines.label --root /data/ls100 --kmeans mfcc100 --name it1 \\
         --fairseq-splits train=99,valid=1 --split-by speaker
     python -m pipelines.label --root /data/ll --kmeans h6k500 --name it2 --gpus-per-worker 1
 

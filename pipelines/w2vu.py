@@ -10,9 +10,9 @@ Every step uses the one feature spec (model, layer, waveform normalisation) reco
 the features, so the clusters, the PCA and the output can never disagree (fairseq#4464).
 
 Example:
-    python -m pipelines.w2vu --root /data/ls100 --name w2vu \
+    python -m pipelines.w2vu --root /data/ls100 --name w2vu \\
         --extractor fairseq:/models/wav2vec_vox_new.pt --splits train=98,valid=2
-    python -m pipelines.w2vu --root /data/ls100 --name w2vu --features w2v14 \
+    python -m pipelines.w2vu --root /data/ls100 --name w2vu --features w2v14 \\
         --splits train=90,valid=5,test=5 --split-by speaker --gpus-per-worker 1
 
 With --extractor, layer features of --percent of the corpus are first extracted into

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import cli, hubert
-from shards.demo_corpus import write_demo_corpus
+from pipelines.demo.corpus import write_demo_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "hubert-mfcc.yaml")

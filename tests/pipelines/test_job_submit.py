@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from shards.demo_corpus import write_demo_corpus
+from pipelines.demo.corpus import write_demo_corpus
 from tests.processes import kill_ray_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

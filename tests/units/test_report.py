@@ -11,7 +11,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from pipelines import report as cli
-from shards.demo_corpus import write_demo_corpus
+from pipelines.demo.corpus import write_demo_corpus
 from shards.plan import ShardingOptions
 from shards.ray_sharding import run as shard
 from units import report

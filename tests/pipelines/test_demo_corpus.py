@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from shards import demo_corpus
-from shards.demo_corpus import (
+from pipelines.demo import corpus as demo_corpus
+from pipelines.demo.corpus import (
     CLASSES,
     INVENTORY,
     PHONES,

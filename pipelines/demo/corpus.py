@@ -50,7 +50,7 @@ import soundfile as sf
 import soxr
 from scipy import signal
 
-from .schemas import SAMPLE_RATE
+from shards.schemas import SAMPLE_RATE
 
 #: Phone classes, in the order summaries list them.
 CLASSES = ("vowel", "approximant", "nasal", "fricative", "stop", "silence")

@@ -1,10 +1,11 @@
 """The demo job on in-process Ray, HuBERT's first iteration end to end on generated speech.
 
 Generates about 20 minutes of speech-like audio from synthetic speakers with exact
-frame-level phone alignments (shards.demo_corpus), shards it, extracts MFCC features of a
-seeded sample, fits k = 100 units on them, labels every utterance, exports fairseq's
-tsv/km/dict, and writes the unit-quality report: PNMI, phone and cluster purity against the
-generated alignments, and the figures, in WORKDIR/root/reports/mfcc100/report.html.
+frame-level phone alignments (``pipelines.demo.corpus``: the runtime packages never import
+it), shards it, extracts MFCC features of a seeded sample, fits k = 100 units on them,
+labels every utterance, exports fairseq's tsv/km/dict, and writes the unit-quality report:
+PNMI, phone and cluster purity against the generated alignments, and the figures, in
+WORKDIR/root/reports/mfcc100/report.html.
 
 Example:
     python -m pipelines.demo --workdir demo-output
@@ -16,9 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 
-from shards.demo_corpus import write_demo_corpus
 from shards.plan import ShardingOptions, parse_size
 from shards.ray_sharding import run as shard
 from units import report
@@ -30,8 +29,9 @@ from units.kmeans_ray import run as fit_kmeans
 from units.labels_ray import run as label
 from units.sampling import SampleRequest
 
-from . import _cli
-from ._ray import connect
+from .. import _cli
+from .._ray import connect
+from .corpus import write_demo_corpus
 
 
 @_cli.reports_output_errors
@@ -83,7 +83,3 @@ def main(argv: list[str] | None = None) -> int:
     print(report.headline(built.metrics))
     print(f"report: {paths['report']}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
