@@ -43,8 +43,6 @@ import soundfile as sf  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "librispeech-sample")
 
-#: The label pass's batches: ``batch_seconds`` of audio per extractor call.
-BATCH_SECONDS = 120.0
 K = 100
 
 SETTINGS = {
@@ -83,68 +81,59 @@ def load(files: int) -> tuple[list[str], list[np.ndarray]]:
 
 
 def features(wavs: list[np.ndarray]) -> list[np.ndarray]:
-    """MFCC in the label pass's batches (in order, cut at ``BATCH_SECONDS``)."""
+    """MFCC in the label pass's batches: its own batching rule and default batch size."""
+    from units.extractors import ExtractorOptions
+    from units.features_ray import batches
     from units.kaldi_features import KaldiMFCC
 
-    mfcc, out, batch, seconds = KaldiMFCC(), [], [], 0.0
-    for wav in wavs:
-        batch.append(wav)
-        seconds += len(wav) / 16_000
-        if seconds >= BATCH_SECONDS:
-            out += mfcc(batch)
-            batch, seconds = [], 0.0
-    return out + (mfcc(batch) if batch else [])
+    def never(row: dict, error: str) -> None:
+        raise AssertionError(f"{row}: {error}")  # Every waveform here is decoded.
+
+    rows = [{"key": str(i)} for i in range(len(wavs))]
+    decoded = [(wav, None) for wav in wavs]
+    mfcc, out = KaldiMFCC(), []
+    for batch in batches(rows, decoded, ExtractorOptions("mfcc").batch_seconds, never):
+        out += mfcc([wav for _, wav in batch])
+    return out
+
+
+def units_of(feats: list[np.ndarray], centroids: np.ndarray) -> list[np.ndarray]:
+    """The nearest centroid of every frame, as the label pass's CPU workers assign it."""
+    from units.kmeans_parts import Assigner
+
+    assign = Assigner(centroids)
+    return [assign(np.ascontiguousarray(f), distances=False)[0] for f in feats]
 
 
 def worker(files: int, centroids_path: str, out_path: str) -> None:
     """One setting: features and units, written for the parent to compare."""
-    from units.kmeans_parts import Assigner
-
     _, wavs = load(files)
     feats = features(wavs)
-    assign = Assigner(np.load(centroids_path))
-    units = [assign(np.ascontiguousarray(f), distances=False)[0] for f in feats]
-    np.savez(out_path, *feats, *units)
+    np.savez(out_path, *feats, *units_of(feats, np.load(centroids_path)))
 
 
-def knf_features(wavs: list[np.ndarray]) -> list[np.ndarray]:
-    """kaldi-native-fbank's cepstra with torchaudio's deltas (replicate padding, width 2)."""
-    import kaldi_native_fbank as knf
-
-    def deltas(c: np.ndarray) -> np.ndarray:
-        padded = np.concatenate([c[:1], c[:1], c, c[-1:], c[-1:]])
-        n = len(c)
-        d = 1 * (padded[3 : 3 + n] - padded[1 : 1 + n]) + 2 * (padded[4 : 4 + n] - padded[:n])
-        return (d / 10.0).astype(np.float32)
+def knf_mfcc(wavs: list[np.ndarray]) -> list[np.ndarray]:
+    """kaldi-native-fbank's cepstra with torchaudio's deltas: the same 39 dimensions."""
+    from tests.kaldi_reference import knf_features, torchaudio_deltas
 
     out = []
     for wav in wavs:
-        opts = knf.MfccOptions()
-        opts.num_ceps, opts.cepstral_lifter, opts.use_energy = 13, 22.0, False
-        opts.mel_opts.num_bins, opts.mel_opts.low_freq, opts.mel_opts.high_freq = 23, 20.0, 0.0
-        opts.frame_opts.samp_freq, opts.frame_opts.dither = 16000, 0.0
-        opts.frame_opts.snip_edges, opts.frame_opts.window_type = True, "povey"
-        computer = knf.OnlineMfcc(opts)
-        computer.accept_waveform(16000, wav.tolist())
-        computer.input_finished()
-        c = np.stack([computer.get_frame(i) for i in range(computer.num_frames_ready)])
-        d = deltas(c)
-        out.append(np.concatenate([c, d, deltas(d)], axis=1).astype(np.float32))
+        c = knf_features(wav, mfcc=True)
+        d = torchaudio_deltas(c)
+        out.append(np.concatenate([c, d, torchaudio_deltas(d)], axis=1).astype(np.float32))
     return out
 
 
 def compare(name: str, seconds: float, ref, got, ref_units, got_units, bounds) -> str:
-    static = max(float(np.abs(a[:, :13] - b[:, :13]).max()) for a, b in zip(ref, got, strict=True))
+    cepstra = [np.abs(a[:, :13] - b[:, :13]).max(1) for a, b in zip(ref, got, strict=True)]
+    static = max(float(c.max()) for c in cepstra)
+    moved = sum(int((c > 1e-4).sum()) for c in cepstra)
     share = max(
         float((np.abs(a - b) / bd).max()) for a, b, bd in zip(ref, got, bounds, strict=True)
     )
     frames = sum(len(u) for u in ref_units)
     differ = sum(int((a != b).sum()) for a, b in zip(ref_units, got_units, strict=True))
     counts = all(len(a) == len(b) for a, b in zip(ref, got, strict=True))
-    moved = sum(
-        int((np.abs(a[:, :13] - b[:, :13]).max(1) > 1e-4).sum())
-        for a, b in zip(ref, got, strict=True)
-    )
     same_bits = all(np.array_equal(a, b) for a, b in zip(ref, got, strict=True))
     return (
         f"RESULT bench=determinism contender={name} frames={frames} seconds={seconds:.1f} "
@@ -194,12 +183,9 @@ def main() -> None:
             if name != "default":
                 print(compare(name, seconds, ref, feats, ref_units, units, bounds))
         start = time.perf_counter()
-        knf = knf_features(wavs)
+        knf = knf_mfcc(wavs)
         seconds = time.perf_counter() - start
-        from units.kmeans_parts import Assigner
-
-        assign = Assigner(fitted.cluster_centers_)
-        knf_units = [assign(np.ascontiguousarray(f), distances=False)[0] for f in knf]
+        knf_units = units_of(knf, fitted.cluster_centers_)
         print(compare("kaldi_native_fbank", seconds, ref, knf, ref_units, knf_units, bounds))
 
 

@@ -1,13 +1,13 @@
 """Kaldi MFCC and fbank: against kaldi-native-fbank, the delta formula, the frame contract
 and batching."""
 
-import kaldi_native_fbank as knf
 import numpy as np
 import pytest
 import torch
 
 from shards.synthetic import speechlike
 from tests.conftest import tone
+from tests.kaldi_reference import knf_features, torchaudio_deltas
 from tests.numerics import assert_within, kaldi_bound
 from units.extractor import FBANK_SPEC, MFCC_SPEC
 from units.frames import MFCC
@@ -43,33 +43,6 @@ def _signals() -> dict[str, np.ndarray]:
 SIGNALS = _signals()
 
 
-def _knf(wav: np.ndarray, mfcc: bool) -> np.ndarray:
-    """kaldi-native-fbank with the options torchaudio's Kaldi defaults amount to."""
-    if mfcc:
-        opts = knf.MfccOptions()
-        opts.num_ceps = 13
-        opts.cepstral_lifter = 22.0
-        opts.use_energy = False
-        opts.mel_opts.num_bins = 23
-    else:
-        opts = knf.FbankOptions()
-        opts.use_energy = False
-        opts.mel_opts.num_bins = 80
-    opts.frame_opts.samp_freq = 16000
-    opts.frame_opts.dither = 0.0
-    opts.frame_opts.snip_edges = True
-    opts.frame_opts.window_type = "povey"
-    opts.frame_opts.preemph_coeff = 0.97
-    opts.frame_opts.remove_dc_offset = True
-    opts.mel_opts.low_freq = 20.0
-    opts.mel_opts.high_freq = 0.0
-    computer = knf.OnlineMfcc(opts) if mfcc else knf.OnlineFbank(opts)
-    computer.accept_waveform(16000, wav.tolist())
-    computer.input_finished()
-    frames = [computer.get_frame(i) for i in range(computer.num_frames_ready)]
-    return np.stack(frames) if frames else np.zeros((0, 13 if mfcc else 80), np.float32)
-
-
 @pytest.fixture(scope="module")
 def ours() -> dict[str, dict[str, np.ndarray]]:
     """Both extractors on every signal, all signals in one batch."""
@@ -84,7 +57,7 @@ def ours() -> dict[str, dict[str, np.ndarray]]:
 
 @pytest.mark.parametrize("name", list(SIGNALS))
 def test_static_cepstra_match_kaldi_native_fbank(ours, name):
-    expected = _knf(SIGNALS[name], mfcc=True)
+    expected = knf_features(SIGNALS[name], mfcc=True)
     got = ours["mfcc"][name]
     assert got.shape == (len(expected), 39) and got.dtype == np.float32
     np.testing.assert_allclose(got[:, :13], expected, rtol=0, atol=KNF_ATOL)
@@ -92,7 +65,7 @@ def test_static_cepstra_match_kaldi_native_fbank(ours, name):
 
 @pytest.mark.parametrize("name", list(SIGNALS))
 def test_log_mel_fbank_matches_kaldi_native_fbank(ours, name):
-    expected = _knf(SIGNALS[name], mfcc=False)
+    expected = knf_features(SIGNALS[name], mfcc=False)
     got = ours["fbank"][name]
     assert got.shape == (len(expected), 80) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=0, atol=KNF_ATOL)
@@ -100,7 +73,7 @@ def test_log_mel_fbank_matches_kaldi_native_fbank(ours, name):
 
 def test_digital_silence_is_the_log_floor_and_precision_ends_near_it():
     wav = _chirp(1.5, silence=(8000, 12000))
-    got, expected = KaldiFbank()([wav])[0], _knf(wav, mfcc=False)
+    got, expected = KaldiFbank()([wav])[0], knf_features(wav, mfcc=False)
     silent = [t for t in range(len(got)) if t * 160 >= 8000 and t * 160 + 400 <= 12000]
     assert len(silent) == 23
     np.testing.assert_array_equal(got[silent], np.float32(np.log(LOG_FLOOR)))
@@ -113,17 +86,6 @@ def test_digital_silence_is_the_log_floor_and_precision_ends_near_it():
     np.testing.assert_allclose(got, expected, rtol=0, atol=FLOOR_ATOL)
 
 
-def _compute_deltas(c: np.ndarray) -> np.ndarray:
-    """torchaudio's compute_deltas (win_length 5, replicate padding), written out in float64."""
-    c = c.astype(np.float64)
-    last = len(c) - 1
-    out = np.zeros_like(c)
-    for t in range(len(c)):
-        for n in (1, 2):
-            out[t] += n * (c[min(t + n, last)] - c[max(t - n, 0)])
-    return out / (2 * (1**2 + 2**2))
-
-
 def test_deltas_follow_the_formula_with_each_utterance_its_own_edges():
     rng = np.random.default_rng(1)
     # 1 to 6 frames (shorter than the delta window, and the two windows in a row), then
@@ -133,9 +95,9 @@ def test_deltas_follow_the_formula_with_each_utterance_its_own_edges():
     for features, n in zip(KaldiMFCC()(wavs), lengths, strict=True):
         assert len(features) == MFCC.frames(n)
         static = features[:, :13]
-        delta = _compute_deltas(static)
+        delta = torchaudio_deltas(static)
         np.testing.assert_allclose(features[:, 13:26], delta, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(features[:, 26:], _compute_deltas(delta), rtol=1e-5, atol=2e-5)
+        np.testing.assert_allclose(features[:, 26:], torchaudio_deltas(delta), rtol=1e-5, atol=2e-5)
         if len(static) == 1:
             assert not features[:, 13:].any()
 
