@@ -83,8 +83,8 @@ def load(files: int) -> tuple[list[str], list[np.ndarray]]:
 def features(wavs: list[np.ndarray]) -> list[np.ndarray]:
     """MFCC in the label pass's batches: its own batching rule and default batch size."""
     from units.extractors import ExtractorOptions
-    from units.features_ray import batches
     from units.kaldi_features import KaldiMFCC
+    from units.stage import batches
 
     def never(row: dict, error: str) -> None:
         raise AssertionError(f"{row}: {error}")  # Every waveform here is decoded.

@@ -538,7 +538,7 @@ class _Pipeline:
         self.calls = 0
         # One actor's start-up alone (the first thing each timed call pays for), for the table.
         started = time.perf_counter()
-        actor = ray.remote(num_cpus=1)(FeatureWorker).remote(self.options)
+        actor = ray.remote(num_cpus=1)(FeatureWorker).remote(self.options, device="cpu")
         ray.get(actor.__ray_ready__.remote())
         self.startup = time.perf_counter() - started
         ray.kill(actor)

@@ -44,8 +44,8 @@ contender runs ``--repeats`` times (taking turns, after an untimed warm-up round
 the median counts. Start-up is a fixed cost per run that a corpus of minutes cannot
 amortise and 960 hours can, so the lines also give the time without it
 (``*_less_startup``): for fairseq, each script's slowest rank from the end of its imports
-to its exit, both scripts added; for ours, from the start of the first ``label_shard`` task
-(Ray's task timeline) to the return of ``run``. ``busy_seconds``: the ``label_shard`` tasks'
+to its exit, both scripts added; for ours, from the start of the first ``process_shard`` task
+(Ray's task timeline) to the return of ``run``. ``busy_seconds``: the ``process_shard`` tasks'
 own time, summed over both actors; the rest of two cores' share of ``seconds_less_startup``
 is Ray's dispatch and idle tails. ``first_shard_seconds`` (an actor's first shard, which
 also pays for lazy set-up) and ``later_shard_seconds`` (the median of the others) show what
@@ -56,7 +56,7 @@ The units of the two must agree (same frame counts; same unit on nearly every fr
 MFCCs differ by ~1e-4 in float32 rounding, which can only flip a near tie). The agreement
 is printed, not asserted.
 
-``label.memory``: peak RSS of one label worker (``LabelWorker.label_shard`` over every shard,
+``label.memory``: peak RSS of one label worker (``LabelWorker`` shards via ``process_shard``,
 one after the other, in a fresh interpreter that receives one shard's manifest rows at a
 time, as a Ray actor does) on the corpus and on a corpus four times larger (four times the
 utterances, generated with the same seed, so it holds the first one; the same
@@ -91,7 +91,7 @@ Usage:
     python bench/label.py              # 0.5 audio hours: about a minute on two idle cores
     python bench/label.py --quick      # a smoke run: 40 utterances, about 7 audio minutes
     python bench/label.py --hours 4 --repeats 2 --no-memory   # start-up mostly amortised
-    python bench/label.py --profile    # also cProfile one worker's label_shard in-process
+    python bench/label.py --profile    # also cProfile one worker's process_shard in-process
 """
 
 from __future__ import annotations
@@ -461,7 +461,7 @@ def run_ours(corpus: Corpus, name: str) -> Timing:
     """Our label pass into ``ROOT/labels/NAME``.
 
     Its start-up is read from Ray's task timeline: the time until the first
-    ``label_shard`` task starts (planning, two actors starting: a Ray worker each, imports,
+    ``process_shard`` task starts (planning, two actors starting: a Ray worker each, imports,
     k-means load); the rest is the work, to the call's return.
     """
     from units.labels_ray import run
@@ -488,7 +488,7 @@ def run_ours(corpus: Corpus, name: str) -> Timing:
 
 
 def _label_spans(started: float, finished: float, shards: int) -> list[tuple[float, float, str]]:
-    """``(start, end, actor)`` of each ``label_shard`` task run in ``[started, finished]``
+    """``(start, end, actor)`` of each ``process_shard`` task run in ``[started, finished]``
     (epoch seconds), from ``ray.timeline()`` (workers report their events about once a
     second)."""
     import logging
@@ -502,7 +502,7 @@ def _label_spans(started: float, finished: float, shards: int) -> list[tuple[flo
         spans = [
             (e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, e["tid"])
             for e in ray.timeline()
-            if e.get("name") == "label_shard"
+            if e.get("name") == "process_shard"
             and e.get("ph") == "X"
             and started <= e["ts"] / 1e6 <= finished
         ]
@@ -510,7 +510,7 @@ def _label_spans(started: float, finished: float, shards: int) -> list[tuple[flo
             break
         time.sleep(0.5)
     if len(spans) != shards:
-        raise SystemExit(f"Ray's timeline holds {len(spans)} label_shard tasks, not {shards}")
+        raise SystemExit(f"Ray's timeline holds {len(spans)} process_shard tasks, not {shards}")
     return spans
 
 
@@ -562,11 +562,13 @@ def memory_child(root: str, kmeans: str, name: str) -> None:
     shard's work, so the whole-life peak alone would hide any growth. The labelling peak
     comes from resetting the kernel's high-water mark after the set-up (``clear_refs``).
     """
-    from units.labels import LabelLayout
+    from units.labels import label_layout
     from units.labels_ray import LabelWorker
+    from units.stage import ShardActor
 
-    worker = LabelWorker(root, kmeans)
-    LabelLayout(root, name).make_dirs()  # run() makes them before any worker starts
+    layout = label_layout(root, name)
+    worker = ShardActor(layout, LabelWorker, (root, kmeans), {}, "cpu")
+    layout.make_dirs()  # run() makes them before any worker starts
     setup_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     setup_kb = _status_kb("VmRSS")
     try:
@@ -578,7 +580,7 @@ def memory_child(root: str, kmeans: str, name: str) -> None:
     shards = 0
     for line in sys.stdin:
         task = json.loads(line)
-        worker.label_shard(root, name, task["shard"], task["rows"])
+        worker.process_shard(task["shard"], task["rows"])
         shards += 1
     labelling_peak_kb = _status_kb("VmHWM") if reset else None
     peak_kb = max(setup_peak_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -666,15 +668,17 @@ def bench_memory(corpus: Corpus, big: Corpus) -> None:
 
 
 def profile_worker(corpus: Corpus, shards: int = 2, top: int = 25) -> None:
-    """cProfile of ``LabelWorker.label_shard`` over the first ``shards`` shards, one thread."""
+    """cProfile of a ``LabelWorker``'s ``process_shard`` over the first ``shards`` shards,
+    one thread."""
     import cProfile
     import pstats
 
     import pyarrow.parquet as pq
     import torch
 
-    from units.labels import LabelLayout
+    from units.labels import label_layout
     from units.labels_ray import _MANIFEST_COLUMNS, LabelWorker
+    from units.stage import ShardActor
 
     torch.set_num_threads(1)  # as in a one-CPU actor
     rows = pq.read_table(
@@ -683,18 +687,19 @@ def profile_worker(corpus: Corpus, shards: int = 2, top: int = 25) -> None:
     names = sorted({r["shard"] for r in rows})[:shards]
     name = "profile"
     shutil.rmtree(os.path.join(corpus.root, "labels", name), ignore_errors=True)
-    worker = LabelWorker(corpus.root, KMEANS)
-    LabelLayout(corpus.root, name).make_dirs()
+    layout = label_layout(corpus.root, name)
+    worker = ShardActor(layout, LabelWorker, (corpus.root, KMEANS), {}, "cpu")
+    layout.make_dirs()
     profiler = cProfile.Profile()
     started = time.perf_counter()
     profiler.enable()
     for s in names:
-        worker.label_shard(corpus.root, name, s, [r for r in rows if r["shard"] == s])
+        worker.process_shard(s, [r for r in rows if r["shard"] == s])
     profiler.disable()
     seconds = time.perf_counter() - started
     hours = sum(r["duration"] for r in rows if r["shard"] in names) / 3600
     print(
-        f"profile: label_shard over {len(names)} shards ({hours * 3600:.0f} audio s) in"
+        f"profile: process_shard over {len(names)} shards ({hours * 3600:.0f} audio s) in"
         f" {seconds:.2f} s under cProfile: {hours / seconds:.3f} audio h/s on one core",
         flush=True,
     )

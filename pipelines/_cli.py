@@ -1,33 +1,179 @@
-"""What every entry point shares: a parser whose help is the module docstring (with its
-examples), logging to stderr, and one clear line (not a traceback) when the output cannot be
-written: a full disk, a read-only or unwritable ROOT."""
+"""What every entry point shares: one parser per stage whose help is the module docstring
+(with its examples), one-line usage errors (exit status 2) before any work, logging set up in
+one place, the run record written to a file and a short summary on stdout, and one clear
+line (not a traceback) when the output cannot be written: a full disk, a read-only or
+unwritable ROOT.
+
+A stage module (``pipelines.shard``, ``pipelines.kmeans``, ...) defines:
+
+- ``add_arguments(parser)``: its flags (the shared ones come from :mod:`pipelines._args`);
+- ``check(args)``: every check of the arguments alone, before Ray starts; raises
+  :class:`UsageError` (or returns an exit status to stop early, as ``--print-config``);
+- ``prepare(args)`` (optional): the checks against ROOT (writable, the inputs exist);
+- ``run(args)``: connects to Ray and runs the stage; returns its result (a dict);
+- ``summarize(args, result)``: what it did and where the output is (the throughput and
+  the record's path follow, :func:`record_and_summarize`);
+- ``record_path(args)``: where its record goes by default, and ``RECORD``: that, for --help.
+
+``python -m pipelines.X`` and ``unitpipe X`` build the same parser (:func:`configure`) and
+run it with :func:`execute`. Stage modules import torch, Ray, scipy and the library only
+inside these functions, so ``--help`` stays quick.
+"""
 
 from __future__ import annotations
 
 import argparse
 import errno
 import functools
+import json
 import logging
 import os
 import re
 import sys
+import time
 import uuid
 from collections.abc import Callable
+from types import ModuleType
+
+from . import _args
+
+log = logging.getLogger("pipelines")
 
 
-def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """An argument parser for ``python -m PROG`` that shows ``doc`` verbatim in ``--help``."""
-    return argparse.ArgumentParser(
-        prog=f"python -m {prog}",
-        description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+class UsageError(ValueError):
+    """Arguments, a config or a ROOT that cannot work: one line on stderr, exit status 2."""
 
 
-def setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit status 2): the usage
+    line that argparse prints first is in ``--help``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def one_line(message: object) -> str:
+    """A message on one line (a YAML error, say, spans several)."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def configure(parser: argparse.ArgumentParser, module: ModuleType) -> argparse.ArgumentParser:
+    """Gives ``parser`` the stage's flags, then the logging and record flags of every stage;
+    its help shows the module docstring verbatim."""
+    parser.description = module.__doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    module.add_arguments(parser)
+    _args.add_output(parser, record=getattr(module, "RECORD", None))
+    parser.set_defaults(prog=parser.prog)
+    return parser
+
+
+def main(module: ModuleType, argv: list[str] | None = None) -> int:
+    """``python -m MODULE ARGS``: parses ``argv`` and runs the stage (:func:`execute`)."""
+    # Run with -m, a module is __main__; its spec keeps the name it was run by.
+    name = module.__spec__.name if module.__spec__ is not None else module.__name__
+    parser = configure(Parser(prog=f"python -m {name}"), module)
+    return execute(module, parser.parse_args(argv))
+
+
+def execute(module: ModuleType, args: argparse.Namespace) -> int:
+    """Checks, prepares, runs and reports a stage; returns the exit status.
+
+    0: done (the record written, its summary on stdout). 1: the output could not be
+    written (:func:`reports_output_errors`). 2: a usage error, before any work when the
+    arguments alone show it.
+    """
+    setup_logging(args.log_level)
+
+    @reports_output_errors
+    def go(_argv=None) -> int:
+        try:
+            early = module.check(args)
+            if early is not None:
+                return early
+            if hasattr(module, "prepare"):
+                module.prepare(args)
+            result = module.run(args)
+        except UsageError as e:
+            print(f"{args.prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+            return 2
+        print(record_and_summarize(module, args, result), flush=True)
+        return 0
+
+    return go()
+
+
+def record_and_summarize(module: ModuleType, args: argparse.Namespace, result: dict) -> str:
+    """Writes the stage's record; returns its summary: what was done, its throughput (when
+    it did work) and where the record is."""
+    path = args.record or module.record_path(args)
+    write_record(path, result)
+    lines = [module.summarize(args, result)]
+    if did_work(result) and isinstance(result.get("throughput"), dict):
+        lines.append("  " + describe_throughput(result["throughput"]))
+    lines.append(f"  record: {path}")
+    return "\n".join(lines)
+
+
+def did_work(result: dict) -> bool:
+    """Whether a stage wrote anything (``shards_written``; ``written`` for k-means)."""
+    return bool(result.get("shards_written", result.get("written", True)))
+
+
+def record_path(root: str, stage: str, name: str | None = None) -> str:
+    """``ROOT/runs/STAGE-NAME.json``: the record of a stage's last run."""
+    return os.path.join(root, "runs", f"{stage}-{name}.json" if name else f"{stage}.json")
+
+
+def write_record(path: str, record: dict) -> None:
+    """Writes ``record`` as JSON at ``path`` (a local path or a URL), atomically: a reader
+    sees the last run's whole record or the one before."""
+    from shards import storage
+    from shards.atomic import write_atomic
+
+    directory = os.path.dirname(path)
+    if directory:
+        storage.makedirs(directory)
+    text = json.dumps(record, indent=1, sort_keys=True, default=str) + "\n"
+    write_atomic(path, text.encode())
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines on stderr through ``tqdm.write``: a line printed while a progress bar is
+    live goes above the bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # Logging must never raise.
+            self.handleError(record)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """The one logging setup of every entry point: ``level`` and above on stderr.
+
+    Calling it again replaces its own handler (a test or a program may run several entry
+    points in one process) and leaves other handlers alone. Matplotlib's INFO lines (its
+    font cache) are noise to a user: it logs warnings and errors only.
+    """
+    value = logging.getLevelName(level.upper())
+    if not isinstance(value, int):
+        raise ValueError(f"unknown log level {level!r}")
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _TqdmHandler)]:
+        root.removeHandler(handler)
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(value)
+    logging.getLogger("matplotlib").setLevel(max(value, logging.WARNING))
+
+
+def timed(started: float) -> str:
+    """Seconds since ``started`` (``time.monotonic()``), for a summary."""
+    return f"{time.monotonic() - started:.1f} s"
 
 
 #: Errors of the output's file system that stop a stage, wherever they are raised, and what

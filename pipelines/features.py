@@ -7,107 +7,134 @@ Example:
     python -m pipelines.features --root /data/ls100 --name w2v14 \\
         --extractor fairseq:/models/wav2vec_vox_new.pt --layer 14 --percent 5
 
-Rerunning the same command resumes; a finished store is left as it is.
+Rerunning the same command resumes; a finished store is left as it is. The run's JSON
+record goes to ROOT/runs/features-NAME.json (--record); stdout gets a summary.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from units.extractors import ExtractorError, ExtractorOptions, build
-from units.sampling import SampleError, SampleRequest
+from . import _args, _cli
+from ._schema import REQUIRED, Choice, Float, Int, Option, Optional, Str, add_option, add_options
 
-from . import _cli
-from ._ray import add_ray_arguments, connect
+#: The feature options: the flags below, and the ``features`` section of the hubert config.
+OPTIONS = {
+    "name": _args.name("features"),
+    "extractor": Option(
+        Str(),
+        REQUIRED,
+        "mfcc, fbank, hf:PATH (local Hugging Face model directory) or fairseq:PATH (.pt)",
+        "SPEC",
+    ),
+    "layer": Option(
+        Optional(Int(lo=1)),
+        None,
+        "transformer block whose output is taken, counted from 1 (fairseq's output_layer)",
+        "L",
+    ),
+    "percent": Option(Optional(Float()), None, "percent of the utterances to sample", "P"),
+    "hours": Option(
+        Optional(Float()), None, "hours of audio to sample (instead of --percent)", "H"
+    ),
+    "seed": Option(Int(), 0, "sample seed"),
+    "gpus_per_worker": _args.gpus_per_worker(0),
+    "dtype": Option(Optional(Choice(("bf16", "fp16"))), None, "autocast on GPU (default: float32)"),
+    "threads": Option(Optional(Int(lo=1)), None, "torch threads per CPU worker", "N"),
+    "batch_seconds": Option(Float(gt=0), 120.0, "padded audio seconds per batch", "SECONDS"),
+}
+
+RECORD = "ROOT/runs/features-NAME.json"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _cli.parser("pipelines.features", __doc__)
-    parser.add_argument("--root", required=True, help="dataset root written by pipelines.shard")
-    parser.add_argument("--name", required=True, help="feature store name (ROOT/features/NAME)")
-    parser.add_argument(
-        "--extractor",
-        required=True,
-        help="mfcc, fbank, hf:PATH (local Hugging Face model directory) or fairseq:PATH (.pt)",
-    )
-    parser.add_argument(
-        "--layer",
-        type=int,
-        default=None,
-        help="transformer block whose output is taken, counted from 1 (fairseq's output_layer)",
-    )
+def add_arguments(parser) -> None:
+    _args.add_root(parser, flag_help="dataset root written by pipelines.shard")
     size = parser.add_mutually_exclusive_group(required=True)
-    size.add_argument("--percent", type=float, help="percent of the utterances to sample")
-    size.add_argument("--hours", type=float, help="hours of audio to sample")
-    parser.add_argument("--seed", type=int, default=0, help="sample seed (default: %(default)s)")
-    parser.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=0,
-        help="GPUs per extraction actor; 0 runs on CPUs (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--dtype", choices=("bf16", "fp16"), default=None, help="autocast on GPU (default: float32)"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per CPU worker")
-    parser.add_argument(
-        "--batch-seconds",
-        type=float,
-        default=120.0,
-        help="padded audio seconds per batch (default: %(default)s)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_ray_arguments(parser)
-    return parser
+    add_option(size, "percent", OPTIONS["percent"])
+    add_option(size, "hours", OPTIONS["hours"])
+    add_options(parser, OPTIONS, skip=("percent", "hours"))
+    _args.add_progress(parser)
+    _args.add_ray(parser)
 
 
-@_cli.reports_output_errors
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _cli.setup_logging()
-    _cli.check_writable(args.root)  # A read-only or full ROOT fails here, in a second.
-    from units.features_ray import FeatureStageError, run
+def extractor_options(args):
+    """The :class:`units.extractors.ExtractorOptions` of ``args``."""
+    from units.extractors import ExtractorOptions
 
-    options = ExtractorOptions(
+    return ExtractorOptions(
         args.extractor,
         layer=args.layer,
         dtype=args.dtype,
         threads=args.threads,
         batch_seconds=args.batch_seconds,
     )
-    request = SampleRequest(percent=args.percent, hours=args.hours, seed=args.seed)
-    try:  # Before Ray starts: a bad extractor, checkpoint or layer is a usage error.
-        spec = build(options).spec
-        request.validate()
+
+
+def sample_request(args):
+    """The :class:`units.sampling.SampleRequest` of ``args``: ``hours`` wins over ``percent``
+    when both are set (a config that sets hours over a default percent)."""
+    from units.sampling import SampleRequest
+
+    percent = None if args.hours is not None else args.percent
+    return SampleRequest(percent=percent, hours=args.hours, seed=args.seed)
+
+
+def check(args) -> None:
+    """The sample and the extractor (its checkpoint loads, its layer exists): before Ray."""
+    from units.extractors import ExtractorError, build
+    from units.sampling import SampleError
+
+    try:
+        sample_request(args).validate()
+        args.spec = build(extractor_options(args)).spec
     except (ExtractorError, SampleError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise _cli.UsageError(str(e)) from None
+
+
+def prepare(args) -> None:
+    _cli.check_writable(args.root)  # A read-only or full ROOT fails here, in a second.
+
+
+def run(args) -> dict:
+    from units.features_ray import FeatureStageError
+    from units.features_ray import run as extract
+
+    from ._ray import connect
+
     connect(args)
     try:
-        summary = run(
+        return extract(
             args.root,
             args.name,
-            options,
-            request,
+            extractor_options(args),
+            sample_request(args),
             gpus_per_worker=args.gpus_per_worker,
-            progress=not args.no_progress,
-            spec=spec,
+            progress=args.progress,
+            spec=getattr(args, "spec", None),
         )
     except FeatureStageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1, sort_keys=True))
-    if summary["shards_written"] == 0:
-        print(f"nothing to do: feature store {args.name} is complete")
-    else:
-        print(
-            f"wrote {summary['shards_written']} feature shard(s) to {args.root}/features/"
-            f"{args.name}: {summary['utterances']} utterances, {summary['rows']} frames; "
-            + _cli.describe_throughput(summary["throughput"])
-        )
-    return 0
+        raise _cli.UsageError(str(e)) from None
+
+
+def summarize(args, result: dict) -> str:
+    sample = result.get("sample", {})
+    spec = result.get("spec", {})
+    what = (
+        f"{sample.get('utterances', result.get('utterances'))} utterances "
+        f"({sample.get('hours', 0.0):.3f} h), {result.get('rows')} frames of "
+        f"{spec.get('dim')}-dim {args.extractor} features in {args.root}/features/{args.name}"
+    )
+    if not _cli.did_work(result):
+        return f"features: nothing to do: the store is complete; {what}"
+    return f"features: wrote {result['shards_written']} feature shard(s): {what}"
+
+
+def record_path(args) -> str:
+    return _cli.record_path(args.root, "features", args.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

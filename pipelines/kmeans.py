@@ -8,83 +8,68 @@ Example:
         --pca 512 --init k-means++ --address auto
 
 Outputs go to ROOT/kmeans/NAME: centroids.npy, kmeans.json, iterations.parquet (and pca/,
-kmeans.joblib). Rerunning the same command resumes from the last finished iteration; a
-finished fit is left as it is.
+kmeans.joblib). Iteration 0 is the initial centroids; iteration i, the centroids after i
+updates; kmeans.json's "iterations" is the last. Rerunning the same command resumes from
+the last finished iteration; a finished fit is left as it is. The run's JSON record goes to
+ROOT/runs/kmeans-NAME.json (--record); stdout gets a summary.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from units.kmeans import ALGORITHMS, INITS
+from . import _args, _cli
+from ._schema import REQUIRED, Bool, Choice, Float, Int, Option, Optional, add_options
 
-from . import _cli
-from ._ray import add_ray_arguments, connect
+#: The library's choices (units.kmeans.INITS and ALGORITHMS), spelled here so that --help
+#: imports no numerics; tests/pipelines/test_cli.py checks that they agree.
+INITS = ("k-means||", "k-means++", "random")
+ALGORITHMS = ("lloyd", "minibatch")
 
+#: The k-means options: the flags below, and the ``kmeans`` section of the hubert config.
+#: Their ranges beyond the type (k fits uint16 units, ...) are the estimator's own checks
+#: (:meth:`units.kmeans.KMeans.check_params`), run by :func:`check` before Ray starts.
+OPTIONS = {
+    "name": _args.name("kmeans"),
+    "k": Option(Int(), REQUIRED, "number of clusters, 1 to 65536 (units are uint16)", "K"),
+    "pca": Option(Optional(Int(lo=1)), None, "PCA to this dimension first", "DIM"),
+    "whiten": Option(Bool(), False, "whiten the PCA projection"),
+    "init": Option(Choice(INITS), "k-means||", "seeding"),
+    "algorithm": Option(Choice(ALGORITHMS), "lloyd", "full passes, or mini-batches"),
+    "max_iter": Option(Int(), 100, "iterations (mini-batch: passes over the data) at most", "N"),
+    "tol": Option(Float(), 1e-4, "stop when the inertia improves by less than this fraction"),
+    "seed": Option(Int(), 0, "seed of everything random"),
+    "batch_size": Option(Int(), 10_000, "mini-batch rows", "ROWS"),
+    "stream": Option(
+        Bool(), False, "workers read rows from the store on every pass instead of holding them"
+    ),
+    "workers": _args.WORKERS,
+    "gpus_per_worker": _args.gpus_per_worker(0),
+    "fairseq_export": Option(
+        Bool(), False, "also write kmeans.joblib, loadable by fairseq's dump_km_label.py"
+    ),
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _cli.parser("pipelines.kmeans", __doc__)
-    parser.add_argument("--root", required=True, help="dataset root")
-    parser.add_argument("--features", required=True, help="feature store (ROOT/features/NAME)")
-    parser.add_argument("--name", required=True, help="output name (ROOT/kmeans/NAME)")
-    parser.add_argument("--k", type=int, required=True, help="number of clusters")
-    parser.add_argument("--pca", type=int, default=None, help="PCA to this dimension first")
-    parser.add_argument("--whiten", action="store_true", help="whiten the PCA projection")
-    parser.add_argument("--init", choices=INITS, default="k-means||", help="(default: %(default)s)")
-    parser.add_argument(
-        "--algorithm", choices=ALGORITHMS, default="lloyd", help="(default: %(default)s)"
-    )
-    parser.add_argument("--max-iter", type=int, default=100, help="(default: %(default)s)")
-    parser.add_argument(
-        "--tol", type=float, default=1e-4, help="relative inertia change (default: %(default)s)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    parser.add_argument(
-        "--batch-size", type=int, default=10_000, help="mini-batch rows (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--stream",
-        action="store_true",
-        help="workers read rows from the store on every pass instead of holding them",
-    )
-    parser.add_argument("--workers", type=int, default=None, help="actors (default: all CPUs)")
-    parser.add_argument(
-        "--gpus-per-worker", type=float, default=0, help="GPUs per actor (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--fairseq-export",
-        action="store_true",
-        help="also write kmeans.joblib, loadable by fairseq's dump_km_label.py",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_ray_arguments(parser)
-    return parser
+RECORD = "ROOT/runs/kmeans-NAME.json"
 
 
-@_cli.reports_output_errors
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _cli.setup_logging()
-    _cli.check_writable(args.root)  # A read-only or full ROOT fails here, in a second.
-    for flag, value in (("--k", args.k), ("--max-iter", args.max_iter)):
-        if value < 1:
-            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
-            return 2
-    if args.pca is not None and args.pca < 1:
-        print(f"error: --pca must be >= 1, got {args.pca}", file=sys.stderr)
-        return 2
-    from units.feature_store import FeatureStore
+def add_arguments(parser) -> None:
+    _args.add_root(parser)
+    parser.add_argument(
+        "--features", required=True, metavar="NAME", help="feature store (ROOT/features/NAME)"
+    )
+    add_options(parser, OPTIONS)
+    _args.add_progress(parser)
+    _args.add_ray(parser)
 
-    try:  # Before Ray starts: a missing store is a usage error.
-        FeatureStore(args.root, args.features)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    connect(args)
+
+def estimator(args):
+    """The :class:`units.kmeans.KMeans` of ``args``, its parameters checked.
+
+    Raises:
+        UsageError: Parameters the estimator refuses (k out of 1..65536, max_iter < 1, ...).
+    """
     from units.kmeans import KMeans
-    from units.kmeans_ray import KMeansStageError, StageOptions, run
 
     km = KMeans(
         args.k,
@@ -95,6 +80,34 @@ def main(argv: list[str] | None = None) -> int:
         algorithm=args.algorithm,
         batch_size=args.batch_size,
     )
+    try:
+        km.check_params()
+    except ValueError as e:
+        raise _cli.UsageError(str(e)) from None
+    return km
+
+
+def check(args) -> None:
+    estimator(args)
+
+
+def prepare(args) -> None:
+    _cli.check_writable(args.root)  # A read-only or full ROOT fails here, in a second.
+    from units.feature_store import FeatureStore
+
+    try:  # A missing store is a usage error.
+        FeatureStore(args.root, args.features)
+    except FileNotFoundError as e:
+        raise _cli.UsageError(str(e)) from None
+
+
+def run(args) -> dict:
+    from units.kmeans_ray import KMeansStageError, StageOptions
+    from units.kmeans_ray import run as fit
+
+    from ._ray import connect
+
+    connect(args)
     options = StageOptions(
         pca=args.pca,
         whiten=args.whiten,
@@ -102,24 +115,34 @@ def main(argv: list[str] | None = None) -> int:
         gpus_per_worker=args.gpus_per_worker,
         hold=not args.stream,
         fairseq_export=args.fairseq_export,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     try:
-        meta = run(args.root, args.features, args.name, km, options)
+        return fit(args.root, args.features, args.name, estimator(args), options)
     except KMeansStageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(meta, indent=1, sort_keys=True))
-    if not meta["written"]:
-        print(f"nothing to do: k-means {args.name} is complete")
-    else:
-        rate = meta["throughput"]
-        print(
-            f"wrote {args.root}/kmeans/{args.name}: k={meta['k']}, {meta['iterations']} "
-            f"iterations, inertia {meta['inertia_per_frame']:.4g} per frame: "
-            + _cli.describe_throughput(rate)
-        )
-    return 0
+        raise _cli.UsageError(str(e)) from None
+
+
+def summarize(args, result: dict) -> str:
+    hours = result.get("throughput", {}).get("hours_clustered")
+    audio = f" ({hours:.3f} h of audio)" if hours is not None else ""
+    stop = "converged" if result.get("converged") else "stopped at --max-iter"
+    what = (
+        f"k={result['k']} on {result['rows']} frames of {result['features']}{audio}, "
+        f"{result['iterations']} iterations ({stop}), inertia "
+        f"{result['inertia_per_frame']:.4g} per frame, in {args.root}/kmeans/{args.name}"
+    )
+    if not _cli.did_work(result):
+        return f"kmeans: nothing to do: the fit is complete; {what}"
+    return f"kmeans: {what}"
+
+
+def record_path(args) -> str:
+    return _cli.record_path(args.root, "kmeans", args.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -12,139 +12,183 @@ Example:
         --fairseq-splits train=99,valid=1 --split-by speaker
     python -m pipelines.label --root /data/ll --kmeans h6k500 --name it2 --gpus-per-worker 1
 
-Rerunning the same command resumes; a finished label set is left as it is.
+Rerunning the same command resumes; a finished label set is left as it is. The run's JSON
+record goes to ROOT/runs/label-NAME.json (--record); stdout gets a summary.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
-from . import _cli
-from ._ray import add_ray_arguments, connect
+from . import _args, _cli
+from ._schema import Bool, Choice, Int, Option, Optional, Splits, Str, add_options
 
-
-def build_parser():
-    parser = _cli.parser("pipelines.label", __doc__)
-    parser.add_argument("--root", required=True, help="dataset root")
-    parser.add_argument("--kmeans", required=True, help="finished k-means (ROOT/kmeans/NAME)")
-    parser.add_argument("--name", required=True, help="label set name (ROOT/labels/NAME)")
-    parser.add_argument("--workers", type=int, default=None, help="actors (default: all CPUs)")
-    parser.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=None,
-        help="GPUs per actor (default: 1 when the cluster has GPUs; 0 for CPUs only)",
-    )
-    parser.add_argument(
-        "--extractor",
-        default=None,
-        help="hf:PATH or fairseq:PATH to use instead of the checkpoint path the k-means "
+#: The label options: the flags below, and the ``label`` section of the hubert config.
+OPTIONS = {
+    "name": _args.name("labels"),
+    "workers": _args.WORKERS,
+    "gpus_per_worker": _args.gpus_per_worker(None),
+    "extractor": Option(
+        Optional(Str()),
+        None,
+        "hf:PATH or fairseq:PATH to use instead of the checkpoint path the k-means "
         "recorded (a moved model); it must compute the same features (sha256, layer)",
-    )
-    parser.add_argument("--layer", type=int, default=None, help="layer, with --extractor")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        "SPEC",
+    ),
+    "layer": Option(Optional(Int(lo=1)), None, "layer, with --extractor", "L"),
+    "dedup": Option(Bool(), False, "also store GSLM-style deduplicated units with their durations"),
+    "fairseq_splits": Option(
+        Optional(Splits()),
+        None,
+        "write fairseq's tsv/km/dict for these splits (percents add up to 100)",
+        "NAME=PERCENT,...",
+    ),
+    "split_by": Option(Choice(("utterance", "speaker")), "utterance", "what a split draws"),
+    "split_seed": Option(Int(), 0, "seed of the split draw"),
+    "fairseq_audio": Option(
+        Choice(("shards", "source")),
+        "shards",
+        "tsv paths into the shard tars, or the original files where an utterance is a "
+        "whole 16 kHz mono file",
+    ),
+}
+
+RECORD = "ROOT/runs/label-NAME.json"
+
+
+def add_arguments(parser) -> None:
+    _args.add_root(parser)
     parser.add_argument(
-        "--dedup",
-        action="store_true",
-        help="also store GSLM-style deduplicated units with their durations",
+        "--kmeans", required=True, metavar="NAME", help="finished k-means (ROOT/kmeans/NAME)"
     )
-    parser.add_argument(
-        "--fairseq-splits",
-        default=None,
-        help="NAME=PERCENT,...: write fairseq's tsv/km/dict for these splits (add up to 100)",
-    )
-    parser.add_argument(
-        "--split-by",
-        choices=("utterance", "speaker"),
-        default="utterance",
-        help="(default: %(default)s)",
-    )
-    parser.add_argument("--split-seed", type=int, default=0, help="(default: %(default)s)")
-    parser.add_argument(
-        "--fairseq-audio",
-        choices=("shards", "source"),
-        default="shards",
-        help="tsv paths into the shard tars, or the original files where an utterance is a "
-        "whole 16 kHz mono file (default: %(default)s)",
-    )
-    add_ray_arguments(parser)
-    return parser
+    add_options(parser, OPTIONS)
+    _args.add_progress(parser)
+    _args.add_ray(parser)
 
 
 def parse_splits(text: str) -> dict[str, float]:
-    """``train=99,valid=1`` -> ``{"train": 99.0, "valid": 1.0}``."""
-    out = {}
-    for part in text.split(","):
-        name, sep, percent = part.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--fairseq-splits: {part!r} is not NAME=PERCENT")
-        out[name.strip()] = float(percent)
-    return out
+    """``train=99,valid=1`` -> ``{"train": 99.0, "valid": 1.0}``, checked
+    (:class:`pipelines._schema.Splits`).
+
+    Raises:
+        ValueError: Not ``NAME=PERCENT,...``, a bad name, or percents that do not add up
+            to 100.
+    """
+    return Splits().parse(text)
 
 
-@_cli.reports_output_errors
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _cli.setup_logging()
+def _requested(args):
+    if args.extractor is None:
+        return None
+    from units.extractors import ExtractorOptions
+
+    return ExtractorOptions(args.extractor, layer=args.layer)
+
+
+def check(args) -> None:
+    if args.layer is not None and args.extractor is None:
+        raise _cli.UsageError("--layer applies with --extractor only")
+
+
+def prepare(args) -> None:
+    """The k-means exists, another extractor computes its features, and a fairseq export
+    can be written (fairseq reads local files): before Ray, not after the label pass."""
     _cli.check_writable(args.root)  # A read-only or full ROOT fails here, in a second.
+    from shards import storage
     from units import extractors
+    from units.fairseq_export import REMOTE_ROOT_HINT
     from units.labels import KMeansModel, LabelError, check_spec
 
-    requested = None
-    try:  # Before Ray starts: a missing k-means, bad splits, other features: usage errors.
-        splits = parse_splits(args.fairseq_splits) if args.fairseq_splits else None
+    if args.fairseq_splits and storage.is_url(args.root):
+        hint = REMOTE_ROOT_HINT.format(root=args.root)
+        raise _cli.UsageError(f"--fairseq-splits: fairseq reads local files: {hint}")
+    try:
         model = KMeansModel.load(args.root, args.kmeans)
         if args.extractor is not None:
-            requested = extractors.ExtractorOptions(args.extractor, layer=args.layer)
-            check_spec(args.kmeans, model.spec, extractors.build(requested).spec)
-    except (LabelError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    connect(args)
-    from units.labels_ray import run
+            check_spec(args.kmeans, model.spec, extractors.build(_requested(args)).spec)
+    except (LabelError, extractors.ExtractorError) as e:
+        raise _cli.UsageError(str(e)) from None
+
+
+def label_pass(args) -> dict:
+    """The label pass alone (Ray connected); returns its result."""
+    from units.labels import LabelError
+    from units.labels_ray import run as label
 
     try:
-        meta = run(
+        return label(
             args.root,
             args.kmeans,
             args.name,
             workers=args.workers,
             gpus_per_worker=args.gpus_per_worker,
-            extractor=requested,
+            extractor=_requested(args),
             dedup=args.dedup,
-            progress=not args.no_progress,
+            progress=args.progress,
         )
     except LabelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(meta, indent=1, sort_keys=True))
-    if meta["shards_written"] == 0:
-        print(f"nothing to do: labels {args.name} are complete")
-    else:
-        rate = meta["throughput"]
-        print(
-            f"labelled {meta['utterances']} utterances ({meta['frames']} frames at "
-            f"{meta['frame_rate']:g} Hz) into {args.root}/labels/{args.name}/units: "
-            + _cli.describe_throughput(rate)
-        )
-    if splits:
-        from units.fairseq_export import export
+        raise _cli.UsageError(str(e)) from None
 
-        try:
-            record = export(
-                args.root,
-                args.name,
-                splits,
-                by=args.split_by,
-                seed=args.split_seed,
-                audio=args.fairseq_audio,
-            )
-        except LabelError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(f"fairseq export: {record['splits']} at label_rate {record['label_rate']:g}")
-    return 0
+
+def export(args) -> dict:
+    """The fairseq files of a finished label set; returns ``export.json``'s content."""
+    from units.fairseq_export import export as export_fairseq
+    from units.labels import LabelError
+
+    try:
+        return export_fairseq(
+            args.root,
+            args.name,
+            args.fairseq_splits,
+            by=args.split_by,
+            seed=args.split_seed,
+            audio=args.fairseq_audio,
+        )
+    except LabelError as e:
+        raise _cli.UsageError(str(e)) from None
+
+
+def run(args) -> dict:
+    from ._ray import connect
+
+    connect(args)
+    result = label_pass(args)
+    if args.fairseq_splits:
+        result = dict(result, fairseq=export(args))
+    return result
+
+
+def summarize(args, result: dict) -> str:
+    hours = result.get("hours")
+    audio = f", {hours:.3f} h" if hours is not None else ""
+    what = (
+        f"{result['utterances']} utterances ({result['frames']} frames at "
+        f"{result['frame_rate']:g} Hz{audio}) in {args.root}/labels/{args.name}/units"
+    )
+    line = (
+        f"label: labelled {what}"
+        if _cli.did_work(result)
+        else f"label: nothing to do: the labels are complete; {what}"
+    )
+    if "fairseq" in result:
+        line += "\n" + describe_export(args, result["fairseq"])
+    return line
+
+
+def describe_export(args, record: dict) -> str:
+    """One line of a fairseq export."""
+    return (
+        f"fairseq: {record['splits']} in {args.root}/labels/{args.name}/fairseq "
+        f"(label_rate {record['label_rate']:g})"
+    )
+
+
+def record_path(args) -> str:
+    return _cli.record_path(args.root, "label", args.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

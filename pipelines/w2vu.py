@@ -16,105 +16,117 @@ Example:
         --splits train=90,valid=5,test=5 --split-by speaker --gpus-per-worker 1
 
 With --extractor, layer features of --percent of the corpus are first extracted into
-ROOT/features/NAME-layerL (skipped when complete). Rerunning the same command resumes.
+ROOT/features/NAME-layerL (skipped when complete). Rerunning the same command resumes. The
+run's JSON record goes to ROOT/runs/w2vu-NAME.json (--record); stdout gets a summary.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
-from . import _cli
-from ._ray import add_ray_arguments, connect
-from .label import parse_splits
+from . import _args, _cli
+from ._schema import (
+    Bool,
+    Choice,
+    Float,
+    Int,
+    Option,
+    Optional,
+    Splits,
+    Str,
+    add_option,
+    add_options,
+)
+
+#: The wav2vec-U options (the flags below).
+OPTIONS = {
+    "name": _args.name("w2vu"),
+    "features": Option(Optional(Str()), None, "an existing feature store of layer features"),
+    "extractor": Option(
+        Optional(Str()), None, "hf:PATH or fairseq:PATH to extract features with", "SPEC"
+    ),
+    "layer": Option(Int(lo=1), 14, "with --extractor: the layer", "L"),
+    "percent": Option(Float(), 100.0, "with --extractor: percent of the corpus the fits see", "P"),
+    "splits": Option(Splits(), {"train": 100.0}, "split names and percents", "NAME=PERCENT,..."),
+    "split_by": Option(Choice(("utterance", "speaker")), "utterance", "what a split draws"),
+    "split_seed": Option(Int(), 0, "seed of the split draw"),
+    "k": Option(Int(), 128, "clusters", "K"),
+    "pca_dim": Option(Int(lo=1), 512, "PCA dimension", "DIM"),
+    "subsample": Option(Float(gt=0, le=1), 0.5, "mean-pool rate", "RATE"),
+    "remove_extra": Option(
+        Bool(), False, "drop frames that do not pool evenly (default: pad with the last frame)"
+    ),
+    "seed": Option(Int(), 0, "k-means seed"),
+    "workers": _args.WORKERS,
+    "gpus_per_worker": _args.gpus_per_worker(None),
+}
+
+RECORD = "ROOT/runs/w2vu-NAME.json"
 
 
-def build_parser():
-    parser = _cli.parser("pipelines.w2vu", __doc__)
-    parser.add_argument("--root", required=True, help="dataset root")
-    parser.add_argument("--name", required=True, help="output name (ROOT/w2vu/NAME)")
+def add_arguments(parser) -> None:
+    _args.add_root(parser)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--features", help="an existing feature store of layer features")
-    source.add_argument("--extractor", help="hf:PATH or fairseq:PATH to extract features with")
-    parser.add_argument("--layer", type=int, default=14, help="with --extractor (default: 14)")
-    parser.add_argument(
-        "--percent",
-        type=float,
-        default=100.0,
-        help="with --extractor: percent of the corpus the fits see (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--splits", default="train=100", help="NAME=PERCENT,... (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--split-by",
-        choices=("utterance", "speaker"),
-        default="utterance",
-        help="(default: %(default)s)",
-    )
-    parser.add_argument("--split-seed", type=int, default=0, help="(default: %(default)s)")
-    parser.add_argument("--k", type=int, default=128, help="clusters (default: %(default)s)")
-    parser.add_argument("--pca-dim", type=int, default=512, help="(default: %(default)s)")
-    parser.add_argument(
-        "--subsample", type=float, default=0.5, help="mean-pool rate (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--remove-extra",
-        action="store_true",
-        help="drop frames that do not pool evenly (default: pad with the last frame)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=None, help="actors (default: all CPUs)")
-    parser.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=None,
-        help="GPUs per actor (default: 1 when the cluster has GPUs; 0 for CPUs only)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_ray_arguments(parser)
-    return parser
+    add_option(source, "features", OPTIONS["features"])
+    add_option(source, "extractor", OPTIONS["extractor"])
+    add_options(parser, OPTIONS, skip=("features", "extractor"))
+    _args.add_progress(parser)
+    _args.add_ray(parser)
 
 
-@_cli.reports_output_errors
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _cli.setup_logging()
-    _cli.check_writable(args.root)  # A read-only or full ROOT fails here, in a second.
-    from units.extractors import ExtractorOptions, build
-    from units.sampling import SampleRequest
-    from units.w2vu_ray import W2VUOptions, run
+def check(args) -> None:
+    """The k-means parameters, the pooling, and with --extractor the model and the sample:
+    before Ray."""
+    from units.extractors import ExtractorError, ExtractorOptions, build
+    from units.kmeans import KMeans
+    from units.sampling import SampleError, SampleRequest
 
-    features, options = args.features, None
-    try:  # Before Ray starts: bad splits or a model that does not load are usage errors.
-        splits = parse_splits(args.splits)
-        if not 0 < args.subsample <= 1:
-            raise ValueError(f"--subsample must be in (0, 1], got {args.subsample}")
+    try:
+        KMeans(args.k, seed=args.seed).check_params()
+        # The rule units.w2vu_ray.run applies first thing, checked here before Ray starts.
+        if args.remove_extra and args.subsample != 0.5:
+            raise ValueError(f"--remove-extra pools evenly at rate 0.5 only, not {args.subsample}")
         if args.extractor is not None:
-            options = ExtractorOptions(args.extractor, layer=args.layer)
-            build(options)
-            features = f"{args.name}-layer{args.layer}"
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            SampleRequest(percent=args.percent).validate()
+            build(ExtractorOptions(args.extractor, layer=args.layer))
+    except (ExtractorError, SampleError, ValueError) as e:
+        raise _cli.UsageError(str(e)) from None
+
+
+def prepare(args) -> None:
+    _cli.check_writable(args.root)  # A read-only or full ROOT fails here, in a second.
+
+
+def _features(args) -> str:
+    return args.features or f"{args.name}-layer{args.layer}"
+
+
+def run(args) -> dict:
+    from units.extractors import ExtractorOptions
+    from units.features_ray import FeatureStageError
+    from units.features_ray import run as extract
+    from units.sampling import SampleRequest
+    from units.w2vu_ray import W2VUError, W2VUOptions
+    from units.w2vu_ray import run as prepare_w2vu
+
+    from ._ray import connect
+
     connect(args)
     try:
-        if options is not None:
-            from units.features_ray import run as extract
-
+        if args.extractor is not None:
             extract(
                 args.root,
-                features,
-                options,
+                _features(args),
+                ExtractorOptions(args.extractor, layer=args.layer),
                 SampleRequest(percent=args.percent),
                 gpus_per_worker=args.gpus_per_worker,
-                progress=not args.no_progress,
+                progress=args.progress,
             )
-        meta = run(
+        return prepare_w2vu(
             args.root,
-            features,
+            _features(args),
             args.name,
-            splits,
+            args.splits,
             by=args.split_by,
             split_seed=args.split_seed,
             options=W2VUOptions(
@@ -126,21 +138,26 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 gpus_per_worker=args.gpus_per_worker,
             ),
-            progress=not args.no_progress,
+            progress=args.progress,
         )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(meta, indent=1, sort_keys=True))
-    if meta["shards_written"] == 0:
-        print(f"nothing to do: w2vu {args.name} is complete")
-    else:
-        rate = meta["throughput"]
-        print(
-            f"wrote {args.root}/w2vu/{args.name}: {meta['splits_written']}: "
-            + _cli.describe_throughput(rate)
-        )
-    return 0
+    except (W2VUError, FeatureStageError) as e:
+        raise _cli.UsageError(str(e)) from None
+
+
+def summarize(args, result: dict) -> str:
+    where = f"{args.root}/w2vu/{args.name}"
+    splits = result.get("splits_written")
+    if not _cli.did_work(result):
+        return f"w2vu: nothing to do: {where} is complete: {splits}"
+    return f"w2vu: wrote {where}: {splits}"
+
+
+def record_path(args) -> str:
+    return _cli.record_path(args.root, "w2vu", args.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

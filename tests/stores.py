@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from shards.core.outputs import ShardOutput
 from units.extractor import MFCC_SPEC
-from units.feature_store import FeatureShardWriter, StoreLayout, finalize
+from units.feature_store import FeatureShardWriter, finalize, store_layout
 
 #: Mixture components of the generated frames.
 K = 12
@@ -21,12 +22,12 @@ def frames(n: int, seed: int, k: int = K) -> np.ndarray:
 def write_store(root, name, utterances_per_shard=((300, 500, 200), (400,), (250, 350))):
     """A finished feature store of MFCC-shaped frames, keys ``spk-SHARD-UTT``; returns its
     rows in store order (float16, as stored)."""
-    layout = StoreLayout(str(root), name)
+    layout = store_layout(str(root), name)
     layout.make_dirs()
     rows, shards = [], []
     for s, lengths in enumerate(utterances_per_shard):
         shard = f"{s:06d}"
-        writer = FeatureShardWriter(layout, shard, 39)
+        writer = FeatureShardWriter(ShardOutput(layout, shard), 39)
         for u, length in enumerate(lengths):
             feats = frames(length, seed=100 * s + u)
             writer.add(f"spk-{s}-{u}", feats)

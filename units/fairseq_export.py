@@ -24,7 +24,7 @@ from shards import storage
 from shards.atomic import read_json, write_atomic
 from shards.root import RootLayout
 
-from .labels import LabelError, LabelLayout
+from .labels import LabelError, label_layout
 
 
 def _unit_interval(seed: int, value: str) -> float:
@@ -89,13 +89,15 @@ def export(
     root = RootLayout(root).root
     if storage.is_url(root):
         raise LabelError(f"fairseq reads local files: {REMOTE_ROOT_HINT.format(root=root)}")
-    layout = LabelLayout(root, labels)
+    layout = label_layout(root, labels)
     meta = read_json(layout.path("meta.json"))
     if meta is None:
         raise LabelError(f"no finished labels {labels!r} under {root}: run pipelines.label first")
     units = {
         r["key"]: r["units"]
-        for r in storage.dataset(layout.units_dir).to_table(columns=["key", "units"]).to_pylist()
+        for r in storage.dataset(layout.path("units"))
+        .to_table(columns=["key", "units"])
+        .to_pylist()
     }
     manifest = storage.read_parquet(
         RootLayout(root).manifest("utterances.parquet"),

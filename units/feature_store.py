@@ -11,32 +11,22 @@ Layout under ``ROOT/features/NAME/``::
     rejects.parquet           utterances whose audio or features could not be used
     meta.json                 spec, sample and totals; written last: the store is complete
 
-Each ``.npy`` is written through a fixed-size header reserved up front, so rows stream to
-disk as they are computed and memory does not grow with the shard.
+Each ``.npy`` is written through a fixed-size header reserved up front
+(:class:`shards.core.outputs.NpyStream`), so rows stream to disk as they are computed and
+memory does not grow with the shard.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import io
 import json
-import os
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from shards import storage
-from shards.atomic import (
-    publish,
-    read_commit,
-    read_json,
-    temp_path,
-    unpublish,
-    write_atomic,
-    write_parquet_atomic,
-)
+from shards.atomic import read_json, write_atomic, write_parquet_atomic
+from shards.core.outputs import REJECTS, OutputLayout, ShardOutput
 
 FEATURE_INDEX = pa.schema(
     [
@@ -47,86 +37,39 @@ FEATURE_INDEX = pa.schema(
     ]
 )
 
-FEATURE_REJECTS = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("shard", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("message", pa.string(), nullable=False),
-    ]
-)
+#: Utterances whose audio or features could not be used.
+FEATURE_REJECTS = REJECTS
 
-#: Bytes reserved for the .npy header (magic, version, length, dict; a multiple of 64).
-_HEADER = 128
 DTYPE = np.dtype("<f2")
 
 
-@dataclasses.dataclass(frozen=True)
-class StoreLayout:
-    """Paths of one feature store."""
-
-    root: str
-    name: str
-
-    @property
-    def directory(self) -> str:
-        return os.path.join(self.root, "features", self.name)
-
-    @property
-    def shards_dir(self) -> str:
-        return os.path.join(self.directory, "shards")
-
-    def path(self, filename: str) -> str:
-        return os.path.join(self.directory, filename)
-
-    def array_path(self, shard: str) -> str:
-        return os.path.join(self.shards_dir, f"{shard}.npy")
-
-    def index_path(self, shard: str) -> str:
-        return os.path.join(self.shards_dir, f"{shard}.index.parquet")
-
-    def rejects_path(self, shard: str) -> str:
-        return os.path.join(self.shards_dir, f"{shard}.rejects.parquet")
-
-    def commit_path(self, shard: str) -> str:
-        return os.path.join(self.shards_dir, f"{shard}.commit.json")
-
-    def make_dirs(self) -> None:
-        storage.makedirs(self.shards_dir)
-
-    def read_commit(self, shard: str) -> dict | None:
-        return read_commit(self.commit_path(shard), self.array_path(shard))
-
-
-def _npy_header(rows: int, dim: int) -> bytes:
-    header = repr({"descr": DTYPE.str, "fortran_order": False, "shape": (rows, dim)})
-    body = header.encode("latin1")
-    pad = _HEADER - 10 - len(body) - 1
-    if pad < 0:
-        raise ValueError(f"shape ({rows}, {dim}) does not fit a {_HEADER}-byte npy header")
-    return b"\x93NUMPY\x01\x00" + (_HEADER - 10).to_bytes(2, "little") + body + b" " * pad + b"\n"
+def store_layout(root: str, name: str) -> OutputLayout:
+    """The files of feature store ``name`` (see the module docstring)."""
+    return OutputLayout(
+        root,
+        "features",
+        name,
+        data={"array": "shards/{shard}.npy", "index": "shards/{shard}.index.parquet"},
+        rejects="shards/{shard}.rejects.parquet",
+        commit="shards/{shard}.commit.json",
+    )
 
 
 class FeatureShardWriter:
-    """Streams one shard's feature rows into a temporary ``.npy``, committed atomically.
+    """Streams one shard's feature rows, as float16, into the shard's ``.npy`` and index.
 
     Example:
-        >>> layout = StoreLayout("/tmp/doc-root", "mfcc"); layout.make_dirs()
-        >>> w = FeatureShardWriter(layout, "000000", dim=2)
+        >>> layout = store_layout("/tmp/doc-root", "mfcc"); layout.make_dirs()
+        >>> w = FeatureShardWriter(ShardOutput(layout, "000000"), dim=2)
         >>> w.add("utt1", np.zeros((3, 2), np.float32))
         >>> w.commit()["rows"]
         3
     """
 
-    def __init__(self, layout: StoreLayout, shard: str, dim: int):
-        self.layout, self.shard, self.dim = layout, shard, dim
-        final = layout.array_path(shard)
-        self._temp = temp_path(final)
-        self._f = open(self._temp, "wb")  # Closed by commit() or abort().
-        self._f.write(_npy_header(0, dim))
-        self._rows = 0
+    def __init__(self, out: ShardOutput, dim: int):
+        self.out, self.dim = out, dim
+        self._array = out.stream_npy("array", dim, DTYPE)
         self._index: list[dict] = []
-        self.rejects: list[dict] = []
 
     def add(self, key: str, features: np.ndarray) -> None:
         """Appends one utterance's frames; non-finite features become a reject instead."""
@@ -135,76 +78,35 @@ class FeatureShardWriter:
         with np.errstate(over="ignore"):  # Overflow is caught just below, as inf.
             half = features.astype(DTYPE)
         if not np.isfinite(half).all():
-            self.reject(
+            self.out.reject(
                 key, "non_finite_features", "NaN or Inf in the features (or beyond float16)"
             )
             return
-        with self._naming_errors():
-            self._f.write(half.tobytes())
+        offset = self._array.rows
+        self._array.append(half)
         self._index.append(
-            {"key": key, "shard": self.shard, "offset": self._rows, "frames": len(half)}
+            {"key": key, "shard": self.out.shard, "offset": offset, "frames": len(half)}
         )
-        self._rows += len(half)
 
-    def reject(self, key: str, reason: str, message: str) -> None:
-        self.rejects.append({"key": key, "shard": self.shard, "reason": reason, "message": message})
+    def finish(self) -> dict:
+        """Writes the index; returns the counts of the shard's commit record."""
+        self.out.write_parquet("index", self._index, FEATURE_INDEX)
+        return {"utterances": len(self._index), "rows": self._array.rows}
 
     def commit(self) -> dict:
-        """Writes the real header, fsyncs, renames, then the index and the commit record."""
-        with self._naming_errors():
-            self._f.seek(0)
-            self._f.write(_npy_header(self._rows, self.dim))
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            nbytes = self._f.seek(0, io.SEEK_END)
-            self._f.close()
-        record = {
-            "shard": self.shard,
-            "utterances": len(self._index),
-            "rows": self._rows,
-            "bytes": nbytes,
-            "rejects": len(self.rejects),
-        }
+        """Finishes and commits the shard (:meth:`ShardOutput.commit`); returns its record."""
         try:
-            write_parquet_atomic(
-                self.layout.index_path(self.shard), self._index, FEATURE_INDEX, sync_dir=False
-            )
-            write_parquet_atomic(
-                self.layout.rejects_path(self.shard), self.rejects, FEATURE_REJECTS, sync_dir=False
-            )
-            publish(self._temp, self.layout.array_path(self.shard))
-            write_atomic(
-                self.layout.commit_path(self.shard), json.dumps(record, sort_keys=True).encode()
-            )
+            counts = self.finish()
         except BaseException:
-            unpublish(
-                self.layout.array_path(self.shard),
-                self.layout.index_path(self.shard),
-                self.layout.rejects_path(self.shard),
-            )
+            self.out.abort()
             raise
-        return record
+        return self.out.commit(**counts)
 
     def abort(self) -> None:
-        """Drops the temporary file; never raises (it runs while another error is raised,
-        and on a full disk closing the file fails to flush it too)."""
-        with contextlib.suppress(OSError):
-            self._f.close()
-        with contextlib.suppress(OSError):
-            storage.remove(self._temp)
-
-    @contextlib.contextmanager
-    def _naming_errors(self):
-        """A failed write names the file it failed on (a full disk's ENOSPC names none)."""
-        try:
-            yield
-        except OSError as e:
-            if e.filename is None:
-                e.filename = self._temp
-            raise
+        self.out.abort()
 
 
-def finalize(layout: StoreLayout, shards: Iterable[str], meta: dict) -> dict:
+def finalize(layout: OutputLayout, shards: Iterable[str], meta: dict) -> dict:
     """Joins the committed shards' indexes and rejects and writes ``meta.json`` last."""
     indexes, rejects, totals = [], [], {"utterances": 0, "rows": 0, "bytes": 0, "rejects": 0}
     shard_names = list(shards)
@@ -214,7 +116,9 @@ def finalize(layout: StoreLayout, shards: Iterable[str], meta: dict) -> dict:
             raise RuntimeError(f"feature shard {shard} is not committed; rerun to finish it")
         for k in totals:
             totals[k] += record[k]
-        indexes.append(storage.read_parquet(layout.index_path(shard), schema=FEATURE_INDEX))
+        indexes.append(
+            storage.read_parquet(layout.shard_path("index", shard), schema=FEATURE_INDEX)
+        )
         rejects.append(storage.read_parquet(layout.rejects_path(shard), schema=FEATURE_REJECTS))
     index = pa.concat_tables(indexes) if indexes else FEATURE_INDEX.empty_table()
     rejected = pa.concat_tables(rejects) if rejects else FEATURE_REJECTS.empty_table()
@@ -235,7 +139,7 @@ class FeatureStore:
     """
 
     def __init__(self, root: str, name: str):
-        self.layout = StoreLayout(root, name)
+        self.layout = store_layout(root, name)
         meta_path = self.layout.path("meta.json")
         self.meta = read_json(meta_path)
         if self.meta is None:
@@ -251,7 +155,7 @@ class FeatureStore:
     def shard_array(self, shard: str) -> np.ndarray:
         """One shard's rows (float16, (rows, dim)): memory-mapped from local disk, read whole
         from an object store."""
-        return storage.load_npy(self.layout.array_path(shard), mmap=True)
+        return storage.load_npy(self.layout.shard_path("array", shard), mmap=True)
 
     def shard_names(self) -> list[str]:
         return list(self.meta["shards"])

@@ -15,165 +15,80 @@ part of the config, and features computed in another batch agree within float32 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
 
-import numpy as np
 import pyarrow as pa
-import ray
 
-from shards import storage, throughput
-from shards.atomic import (
-    read_json,
-    remove_all_temps,
-    remove_temps,
-    write_atomic,
-    write_parquet_atomic,
-)
-from shards.reader import read_audio
+from shards import storage
+from shards.atomic import read_json, write_parquet_atomic
+from shards.core.outputs import ShardOutput, StageError
 from shards.root import RootLayout
 
 from . import extractors, feature_store
-from .actors import actor_pool, map_until_failure, place
 from .extractor import FeatureSpec
 from .extractors import ExtractorOptions
-from .feature_store import FeatureShardWriter, StoreLayout
+from .feature_store import FeatureShardWriter, store_layout
 from .sampling import SampleRequest, draw
+from .stage import check_frames, claim, rows_by_shard, run_pass
 
 log = logging.getLogger(__name__)
+
+#: The feature stage's error (one type for every stage; the name stays for callers).
+FeatureStageError = StageError
 
 _MANIFEST_COLUMNS = ["key", "shard", "offset", "size", "num_samples", "speaker", "duration"]
 
 
-class FeatureStageError(ValueError):
-    """Arguments or state that cannot work; raised before any work is done."""
-
-
-def decode_rows(root: str, rows: list[dict]) -> list[tuple[np.ndarray | None, str | None]]:
-    """Decodes the audio of ``rows``: (waveform, None) or (None, error message) each."""
-    out = []
-    for row in rows:
-        try:
-            wav, rate = read_audio(root, row["shard"], row["offset"], row["size"])
-        except Exception as e:  # A bad member is that utterance's reject, not the shard's end.
-            out.append((None, f"{type(e).__name__}: {e}"))
-            continue
-        if rate != 16_000 or wav.ndim != 1:
-            out.append((None, f"expected 16 kHz mono, got {rate} Hz, shape {wav.shape}"))
-        else:
-            out.append((wav, None))
-    return out
-
-
 class FeatureWorker:
-    """Builds one extractor and writes feature shards with it."""
+    """Builds one extractor and writes feature shards with it (a worker of
+    :func:`units.stage.run_pass`)."""
 
-    def __init__(self, options: ExtractorOptions):
-        self.extractor = extractors.build(options)
+    def __init__(self, options: ExtractorOptions, *, device: str):
+        self.extractor = extractors.build(dataclasses.replace(options, device=device))
         self.batch_seconds = options.batch_seconds
 
-    def write_shard(
-        self, root: str, name: str, shard: str, rows: list[dict], decoded: list | None = None
-    ) -> dict:
-        """Extracts the features of ``rows`` (all from audio shard ``shard``) and commits them."""
-        layout = StoreLayout(root, name)
-        done = layout.read_commit(shard)
-        if done is not None:
-            return dict(done, written=False)
-        remove_temps(layout.array_path(shard))  # An earlier attempt at this shard died.
-        decoded = decode_rows(root, rows) if decoded is None else decoded
+    def write_shard(self, out: ShardOutput, batches) -> dict:
         spec = self.extractor.spec
-        writer = FeatureShardWriter(layout, shard, spec.dim)
-        try:
-
-            def reject(row: dict, error: str) -> None:
-                writer.reject(row["key"], "corrupt_audio", error)
-
-            for batch in batches(rows, decoded, self.batch_seconds, reject):
-                self._flush(batch, writer, spec)
-            record = writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
-        return dict(record, written=True)
-
-    def _flush(self, batch, writer: FeatureShardWriter, spec: FeatureSpec) -> None:
-        features = self.extractor([wav for _, wav in batch])
-        for (row, wav), feats in zip(batch, features, strict=True):
-            check_frames(spec, row["key"], len(wav), len(feats))
-            writer.add(row["key"], feats)
+        writer = FeatureShardWriter(out, spec.dim)
+        for batch in batches:
+            features = self.extractor([wav for _, wav in batch])
+            for (row, wav), feats in zip(batch, features, strict=True):
+                check_frames(spec, row["key"], len(wav), len(feats))
+                writer.add(row["key"], feats)
+        return writer.finish()
 
 
-def batches(
-    rows: list[dict], decoded: list, batch_seconds: float, reject: Callable[[dict, str], None]
-) -> Iterator[list[tuple[dict, np.ndarray]]]:
-    """Decoded rows in batches of about ``batch_seconds`` of audio, in order; a row that
-    failed to decode goes to ``reject(row, message)`` instead."""
-    batch: list[tuple[dict, np.ndarray]] = []
-    seconds = 0.0
-    for row, (wav, error) in zip(rows, decoded, strict=True):
-        if error is not None:
-            reject(row, error)
-            continue
-        batch.append((row, wav))
-        seconds += len(wav) / 16_000
-        if seconds >= batch_seconds:
-            yield batch
-            batch, seconds = [], 0.0
-    if batch:
-        yield batch
-
-
-def check_frames(spec: FeatureSpec, key: str, num_samples: int, frames: int) -> None:
-    """Raises when ``frames`` breaks the frame contract: a bug, never a warning."""
-    expected = spec.contract.frames(num_samples)
-    if frames != expected:
-        raise RuntimeError(
-            f"{key}: {frames} feature frames for {num_samples} samples, expected {expected} "
-            f"at {spec.frame_rate:g} Hz ({spec.extractor})"
-        )
-
-
-@ray.remote(num_cpus=1)
-def _decode_task(root: str, rows: list[dict]) -> list:
-    return decode_rows(root, rows)
-
-
-def _plan(root: str, name: str, spec: FeatureSpec, request: SampleRequest) -> dict:
+def _plan(root: str, name: str, spec: FeatureSpec, request: SampleRequest) -> list[dict]:
+    """The sample: drawn and saved with the plan on the first run, read back after."""
     layout = RootLayout(root)
     manifest = layout.manifest("utterances.parquet")
     if not storage.exists(manifest):
-        raise FeatureStageError(
+        raise StageError(
             f"no utterances manifest under {root}: run `python -m pipelines.shard --output "
             f"{root} ...` first"
         )
-    store = StoreLayout(layout.root, name)
+    store = store_layout(layout.root, name)
     plan = {"spec": spec.to_json(), "request": dataclasses.asdict(request)}
     plan["fingerprint"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
-    saved_path = store.path("plan.json")
-    saved = read_json(saved_path)
-    if saved is not None:
-        if saved["fingerprint"] != plan["fingerprint"]:
-            raise FeatureStageError(
-                f"feature store {name!r} was started with another extractor or sample "
-                f"({saved['spec']['extractor']}, {saved['request']}); use another --name"
-            )
-        sample = storage.read_parquet(store.path("sample.parquet")).to_pylist()
-        return dict(saved, sample=sample)
+    conflict = "was started with another extractor or sample"
+    if read_json(store.path("plan.json")) is not None:
+        claim(store, plan, conflict)  # Raises unless the saved plan is this one.
+        return storage.read_parquet(store.path("sample.parquet")).to_pylist()
     rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
     try:
         sample = draw(rows, request)
     except ValueError as e:
-        raise FeatureStageError(str(e)) from None
-    store.make_dirs()
-    write_parquet_atomic(store.path("sample.parquet"), pa.Table.from_pylist(sample))
-    write_atomic(saved_path, json.dumps(plan, indent=1, sort_keys=True).encode())
-    return dict(plan, sample=sample)
+        raise StageError(str(e)) from None
+
+    def write_sample() -> None:
+        write_parquet_atomic(store.path("sample.parquet"), pa.Table.from_pylist(sample))
+
+    claim(store, plan, conflict, prepare=write_sample)
+    return sample
 
 
 def run(
@@ -198,73 +113,41 @@ def run(
             (saves loading a model on the driver a second time).
 
     Returns:
-        The store's ``meta.json`` content plus this run's ``shards_written`` and throughput.
+        The store's ``meta.json`` content plus this run's ``shards_written``,
+        ``wall_seconds`` and ``throughput``.
+
+    Raises:
+        StageError: A bad extractor, no manifest, a sample that cannot be drawn, or a store
+            started with another extractor or sample. Nothing is written then.
     """
     started = time.monotonic()
     if spec is None:
         try:
             spec = extractors.build(options).spec  # Fails early on a bad checkpoint or layer.
         except extractors.ExtractorError as e:
-            raise FeatureStageError(str(e)) from None
+            raise StageError(str(e)) from None
     root = RootLayout(root).root
-    plan = _plan(root, name, spec, request)
-    store = StoreLayout(root, name)
-    by_shard: dict[str, list[dict]] = collections.defaultdict(list)
-    for row in plan["sample"]:
-        by_shard[row["shard"]].append(row)
-    shards = sorted(by_shard)
-    pending = [s for s in shards if store.read_commit(s) is None]
-    meta = read_json(store.path("meta.json")) if not pending else None
+    sample = _plan(root, name, spec, request)
+    store = store_layout(root, name)
+    by_shard = rows_by_shard(sample)
+    done = run_pass(
+        store, FeatureWorker, by_shard, options, gpus_per_worker=gpus_per_worker, progress=progress
+    )
+    meta = read_json(store.path("meta.json")) if done.shards_written == 0 else None
     if meta is not None:
         log.info("nothing to do: feature store %s is complete", name)
-        return dict(meta, shards_written=0)
-    hours, workers = _write(root, name, options, by_shard, pending, gpus_per_worker, progress)
-    sample_hours = sum(r["duration"] for r in plan["sample"]) / 3600
-    remove_all_temps(store.shards_dir)  # Every writer is done (see labels_ray).
+        return done.result(meta, "hours_extracted", started)
+    plan = read_json(store.path("plan.json"))
     meta = feature_store.finalize(
         store,
-        shards,
+        sorted(by_shard),
         {
             "spec": plan["spec"],
             "request": plan["request"],
-            "sample": {"utterances": len(plan["sample"]), "hours": sample_hours},
+            "sample": {
+                "utterances": len(sample),
+                "hours": sum(r["duration"] for r in sample) / 3600,
+            },
         },
     )
-    return dict(
-        meta,
-        shards_written=len(pending),
-        throughput=throughput.record(
-            "hours_extracted",
-            hours,
-            wall_seconds=time.monotonic() - started,
-            workers=workers,
-            # The FLAC members decoded, and the feature arrays committed, by this run.
-            bytes_read=sum(r["size"] for s in pending for r in by_shard[s]),
-            bytes_written=sum(store.read_commit(s)["bytes"] for s in pending),
-        ),
-    )
-
-
-def _write(root, name, options, by_shard, pending, gpus_per_worker, progress):
-    """Writes the pending shards; returns their audio hours and the number of actors."""
-    placement = place(None, gpus_per_worker)
-    use_gpu = placement.device == "cuda"
-    options = dataclasses.replace(options, device=placement.device)
-    pool = actor_pool(FeatureWorker, placement, len(pending), options)
-
-    def submit(actor, shard):
-        rows = by_shard[shard]
-        decoded = _decode_task.remote(root, rows) if use_gpu else None
-        return actor.write_shard.remote(root, name, shard, rows, decoded)
-
-    total = sum(r["duration"] for s in pending for r in by_shard[s]) / 3600
-    bar = throughput.hours_bar(total, "features", progress)
-    hours = 0.0
-    with bar:  # Closed on errors too: an error's line never follows a half-drawn bar.
-        for record in map_until_failure(pool, submit, pending):
-            shard = record["shard"]
-            shard_hours = sum(r["duration"] for r in by_shard[shard]) / 3600
-            hours += shard_hours
-            bar.update(shard_hours)
-            log.debug("feature shard %s: %s", shard, record)
-    return hours, placement.actors(len(pending))
+    return done.result(meta, "hours_extracted", started)

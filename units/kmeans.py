@@ -55,9 +55,23 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint exists but was written by a fit with another config or other data."""
 
 
+#: Most clusters a fit may have: units are stored as uint16 (``units.labels``).
+MAX_CLUSTERS = 65_536
+
+
 @dataclasses.dataclass
 class IterationStats:
-    """One iteration: its inertia (before the update), timing, and the clusters' balance."""
+    """One row of ``iterations_`` (and of ``iterations.parquet``).
+
+    Lloyd: iteration ``i`` is a full pass over the rows with the centroids after ``i``
+    updates, so iteration 0 is the initial centroids and the last, ``n_iter_``, the final
+    ones: ``n_iter_ + 1`` rows. Its inertia, balance and empty clusters are those
+    centroids'; ``seconds`` the pass and the update that follows it (none after the last).
+
+    Mini-batch: iteration ``i`` (1 to ``n_iter_``) is the ``i``-th step: the inertia of its
+    batch at the centroids it started from, and the update it made. ``relative_change``
+    holds the smoothed batch inertia per row, which decides when to stop.
+    """
 
     iteration: int
     inertia: float
@@ -96,8 +110,9 @@ class KMeans:
     Attributes:
         cluster_centers_: (k, d) float32.
         inertia_: Sum of squared distances of all rows to their centroid (float64).
-        n_iter_: Iterations run.
-        iterations_: One :class:`IterationStats` per iteration.
+        n_iter_: Iterations run: centroid updates (Lloyd) or mini-batch steps.
+        iterations_: One :class:`IterationStats` per iteration; Lloyd's starts with
+            iteration 0, the initial centroids (``n_iter_ + 1`` rows).
         counts_: Rows per cluster at the final centroids.
     """
 
@@ -158,16 +173,41 @@ class KMeans:
             "refine_iter": self.refine_iter,
         }
 
-    def _validate(self, parts) -> None:
+    def check_params(self) -> None:
+        """Checks the arguments alone (no data needed): a driver calls it before any work.
+
+        Raises:
+            ValueError: Naming the argument and its value, e.g. ``n_clusters=70000 must be
+                at most 65536``.
+        """
         k = self.n_clusters
-        if not isinstance(k, int | np.integer) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"n_clusters={k!r} must be a positive integer")
+        if k > MAX_CLUSTERS:
+            raise ValueError(
+                f"n_clusters={k} must be at most {MAX_CLUSTERS}: units are stored as uint16"
+            )
         if isinstance(self.init, str) and self.init not in INITS:
             raise ValueError(f"init={self.init!r} must be one of {INITS} or a (k, d) array")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm={self.algorithm!r} must be one of {ALGORITHMS}")
         if self.max_iter < 1:
             raise ValueError(f"max_iter={self.max_iter} must be >= 1")
+        if not self.tol >= 0:
+            raise ValueError(f"tol={self.tol} must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+
+    def max_steps(self, rows: int) -> int:
+        """The most iterations (mini-batch: steps) a fit on ``rows`` rows runs: the total of
+        its progress bar."""
+        if self.algorithm == "minibatch":
+            return self.max_iter * max(1, math.ceil(rows / self.batch_size))
+        return self.max_iter
+
+    def _validate(self, parts) -> None:
+        k = self.n_clusters
+        self.check_params()
         if parts.rows < k:
             raise DataError(f"n_samples={parts.rows} should be >= n_clusters={k}")
         if not isinstance(self.init, str):
@@ -329,31 +369,34 @@ class KMeans:
             }
             if done:
                 state.update(inertia=inertia, counts=counts)
-                stats["seconds"] = time.perf_counter() - started
+                stats.update(
+                    empty_clusters=int((counts == 0).sum()),
+                    seconds=time.perf_counter() - started,
+                )
                 history.append(stats)
                 state["done"] = True
+                _log_iteration(stats)
                 self._save(parts, checkpoint, state)
                 callback(stats)
+                log.info(
+                    "k-means %s after %d iterations: inertia %.6g",
+                    "converged" if converged else "stopped at max_iter",
+                    state["iteration"],
+                    inertia,
+                )
                 return
             centroids, empty = update(state["centroids"], sums, counts)
             stats.update(empty_clusters=empty, seconds=time.perf_counter() - started)
             history.append(stats)
             state.update(centroids=centroids, iteration=state["iteration"] + 1)
-            log.info(
-                "k-means iteration %d: inertia %.6g (%.2e better), %d empty, %.2fs",
-                stats["iteration"],
-                inertia,
-                change,
-                empty,
-                stats["seconds"],
-            )
+            _log_iteration(stats)
             self._save(parts, checkpoint, state)
             callback(stats)
 
     # ------------------------------------------------------------------ mini-batch
     def _minibatch(self, parts, state: dict, checkpoint: str | None, callback) -> None:
         rate = min(1.0, self.batch_size / parts.rows)
-        steps = self.max_iter * max(1, math.ceil(parts.rows / self.batch_size))
+        steps = self.max_steps(parts.rows)
         history = state["history"]
         totals = state.setdefault("totals", np.zeros(self.n_clusters, np.float64))
         alpha = min(1.0, 2.0 * rate)  # sklearn's smoothing of the batch inertia.
@@ -376,7 +419,7 @@ class KMeans:
             c64[hit] += (sums[hit] - counts[hit, None] * c64[hit]) / totals[hit, None]
             history.append(
                 {
-                    "iteration": step,
+                    "iteration": step + 1,
                     "inertia": inertia,
                     "relative_change": math.nan if ewa is None else ewa,
                     "seconds": time.perf_counter() - started,
@@ -386,6 +429,7 @@ class KMeans:
                 }
             )
             state.update(centroids=c64.astype(np.float32), iteration=step + 1, ewa=ewa)
+            _log_iteration(history[-1])
             self._save(parts, checkpoint, state)
             callback(history[-1])
         results = parts.map("stats", state["centroids"])
@@ -453,6 +497,19 @@ class KMeans:
 
 def _ignore(stats: dict) -> None:
     """The callback of a fit that reports nothing."""
+
+
+def _log_iteration(stats: dict) -> None:
+    # DEBUG: one line per iteration would break a driver's progress bar at INFO; the bar
+    # (the fit's callback) shows the iterations, and iterations.parquet keeps every one.
+    log.debug(
+        "k-means iteration %d: inertia %.6g (relative change %.2e), %d empty, %.2fs",
+        stats["iteration"],
+        stats["inertia"],
+        stats["relative_change"],
+        stats["empty_clusters"],
+        stats["seconds"],
+    )
 
 
 def _as_rows(x, dim: int) -> np.ndarray:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -74,7 +75,7 @@ class _RayPart(Part):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._current = not ray.get_runtime_context().was_current_actor_reconstructed
+        self._current = not _restarted()
 
     def call(self, method: str, *args):
         """``method(*args)``, unless the part lost its state."""
@@ -89,6 +90,18 @@ class _RayPart(Part):
             resolved = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
             getattr(self, method)(*resolved)
         self._current = True
+
+
+def _restarted() -> bool:
+    """Whether Ray restarted the actor this runs in.
+
+    ``RuntimeContext.was_current_actor_reconstructed`` is the public answer, but inside it
+    reads Ray's own deprecated ``RuntimeContext.actor_id`` (Ray 2.60), which would warn once
+    in every actor started: that one warning is silenced here, not the question changed.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 class _ArrayPart(_RayPart):
@@ -361,10 +374,14 @@ def run(
                 ),
             }
         hours = _hours(store)
-        bar = tqdm(desc="k-means", unit="it", disable=not options.progress)
+        bar = tqdm(
+            desc="k-means", unit="it", total=km.max_steps(rows), disable=not options.progress
+        )
 
         def on_iteration(stats: dict) -> None:
-            bar.update(1)
+            # The bar counts iterations as iterations.parquet numbers them (Lloyd's
+            # iteration 0, the initial centroids, is none done), from where a resumed fit is.
+            bar.update(stats["iteration"] - bar.n)
             bar.set_postfix(inertia=f"{stats['inertia']:.6g}", audio_h=f"{hours:.3f}")
 
         try:
@@ -443,7 +460,9 @@ def _commit(
         hours,
         wall_seconds=meta["wall_seconds"],
         workers=workers,
-        bytes_read=sum(storage.file_size(store.layout.array_path(s)) for s in store.shard_names()),
+        bytes_read=sum(
+            storage.file_size(store.layout.shard_path("array", s)) for s in store.shard_names()
+        ),
         bytes_written=sum(
             storage.file_size(storage.join(out, f))
             for f in storage.walk_files(out)

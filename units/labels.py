@@ -23,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 from shards import storage
-from shards.atomic import read_commit, read_json
+from shards.atomic import read_json
+from shards.core.outputs import OutputLayout, StageError
 
 from .extractor import FeatureSpec
 from .extractors import ExtractorOptions
@@ -49,44 +50,20 @@ LABELS_DEDUP = LABELS.append(pa.field("dedup_units", pa.list_(pa.uint16()), null
 #: Utterances that could not be labelled: the feature store's rejects schema.
 LABEL_REJECTS = FEATURE_REJECTS
 
+#: The label pass's error (one type for every stage; the name stays for callers).
+LabelError = StageError
 
-class LabelError(ValueError):
-    """A k-means or request that cannot label: raised before any work."""
 
-
-@dataclasses.dataclass(frozen=True)
-class LabelLayout:
-    """Paths of one label set."""
-
-    root: str
-    name: str
-
-    @property
-    def directory(self) -> str:
-        return os.path.join(self.root, "labels", self.name)
-
-    @property
-    def units_dir(self) -> str:
-        return os.path.join(self.directory, "units")
-
-    def path(self, filename: str) -> str:
-        return os.path.join(self.directory, filename)
-
-    def make_dirs(self) -> None:
-        for sub in ("units", "rejects", "commits"):
-            storage.makedirs(os.path.join(self.directory, sub))
-
-    def units_path(self, shard: str) -> str:
-        return os.path.join(self.units_dir, f"{shard}.parquet")
-
-    def rejects_path(self, shard: str) -> str:
-        return os.path.join(self.directory, "rejects", f"{shard}.parquet")
-
-    def commit_path(self, shard: str) -> str:
-        return os.path.join(self.directory, "commits", f"{shard}.json")
-
-    def read_commit(self, shard: str) -> dict | None:
-        return read_commit(self.commit_path(shard), self.units_path(shard))
+def label_layout(root: str, name: str) -> OutputLayout:
+    """The files of label set ``name`` (see the module docstring)."""
+    return OutputLayout(
+        root,
+        "labels",
+        name,
+        data={"units": "units/{shard}.parquet"},
+        rejects="rejects/{shard}.parquet",
+        commit="commits/{shard}.json",
+    )
 
 
 def dedup(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

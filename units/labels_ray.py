@@ -8,7 +8,7 @@ nothing. Units must have exactly the frames the frame contract gives for the utt
 ``num_samples``: a mismatch is an error naming the key.
 
 Determinism (README, "Determinism"): a worker batches one shard's rows in manifest order,
-cut at ``batch_seconds`` of audio (:func:`units.features_ray.batches`), so which worker
+cut at ``batch_seconds`` of audio (:func:`units.stage.batches`), so which worker
 labels a shard, and how often it is retried, never changes a batch; on one machine type
 the label shards are the same bytes. Elsewhere features move within float32 rounding, and
 units only where the two nearest centroids are that close: at least 99.99% of frames agree.
@@ -16,45 +16,32 @@ units only where the two nearest centroids are that close: at least 99.99% of fr
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
-import os
 import time
 
 import numpy as np
 
 from shards import storage
-from shards.atomic import (
-    fsync_dir,
-    read_json,
-    remove_all_temps,
-    remove_temps,
-    unpublish,
-    write_atomic,
-    write_parquet_atomic,
-)
+from shards.atomic import read_json, write_atomic
+from shards.core.outputs import ShardOutput
 from shards.root import RootLayout
-from shards.throughput import hours_bar
-from shards.throughput import record as throughput_record
 
 from . import extractors, project_version
-from .actors import actor_pool, longest_first, map_until_failure, place
 from .extractors import ExtractorOptions
 from .fairseq_checkpoint import sha256_file
-from .features_ray import batches, check_frames, decode_rows
 from .labels import (
-    LABEL_REJECTS,
     LABELS,
     LABELS_DEDUP,
     KMeansModel,
     LabelError,
-    LabelLayout,
     check_spec,
     dedup,
     extractor_options,
+    label_layout,
 )
+from .stage import check_frames, claim, rows_by_shard, run_pass
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +75,7 @@ class Labeller:
         if extractor is None:
             extractor = extractor_options(self.model.spec)
         self.extractor = extractors.build(dataclasses.replace(extractor, device=device))
+        self.batch_seconds = extractor.batch_seconds  # Audio per batch of the stage's worker.
         check_spec(kmeans, self.model.spec, self.extractor.spec)
         self.device = device
 
@@ -102,81 +90,48 @@ class Labeller:
 
 
 class LabelWorker:
-    """Builds the k-means's extractor once and labels audio shards with it.
+    """Builds the k-means's extractor once and labels audio shards with it (a worker of
+    :func:`units.stage.run_pass`).
 
     Args:
         root: Dataset root.
         kmeans: Finished k-means name.
-        extractor: See :class:`Labeller`.
+        extractor: See :class:`Labeller`; its ``batch_seconds`` is the audio per batch.
+            Default: the one the k-means recorded.
         device: See :class:`Labeller`.
         dedup: Also write GSLM-style deduplicated units with durations.
-        batch_seconds: Padded audio per extractor batch.
     """
 
     def __init__(
         self,
         root: str,
         kmeans: str,
-        *,
         extractor: ExtractorOptions | None = None,
+        *,
         device: str = "cpu",
         dedup: bool = False,
-        batch_seconds: float = 120.0,
     ):
         self.labeller = Labeller(root, kmeans, extractor=extractor, device=device)
         self.dedup = dedup
-        self.batch_seconds = batch_seconds
+        self.batch_seconds = self.labeller.batch_seconds
 
-    def label_shard(self, root: str, name: str, shard: str, rows: list[dict]) -> dict:
-        layout = LabelLayout(root, name)
-        done = layout.read_commit(shard)
-        if done is not None:
-            return dict(done, written=False)
-        final = layout.units_path(shard)
-        remove_temps(final)
-        out, rejects = [], []
-
-        def reject(row: dict, error: str) -> None:
-            rejects.append(
-                {"key": row["key"], "shard": shard, "reason": "corrupt_audio", "message": error}
-            )
-
-        for batch in batches(rows, decode_rows(root, rows), self.batch_seconds, reject):
-            out += self._label(batch, shard)
-        schema = LABELS_DEDUP if self.dedup else LABELS
-        try:
-            write_parquet_atomic(final, out, schema, sync_dir=False)
-            write_parquet_atomic(layout.rejects_path(shard), rejects, LABEL_REJECTS, sync_dir=False)
-            fsync_dir(layout.units_dir)
-            fsync_dir(os.path.dirname(layout.rejects_path(shard)))
-            record = {
-                "shard": shard,
-                "utterances": len(out),
-                "frames": int(sum(r["frames"] for r in out)),
-                "rejects": len(rejects),
-                "bytes": storage.file_size(final),
-            }
-            write_atomic(layout.commit_path(shard), json.dumps(record, sort_keys=True).encode())
-        except BaseException:
-            unpublish(final, layout.rejects_path(shard))
-            raise
-        return dict(record, written=True)
-
-    def _label(self, batch: list, shard: str) -> list[dict]:
+    def write_shard(self, out: ShardOutput, batches) -> dict:
         frame_rate = self.labeller.model.spec.frame_rate
-        out = []
-        for (row, _), (_, units) in zip(batch, self.labeller(batch), strict=True):
-            record = {
-                "key": row["key"],
-                "shard": shard,
-                "units": units,
-                "frames": len(units),
-                "frame_rate": frame_rate,
-            }
-            if self.dedup:
-                record["dedup_units"], record["durations"] = dedup(units)
-            out.append(record)
-        return out
+        rows = []
+        for batch in batches:
+            for (row, _), (_, units) in zip(batch, self.labeller(batch), strict=True):
+                record = {
+                    "key": row["key"],
+                    "shard": out.shard,
+                    "units": units,
+                    "frames": len(units),
+                    "frame_rate": frame_rate,
+                }
+                if self.dedup:
+                    record["dedup_units"], record["durations"] = dedup(units)
+                rows.append(record)
+        out.write_parquet("units", rows, LABELS_DEDUP if self.dedup else LABELS)
+        return {"utterances": len(rows), "frames": int(sum(r["frames"] for r in rows))}
 
 
 def run(
@@ -230,7 +185,7 @@ def run(
     manifest = RootLayout(root).manifest("utterances.parquet")
     if not storage.exists(manifest):
         raise LabelError(f"no utterances manifest under {root}: run pipelines.shard first")
-    layout = LabelLayout(root, name)
+    layout = label_layout(root, name)
     lineage = {
         "kmeans": kmeans,
         "kmeans_fingerprint": model.meta["fingerprint"],
@@ -244,56 +199,25 @@ def run(
         "manifest_sha256": sha256_file(manifest),
         "dedup": dedup,
     }
-    plan_path = layout.path("plan.json")
-    saved = read_json(plan_path)
-    if saved is not None:
-        if saved != lineage:
-            raise LabelError(
-                f"labels {name!r} were started with another k-means or manifest "
-                f"({saved['kmeans']}); use another --name"
-            )
+    claim(layout, lineage, "were started with another k-means or manifest")
     rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
-    by_shard: dict[str, list[dict]] = collections.defaultdict(list)
-    for row in rows:
-        by_shard[row["shard"]].append(row)
-    shards = sorted(by_shard)
-    layout.make_dirs()
-    write_atomic(plan_path, json.dumps(lineage, indent=1, sort_keys=True).encode())
-    pending = longest_first([s for s in shards if layout.read_commit(s) is None], by_shard)
-    meta = read_json(layout.path("meta.json")) if not pending else None
-    if meta is not None:
-        return dict(meta, shards_written=0)
-    placement = place(workers, gpus_per_worker)
-    pool = actor_pool(
+    by_shard = rows_by_shard(rows)
+    done = run_pass(
+        layout,
         LabelWorker,
-        placement,
-        len(pending),
+        by_shard,
         root,
         kmeans,
-        extractor=extractor,
-        device=placement.device,
+        extractor,
         dedup=dedup,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        progress=progress,
     )
-    hours = {s: sum(r["duration"] for r in by_shard[s]) / 3600 for s in pending}
-    done_hours = bytes_written = 0.0
-    with hours_bar(sum(hours.values()), "labels", progress) as bar:  # Closed on errors too.
-        for record in map_until_failure(
-            pool, lambda a, s: a.label_shard.remote(root, name, s, by_shard[s]), pending
-        ):
-            done_hours += hours[record["shard"]]
-            bytes_written += record["bytes"]
-            bar.update(hours[record["shard"]])
-            log.debug("label shard %s", record)
-    throughput = throughput_record(
-        "hours_labelled",
-        done_hours,
-        wall_seconds=time.monotonic() - started,
-        workers=placement.actors(len(pending)),
-        bytes_read=sum(r["size"] for s in pending for r in by_shard[s]),
-        bytes_written=bytes_written,
-    )
-    # Every writer is done: what an attempt that lost a race left behind goes.
-    remove_all_temps(*(layout.path(sub) for sub in ("units", "rejects", "commits")))
+    meta = read_json(layout.path("meta.json")) if done.shards_written == 0 else None
+    if meta is not None:
+        return done.result(meta, "hours_labelled", started)
+    shards = sorted(by_shard)
     totals = {"utterances": 0, "frames": 0, "rejects": 0}
     for shard in shards:
         record = layout.read_commit(shard)
@@ -303,9 +227,4 @@ def run(
     meta["version"] = project_version()
     meta["hours"] = sum(r["duration"] for r in rows) / 3600
     write_atomic(layout.path("meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
-    return dict(
-        meta,
-        shards_written=len(pending),
-        wall_seconds=time.monotonic() - started,
-        throughput=throughput,
-    )
+    return done.result(meta, "hours_labelled", started)

@@ -30,10 +30,11 @@ import numpy as np
 
 from shards import storage
 from shards.atomic import read_json, write_atomic
+from shards.core.outputs import OutputLayout
 from shards.root import RootLayout
 
 from . import metrics, phone_refs
-from .labels import LabelError, LabelLayout
+from .labels import LabelError, label_layout
 
 
 @dataclasses.dataclass
@@ -45,6 +46,7 @@ class Report:
     joint: metrics.JointCounts | None
     unit_counts: list[int]
     inertia: list[float]
+    iterations: list[int]
     durations: list[float]
     hours_by_speaker: dict[str, float]
     rejects: dict[str, int]
@@ -59,7 +61,7 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
         metrics.MetricsError: References that share no utterance with the labels.
     """
     root = RootLayout(root).root
-    layout = LabelLayout(root, labels)
+    layout = label_layout(root, labels)
     meta_path = layout.path("meta.json")
     meta = read_json(meta_path)
     if meta is None:
@@ -74,7 +76,7 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
 
     k, hyps = int(meta["k"]), {}
     usage = metrics.UnitUsage(k)
-    dataset = storage.dataset(layout.units_dir)
+    dataset = storage.dataset(layout.path("units"))
     for batch in dataset.to_batches(columns=["key", "units"]):
         units = batch.column("units")
         # flatten() honours a sliced array, where .values would not.
@@ -98,7 +100,7 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
     if refs is not None:
         joint = metrics.joint_counts(refs, hyps, ref_rate=100.0, hyp_rate=meta["frame_rate"])
         numbers["phones"] = dict(metrics.quality(joint), references=phones)
-    inertia = _inertia(root, meta["kmeans"])
+    iterations, inertia = kmeans_iterations(root, meta["kmeans"])
     speakers: dict[str, float] = collections.defaultdict(float)
     for r in manifest:
         speakers[r["speaker"] or "?"] += r["duration"] / 3600
@@ -110,20 +112,24 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
         joint=joint,
         unit_counts=usage.counts.tolist(),
         inertia=inertia,
+        iterations=iterations,
         durations=[r["duration"] for r in manifest],
         hours_by_speaker=dict(speakers),
         rejects=rejects,
     )
 
 
-def _inertia(root: str, kmeans: str) -> list[float]:
+def kmeans_iterations(root: str, kmeans: str) -> tuple[list[int], list[float]]:
+    """The k-means iterations as ``iterations.parquet`` numbers them (Lloyd's iteration 0 is
+    the initial centroids), and the inertia at each."""
     path = os.path.join(root, "kmeans", kmeans, "iterations.parquet")
     if not storage.exists(path):
-        return []
-    return storage.read_parquet(path, columns=["inertia"]).column("inertia").to_pylist()
+        return [], []
+    table = storage.read_parquet(path, columns=["iteration", "inertia"])
+    return table.column("iteration").to_pylist(), table.column("inertia").to_pylist()
 
 
-def _rejects(root: str, layout: LabelLayout) -> dict[str, int]:
+def _rejects(root: str, layout: OutputLayout) -> dict[str, int]:
     """``stage: reason`` -> count, for the shard stage and the label pass."""
     out: dict[str, int] = collections.Counter()
     shard_rejects = RootLayout(root).manifest("rejects.parquet")
@@ -219,7 +225,7 @@ def _inertia_figure(plt, report: Report):
     if not report.inertia:
         return None
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(np.arange(1, len(report.inertia) + 1), report.inertia, marker="o", ms=3)
+    ax.plot(report.iterations, report.inertia, marker="o", ms=3)
     ax.set_xlabel("iteration")
     ax.set_ylabel("inertia")
     ax.set_title(f"k-means {report.metrics['kmeans']}")
@@ -260,7 +266,8 @@ _CAPTIONS = {
     "usage": "How often each unit occurs. Dead units never occur; perplexity is exp(entropy).",
     "phone_unit": "Each column is a unit: the share of its frames on each phone. A good "
     "unit set shows a staircase: each phone owns a few pure units.",
-    "inertia": "k-means inertia (sum of squared distances) after each iteration.",
+    "inertia": "k-means inertia (sum of squared distances) at the centroids of each "
+    "iteration: 0 is the initial centroids, the last is the final ones.",
     "corpus": "The corpus: utterance durations and audio hours per speaker.",
     "rejects": "Inputs turned away, by stage and reason (details in the rejects tables).",
 }

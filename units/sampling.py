@@ -26,6 +26,14 @@ class SampleRequest:
     hours: float | None = None
     seed: int = 0
 
+    def __post_init__(self):
+        # The request is part of the feature store's plan fingerprint: ``percent=50`` from
+        # Python and ``--percent 50`` (a float) from the CLI must name the same store.
+        for name in ("percent", "hours"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
+
     def validate(self) -> None:
         if (self.percent is None) == (self.hours is None):
             raise SampleError("give exactly one of --percent or --hours")

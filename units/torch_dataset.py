@@ -41,7 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from shards.reader import UnsafeMemberError
 from shards.root import RootLayout
 
-from .labels import LabelLayout
+from .labels import label_layout
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class UnitDataset(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} should be in [0, world_size={world_size})")
         self.root = RootLayout(root).root
-        self.layout = LabelLayout(self.root, labels)
+        self.layout = label_layout(self.root, labels)
         self.max_samples = max_samples
         self.random_crop = random_crop
         self.shuffle = shuffle
@@ -291,7 +291,7 @@ class UnitDataset(IterableDataset):
             yield from samples
 
     def _read_labels(self, shard: str) -> dict[str, tuple[np.ndarray, float]]:
-        path = self.layout.units_path(shard)
+        path = self.layout.shard_path("units", shard)
         table = pq.read_table(path, columns=["key", "units", "frames", "frame_rate"])
         units = table.column("units").combine_chunks()
         offsets = units.offsets.to_numpy()

@@ -16,7 +16,6 @@ A rerun skips every finished step and committed shard; a finished run does nothi
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import errno
@@ -28,35 +27,21 @@ import time
 import numpy as np
 
 from shards import storage
-from shards.atomic import (
-    fsync_dir,
-    publish,
-    read_commit,
-    read_json,
-    remove_all_temps,
-    remove_temps,
-    temp_path,
-    unpublish,
-    write_atomic,
-    write_npy_atomic,
-    write_parquet_atomic,
-)
+from shards.atomic import publish, read_json, remove_temps, temp_path, write_atomic
+from shards.core.outputs import OutputLayout, ShardOutput, StageError
 from shards.root import RootLayout
-from shards.throughput import hours_bar
-from shards.throughput import record as throughput_record
 
 from . import project_version
-from .actors import actor_pool, longest_first, map_until_failure, place
+from .actors import place
 from .fairseq_checkpoint import sha256_file
 from .fairseq_export import assign_splits, link_audio, tsv_text
 from .feature_store import FeatureStore
-from .features_ray import batches, decode_rows
 from .kmeans import KMeans
 from .kmeans_parts import DataError
 from .kmeans_ray import StageOptions, distribute, fit_pca
 from .kmeans_ray import run as fit_kmeans
-from .labels import LABEL_REJECTS
 from .labels_ray import Labeller
+from .stage import NOTHING_TO_DO, claim, rows_by_shard, run_pass
 from .w2vu import W2VU_ROWS, W2VUPrep
 
 log = logging.getLogger(__name__)
@@ -64,8 +49,8 @@ log = logging.getLogger(__name__)
 _MANIFEST_COLUMNS = ["key", "shard", "offset", "size", "num_samples", "duration", "speaker"]
 
 
-class W2VUError(ValueError):
-    """A request that cannot work; raised before anything is written."""
+#: The preparation's error (one type for every stage; the name stays for callers).
+W2VUError = StageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,106 +76,55 @@ class W2VUOptions:
     gpus_per_worker: float | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class W2VULayout:
-    """Paths under ``ROOT/w2vu/NAME``."""
-
-    root: str
-    name: str
-
-    @property
-    def directory(self) -> str:
-        return os.path.join(self.root, "w2vu", self.name)
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.directory, *parts)
-
-    def make_dirs(self) -> None:
-        for sub in ("features", "rows", "rejects", "commits"):
-            storage.makedirs(self.path(sub))
-
-    def features_path(self, shard: str) -> str:
-        return self.path("features", f"{shard}.npy")
-
-    def rows_path(self, shard: str) -> str:
-        return self.path("rows", f"{shard}.parquet")
-
-    def read_commit(self, shard: str) -> dict | None:
-        return read_commit(self.path("commits", f"{shard}.json"), self.rows_path(shard))
+def w2vu_layout(root: str, name: str) -> OutputLayout:
+    """The files of wav2vec-U output ``name``: per shard, the pooled features (``.npy``) and
+    each utterance's rows in it (Parquet), with rejects and commit records."""
+    return OutputLayout(
+        root,
+        "w2vu",
+        name,
+        data={"rows": "rows/{shard}.parquet", "features": "features/{shard}.npy"},
+        rejects="rejects/{shard}.parquet",
+        commit="commits/{shard}.json",
+    )
 
 
 class W2VUWorker:
-    """Rebuilds the store's extractor once and prepares audio shards with it."""
+    """Rebuilds the store's extractor once and prepares audio shards with it (a worker of
+    :func:`units.stage.run_pass`)."""
 
-    def __init__(self, root: str, name: str, kmeans: str, options: W2VUOptions, device: str):
+    def __init__(self, root: str, name: str, kmeans: str, options: W2VUOptions, *, device: str):
         self.labeller = Labeller(root, kmeans, device=device)
+        self.batch_seconds = self.labeller.batch_seconds
         self.prep = W2VUPrep.load(
-            W2VULayout(root, name).path("pca"),
+            w2vu_layout(root, name).path("pca"),
             options.pca_dim,
             rate=options.rate,
             remove_extra=options.remove_extra,
         )
 
-    def prepare_shard(self, root: str, name: str, shard: str, rows: list[dict]) -> dict:
-        layout = W2VULayout(root, name)
-        done = layout.read_commit(shard)
-        if done is not None:
-            return dict(done, written=False)
-        for path in (layout.features_path(shard), layout.rows_path(shard)):
-            remove_temps(path)
-        pooled, out, rejects, row = [], [], [], 0
-
-        def reject(item: dict, error: str) -> None:
-            rejects.append(
-                {"key": item["key"], "shard": shard, "reason": "corrupt_audio", "message": error}
-            )
-
-        for batch in batches(rows, decode_rows(root, rows), 120.0, reject):
+    def write_shard(self, out: ShardOutput, batches) -> dict:
+        pooled, rows, at = [], [], 0
+        for batch in batches:
             for (item, _), (features, ids) in zip(batch, self.labeller(batch), strict=True):
                 x = self.prep(features, ids)
                 pooled.append(x)
-                out.append(
+                rows.append(
                     {
                         "key": item["key"],
-                        "shard": shard,
+                        "shard": out.shard,
                         "clusters": ids,
                         "frames": len(ids),
-                        "row": row,
+                        "row": at,
                         "length": len(x),
                     }
                 )
-                row += len(x)
+                at += len(x)
         dim = len(self.prep.pca_b)
         array = np.concatenate(pooled) if pooled else np.empty((0, dim), np.float32)
-        written = (
-            layout.features_path(shard),
-            layout.rows_path(shard),
-            layout.path("rejects", f"{shard}.parquet"),
-        )
-        try:
-            write_npy_atomic(written[0], array, sync_dir=False)
-            write_parquet_atomic(written[1], out, W2VU_ROWS, sync_dir=False)
-            write_parquet_atomic(written[2], rejects, LABEL_REJECTS, sync_dir=False)
-            fsync_dir(layout.path("features"))
-            fsync_dir(layout.path("rows"))
-            fsync_dir(layout.path("rejects"))
-            record = {
-                "shard": shard,
-                "utterances": len(out),
-                "rows": int(row),
-                "rejects": len(rejects),
-                "bytes": storage.file_size(layout.rows_path(shard)),
-            }
-            write_atomic(
-                layout.path("commits", f"{shard}.json"),
-                json.dumps(record, sort_keys=True).encode(),
-            )
-        except BaseException:
-            unpublish(*written)
-            raise
-        # What this call wrote, for the stage's throughput (not part of the commit record).
-        nbytes = sum(storage.file_size(path) for path in written)
-        return dict(record, written=True, bytes_written=nbytes)
+        out.write_npy("features", array)
+        out.write_parquet("rows", rows, W2VU_ROWS)
+        return {"utterances": len(rows), "rows": int(at)}
 
 
 def run(
@@ -234,7 +168,7 @@ def run(
     """
     started = time.monotonic()
     root = RootLayout(root).root
-    layout = W2VULayout(root, name)
+    layout = w2vu_layout(root, name)
     splits = {split: float(percent) for split, percent in splits.items()}
     try:
         store = FeatureStore(root, features)
@@ -267,16 +201,10 @@ def run(
         "split_seed": split_seed,
         "manifest_sha256": sha256_file(manifest_path),
     }
-    saved = read_json(layout.path("plan.json"))
-    if saved is not None and saved != plan:
-        raise W2VUError(
-            f"w2vu {name!r} under {root} was started with other settings; use another --name"
-        )
+    claim(layout, plan, f"under {root} was started with other settings")
     done = read_json(layout.path("meta.json"))
     if done is not None:
-        return dict(done, shards_written=0)
-    layout.make_dirs()
-    write_atomic(layout.path("plan.json"), json.dumps(plan, indent=1, sort_keys=True).encode())
+        return NOTHING_TO_DO.result(done, "hours_prepared", started)
 
     gpus = place(options.workers, options.gpus_per_worker).options.get("num_gpus", 0)
     stage = StageOptions(workers=options.workers, gpus_per_worker=gpus, progress=progress)
@@ -290,57 +218,36 @@ def run(
         finally:
             parts.shutdown()
 
-    by_shard: dict[str, list[dict]] = collections.defaultdict(list)
-    for row in manifest:
-        by_shard[row["shard"]].append(row)
+    by_shard = rows_by_shard(manifest)
     shards = sorted(by_shard)
-    pending = longest_first([s for s in shards if layout.read_commit(s) is None], by_shard)
-    hours, bytes_written, workers = 0.0, 0, 1
-    if pending:
-        hours, bytes_written, workers = _pass(
-            root, name, kmeans, options, pending, by_shard, progress
-        )
+    done = run_pass(
+        layout,
+        W2VUWorker,
+        by_shard,
+        root,
+        name,
+        kmeans,
+        options,
+        workers=options.workers,
+        gpus_per_worker=options.gpus_per_worker,
+        progress=progress,
+    )
     meta, split_files = _assemble(root, layout, plan, shards, manifest, splits, by, split_seed)
-    meta["throughput"] = throughput_record(
-        "hours_prepared",
-        hours,
-        wall_seconds=time.monotonic() - started,
-        workers=workers,
-        bytes_read=sum(r["size"] for s in pending for r in by_shard[s]),
-        bytes_written=bytes_written + sum(storage.file_size(p) for p in split_files),
+    # The split files are this run's output too (the pass's own bytes are in ``done``).
+    done = dataclasses.replace(
+        done, bytes_written=done.bytes_written + sum(storage.file_size(p) for p in split_files)
     )
+    meta["throughput"] = done.throughput("hours_prepared", started)
     write_atomic(layout.path("meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
-    return dict(meta, shards_written=len(pending), wall_seconds=time.monotonic() - started)
-
-
-def _pass(root, name, kmeans, options, pending, by_shard, progress) -> tuple[float, int, int]:
-    """Prepares the ``pending`` shards; returns their audio hours, the bytes written and
-    the number of workers."""
-    placement = place(options.workers, options.gpus_per_worker)
-    pool = actor_pool(
-        W2VUWorker, placement, len(pending), root, name, kmeans, options, placement.device
-    )
-    hours = {s: sum(r["duration"] for r in by_shard[s]) / 3600 for s in pending}
-    done_hours, nbytes = 0.0, 0
-    with hours_bar(sum(hours.values()), "w2vu", progress) as bar:  # Closed on errors too.
-        for record in map_until_failure(
-            pool, lambda a, s: a.prepare_shard.remote(root, name, s, by_shard[s]), pending
-        ):
-            done_hours += hours[record["shard"]]
-            nbytes += record.get("bytes_written", 0)
-            bar.update(hours[record["shard"]])
-            log.debug("w2vu shard %s", record)
-    return done_hours, nbytes, placement.actors(len(pending))
+    return done.result(meta, "hours_prepared", started)
 
 
 def _assemble(root, layout, plan, shards, manifest, splits, by, split_seed) -> tuple[dict, list]:
     """Concatenates the committed shards into the split files, in manifest order; returns
     the content of ``meta.json`` (written by the caller) and the split files."""
-    # Every writer of the pass is done: what an attempt that lost a race left behind goes.
-    remove_all_temps(*(layout.path(sub) for sub in ("features", "rows", "rejects", "commits")))
-    table = storage.dataset([layout.rows_path(s) for s in shards], schema=W2VU_ROWS).to_table(
-        columns=["key", "shard", "row", "length"]
-    )
+    table = storage.dataset(
+        [layout.shard_path("rows", s) for s in shards], schema=W2VU_ROWS
+    ).to_table(columns=["key", "shard", "row", "length"])
     placed = {r["key"]: r for r in table.to_pylist()}
     rows = [r for r in manifest if r["key"] in placed]
     try:
@@ -384,7 +291,7 @@ def _write_split_npy(layout, split, chosen, placed, total, dim) -> None:
             place = placed[row["key"]]
             if place["shard"] != current:
                 current = place["shard"]
-                source = storage.load_npy(layout.features_path(current), mmap=True)
+                source = storage.load_npy(layout.shard_path("features", current), mmap=True)
             n = place["length"]
             out[at : at + n] = source[place["row"] : place["row"] + n]
             at += n

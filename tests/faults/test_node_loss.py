@@ -32,9 +32,8 @@ import ray
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
-import units.features_ray
 import units.kmeans_ray
-import units.labels_ray
+import units.stage
 from shards import synthetic
 from shards.atomic import read_json
 from shards.plan import ShardingOptions
@@ -280,7 +279,7 @@ def test_a_node_lost_while_sharding(cluster, corpus, root, tmp_path):
 def test_a_node_lost_while_extracting_features(cluster, root, caplog, monkeypatch):
     store = root / "features" / "mfcc_lost"
     loss = NodeLoss(cluster, _count(str(store / "shards" / "*.commit.json")))
-    monkeypatch.setattr(units.features_ray, "map_until_failure", _held(units.features_ray, loss))
+    monkeypatch.setattr(units.stage, "map_until_failure", _held(units.stage, loss))
     with caplog.at_level(logging.WARNING, logger="units.actors"):
         meta = loss.run(
             extract,
@@ -334,7 +333,7 @@ def test_a_node_lost_while_fitting_kmeans(cluster, root, caplog, monkeypatch):
 def test_a_node_lost_while_labelling(cluster, root, caplog, monkeypatch):
     out = root / "labels" / "units_lost"
     loss = NodeLoss(cluster, _count(str(out / "commits" / "*.json")))
-    monkeypatch.setattr(units.labels_ray, "map_until_failure", _held(units.labels_ray, loss))
+    monkeypatch.setattr(units.stage, "map_until_failure", _held(units.stage, loss))
     with caplog.at_level(logging.WARNING, logger="units.actors"):
         meta = loss.run(label, str(root), "km", "units_lost")
     assert 0 < loss.committed_at_loss <= 3 < SHARDS == meta["shards_written"]

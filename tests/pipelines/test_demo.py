@@ -23,6 +23,9 @@ def _demo(workdir):
         env=dict(os.environ, PYTHONPATH=REPO),
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    # Summaries and progress bars; no per-iteration log lines, no JSON dumps.
+    assert "k-means iteration" not in out.stderr and "was_current_actor" not in out.stderr
+    assert '"shards_written"' not in out.stdout and len(out.stdout.splitlines()) < 45
     return out.stdout
 
 
@@ -31,8 +34,8 @@ def test_the_demo_runs_every_stage_and_reports_pnmi_against_its_alignments(tmp_p
     stdout = _demo(tmp_path)
     root = tmp_path / "root"
     utterances = len((tmp_path / "corpus" / "demo" / "phones.tsv").read_text().splitlines())
-    assert "0 rejected" in stdout and "k-means: k=100 on " in stdout
-    assert f"labels: {utterances} utterances" in stdout
+    assert "0 rejected" in stdout and "kmeans: k=100 on " in stdout
+    assert f"label: labelled {utterances} utterances" in stdout
     assert "fairseq: {'train': " in stdout
     assert (root / "labels" / "mfcc100" / "fairseq" / "train.km").exists()
     metrics = json.loads((root / "reports" / "mfcc100" / "metrics.json").read_text())
@@ -46,5 +49,8 @@ def test_the_demo_runs_every_stage_and_reports_pnmi_against_its_alignments(tmp_p
     assert phones["frame_difference"] == 0 and 0.3 < phones["pnmi"] < 1
     assert f"report: {root / 'reports' / 'mfcc100' / 'report.html'}" in stdout
     assert (root / "reports" / "mfcc100" / "report.html").stat().st_size > 50_000
+    record = json.loads((root / "runs" / "hubert-mfcc100.json").read_text())
+    assert record["report"]["metrics"]["phones"] == phones
+    assert f"record: {root / 'runs' / 'hubert-mfcc100.json'}" in stdout
     # A second run finds every stage done and reports the same units.
     assert shown.group(0) in _demo(tmp_path)

@@ -258,8 +258,9 @@ def test_a_full_disk_while_extracting_is_one_line_and_a_rerun_gives_the_clean_st
     assert not (failed.parent / "meta.json").exists()
 
     assert (out / "rerun.rc").read_text().strip() == "0", (out / "rerun.err").read_text()[-3000:]
-    rerun = (out / "rerun.out").read_text()
-    assert json.loads(rerun[: rerun.rindex("}") + 1])["shards_written"] == len(shards) - committed
+    record = json.loads((out / "after_rerun" / "runs" / "features-mfcc.json").read_text())
+    assert record["shards_written"] == len(shards) - committed
+    assert "features: wrote" in (out / "rerun.out").read_text()
     done = out / "after_rerun" / "features" / "mfcc"
     _same_bytes(done / "shards", store / "shards", "*.npy")
     _same_bytes(done / "shards", store / "shards", "*.parquet")
@@ -369,24 +370,25 @@ def test_a_full_disk_fails_the_shard_and_never_rejects_its_inputs(corpus, tmp_pa
 
 
 def test_writers_remove_their_temporary_file_when_closing_it_fails_too(tmp_path):
+    from shards.core.outputs import ShardOutput
     from shards.tar_writer import ShardWriter
-    from units.feature_store import FeatureShardWriter, StoreLayout
+    from units.feature_store import FeatureShardWriter, store_layout
 
     writer = ShardWriter(str(tmp_path / "000000.tar"))
     writer._raw = _FullFile(writer._raw, room=0)
     writer.abort()  # Closing fails to flush; the file goes all the same, and no error.
     assert os.listdir(tmp_path) == []
 
-    layout = StoreLayout(str(tmp_path), "f")
+    layout = store_layout(str(tmp_path), "f")
     layout.make_dirs()
-    features = FeatureShardWriter(layout, "000000", dim=2)
-    features._f = _FullFile(features._f, room=0)
+    features = FeatureShardWriter(ShardOutput(layout, "000000"), dim=2)
+    features._array._f = _FullFile(features._array._f, room=0)
     with pytest.raises(OSError) as failed:
         features.add("utt", np.zeros((3, 2), np.float32))
     assert failed.value.errno == errno.ENOSPC
-    assert failed.value.filename.startswith(f"{layout.shards_dir}/.000000.npy.tmp-")
+    assert failed.value.filename.startswith(f"{layout.path('shards')}/.000000.npy.tmp-")
     features.abort()
-    assert os.listdir(layout.shards_dir) == []
+    assert os.listdir(layout.path("shards")) == []
 
 
 def test_an_error_from_a_ray_worker_is_one_line_naming_the_final_file(tmp_path, capsys):
@@ -437,11 +439,11 @@ def test_an_error_from_a_ray_worker_is_one_line_naming_the_final_file(tmp_path, 
 _SPLIT_ON_A_FULL_DISK = """
 import errno, os
 import numpy as np
-from units.w2vu_ray import W2VULayout, _write_split_npy
+from units.w2vu_ray import _write_split_npy, w2vu_layout
 
-layout = W2VULayout(os.environ["MNT"], "w")
+layout = w2vu_layout(os.environ["MNT"], "w")
 layout.make_dirs()
-np.save(layout.features_path("000000"), np.ones((10, 8), np.float32))
+np.save(layout.shard_path("features", "000000"), np.ones((10, 8), np.float32))
 chosen = [{"key": f"k{i}"} for i in range(10_000)]  # 3.2 MB of split on a 256 KiB disk.
 placed = {r["key"]: {"shard": "000000", "row": 0, "length": 10} for r in chosen}
 try:

@@ -24,8 +24,13 @@ def test_config_is_defaults_then_file_then_overrides():
     assert config["root"] == "/data/x" and config["kmeans"]["k"] == 500
     assert config["label"]["fairseq_splits"] == {"train": 90, "valid": 10}
     assert config["features"]["percent"] == 10 and config["kmeans"]["tol"] == 1e-4
-    assert config["shard"] == {"shard_bytes": "1GiB"}
+    assert config["shard"] == dict(hubert.DEFAULTS["shard"], shard_bytes="1GiB")
+    assert hubert.load_config(CONFIG, ["shard.shard_bytes=2MiB"])["shard"]["shard_bytes"] == "2MiB"
     assert hubert.load_config(None, ["root=/r", "inputs=/corpus"])["inputs"] == ["/corpus"]
+    # Every key is there, typed: what a stage gets is what --print-config shows.
+    assert {s: set(v) for s, v in config.items() if isinstance(v, dict)} == {
+        s: set(v) for s, v in hubert.DEFAULTS.items() if isinstance(v, dict)
+    }
 
 
 @pytest.mark.parametrize(
@@ -37,6 +42,16 @@ def test_config_is_defaults_then_file_then_overrides():
         (["root=/r", "kmeans=5"], r"kmeans is a section"),
         ([], r"root is required"),
         (["root=/r", "features.extractor=null"], r"features.extractor is required"),
+        (["root=/r", "kmeans.k=abc"], r"kmeans.k: expected an integer, got 'abc'"),
+        (["root=/r", "kmeans.k=5.0"], r"kmeans.k: expected an integer, got 5.0"),
+        (["root=/r", "kmeans.pca=0"], r"kmeans.pca: must be >= 1, got 0"),
+        (["root=/r", "kmeans.tol=fast"], r"kmeans.tol: expected a number, got 'fast'"),
+        (["root=/r", "features.gpus_per_worker=-1"], r"gpus_per_worker: must be >= 0"),
+        (["root=/r", "label.dedup=1"], r"label.dedup: expected true or false, got 1"),
+        (["root=/r", "label.split_by=book"], r"label.split_by: expected one of utterance"),
+        (["root=/r", "label.fairseq_splits=[train]"], r"label.fairseq_splits: expected"),
+        (["root=/r", "label.fairseq_splits={train: 99, valid: x}"], r"split 'valid': expected"),
+        (["root=/r", "inputs={a: 1}"], r"inputs: expected a list of strings"),
     ],
 )
 def test_bad_configs_are_clear_errors(overrides, message):
@@ -76,12 +91,21 @@ def test_one_config_runs_every_stage_and_a_rerun_skips_them(tmp_path, ray_local,
     argv = [
         "--config", CONFIG, f"root={root}", f"inputs=[{corpus}]", "shard.max_samples=8",
         "features.percent=50", "kmeans.k=16", f"report.phones={corpus / 'phones.tsv'}",
-        "label.fairseq_splits={train: 80, valid: 20}",
+        "label.fairseq_splits={train: 80, valid: 20}", "kmeans.fairseq_export=true",
+        "features.batch_seconds=60",
     ]  # fmt: skip
     assert hubert.main(argv) == 0
     first = capsys.readouterr().out
     for stage in ("shard", "features", "kmeans", "label", "fairseq"):
         assert f"== {stage}: done" in first
+    assert (root / "kmeans" / "mfcc100" / "kmeans.joblib").exists()  # Every stage option.
+    # Records in files, summaries on stdout.
+    record = json.loads((root / "runs" / "hubert-it1.json").read_text())
+    assert record["config"]["kmeans"]["k"] == 16 and record["label"]["k"] == 16
+    assert record["config"]["features"]["batch_seconds"] == 60
+    for name in ("shard", "features-mfcc", "kmeans-mfcc100", "label-it1", "report-it1"):
+        assert f"record: {root / 'runs' / name}.json" in first, name
+    assert '"shards_written"' not in first and len(first.splitlines()) < 40
     utterances = len((corpus / "phones.tsv").read_text().splitlines())
     labels = pq.read_table(root / "labels" / "it1" / "units").num_rows
     assert labels == utterances

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import kmeans
+from tests.pipelines.cli_runs import exit_status
 from tests.processes import kill_ray_of
 from tests.stores import write_store
 
@@ -34,16 +36,39 @@ def test_help_shows_examples(capsys):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--k", "0"], "--k must be >= 1"),
-        (["--k", "5", "--pca", "0"], "--pca must be >= 1"),
-        (["--k", "5", "--max-iter", "0"], "--max-iter must be >= 1"),
+        (["--k", "0"], "n_clusters=0 must be a positive integer"),
+        (["--k", "65537"], "n_clusters=65537 must be at most 65536: units are stored as uint16"),
+        (["--k", "5", "--pca", "0"], "argument --pca: must be >= 1, got 0"),
+        (["--k", "5", "--max-iter", "0"], "max_iter=0 must be >= 1"),
+        (["--k", "5", "--tol", "-1"], "tol=-1.0 must be >= 0"),
+        (["--k", "5", "--workers", "0"], "argument --workers: must be >= 1, got 0"),
         (["--k", "5"], "no finished feature store 'mfcc'"),
     ],
 )
 def test_bad_arguments_exit_2_before_starting_ray(tmp_path, capsys, args, message):
-    code = kmeans.main(["--root", str(tmp_path), "--features", "mfcc", "--name", "km", *args])
-    assert code == 2
-    assert message in capsys.readouterr().err
+    argv = ["--root", str(tmp_path), "--features", "mfcc", "--name", "km", *args]
+    assert exit_status(kmeans.main, argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def _iterations_agree(root, run) -> None:
+    """One count of k-means iterations everywhere: the DEBUG log, iterations.parquet, the
+    report's inertia figure, kmeans.json and the summary. Iteration 0 is the initial
+    centroids; iteration i, the centroids after i updates."""
+    from units.report import kmeans_iterations
+
+    out = root / "kmeans" / "km"
+    done = json.loads((out / "kmeans.json").read_text())
+    n = done["iterations"]
+    logged = [int(i) for i in re.findall(r"k-means iteration (\d+):", run.stderr)]
+    rows = pq.read_table(out / "iterations.parquet").column("iteration").to_pylist()
+    plotted, _ = kmeans_iterations(str(root), "km")
+    assert 1 <= n <= 60 and logged == rows == plotted == list(range(n + 1))
+    stop = "converged" if done["converged"] else "stopped at --max-iter"
+    assert f", {n} iterations ({stop})" in run.stdout
+    # Per-iteration lines are DEBUG, never INFO: at INFO they break the progress bar.
+    assert not re.search(r" INFO .*k-means iteration", run.stderr)
 
 
 def _checkpoint_iteration(path: str) -> int:
@@ -73,10 +98,12 @@ def test_a_driver_killed_mid_fit_resumes_to_the_uninterrupted_centroids(tmp_path
 
     try:
         clean = subprocess.run(
-            command(tmp_path / "clean"), env=env, cwd=REPO, capture_output=True, text=True
-        )
+            [*command(tmp_path / "clean"), "--log-level", "DEBUG"],
+            env=env, cwd=REPO, capture_output=True, text=True,
+        )  # fmt: skip
         assert clean.returncode == 0, clean.stderr[-3000:]
         kill_ray_of(ray_tmp)
+        _iterations_agree(tmp_path / "clean", clean)
 
         out = tmp_path / "killed" / "kmeans" / "km"
         log = open(tmp_path / "driver.log", "wb")
@@ -114,9 +141,13 @@ def test_a_driver_killed_mid_fit_resumes_to_the_uninterrupted_centroids(tmp_path
         assert done[0]["inertia"] == done[1]["inertia"]
 
         again = subprocess.run(
-            command(tmp_path / "killed"), env=env, cwd=REPO, capture_output=True, text=True
-        )
+            [*command(tmp_path / "killed"), "-q"], env=env, cwd=REPO, capture_output=True,
+            text=True,
+        )  # fmt: skip
         assert again.returncode == 0 and "nothing to do" in again.stdout
+        assert " INFO " not in again.stderr and " INFO " in resumed.stderr  # -q
+        record = json.loads((tmp_path / "killed" / "runs" / "kmeans-km.json").read_text())
+        assert record["written"] is False and record["inertia"] == done[1]["inertia"]
     finally:
         kill_ray_of(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from pipelines import label
+from tests.pipelines.cli_runs import exit_status
 from tests.processes import kill_ray_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,10 +32,21 @@ def test_a_missing_kmeans_exits_2_before_starting_ray(tmp_path, capsys):
     assert "no finished k-means 'km'" in capsys.readouterr().err
 
 
-def test_bad_splits_exit_2(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "splits, message",
+    [
+        ("train:99", "'train:99' is not NAME=PERCENT"),
+        ("train=90", "split percents train=90 add up to 90, not 100"),
+        ("train=99,valid=0,test=1", "split 'valid': percent must be > 0, got 0"),
+        ("train=50,train=50", "split 'train' is given twice"),
+        ("train=99,../valid=1", "split name '../valid' must be letters, digits"),
+    ],
+)
+def test_bad_splits_exit_2_before_the_label_pass(tmp_path, capsys, splits, message):
     argv = ["--root", str(tmp_path), "--kmeans", "km", "--name", "l"]
-    assert label.main([*argv, "--fairseq-splits", "train:99"]) == 2
-    assert "is not NAME=PERCENT" in capsys.readouterr().err
+    assert exit_status(label.main, [*argv, "--fairseq-splits", splits]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1, err
     assert label.parse_splits("train=99, valid=1") == {"train": 99.0, "valid": 1.0}
 
 
@@ -98,8 +110,10 @@ def test_a_driver_killed_mid_pass_resumes_to_the_uninterrupted_labels(tmp_path):
         assert 2 <= committed < 12 and not (root / "labels" / "killed" / "meta.json").exists()
 
         resumed = run("killed")
-        meta = json.loads(resumed.stdout[: resumed.stdout.rindex("}") + 1])
+        meta = json.loads((root / "runs" / "label-killed.json").read_text())  # Its record.
         assert meta["shards_written"] == 12 - committed
+        assert f"labelled {meta['utterances']} utterances" in resumed.stdout
+        assert f"record: {root / 'runs' / 'label-killed.json'}" in resumed.stdout
         clean, killed = (root / "labels" / n / "units" for n in ("clean", "killed"))
         files = sorted(p.name for p in clean.iterdir())
         assert len(files) == 12 and sorted(p.name for p in killed.iterdir()) == files

@@ -49,13 +49,17 @@ def reference(corpus, tmp_path_factory, ray_local):
     return root
 
 
+def _outputs(root):
+    """Every file under ``root`` but the CLI's run records (``runs/``: how a run went, not
+    what it made; the library run of the reference writes none)."""
+    files = (os.path.relpath(p, root) for p in glob.glob(f"{root}/**/*", recursive=True))
+    return sorted(
+        f for f in files if os.path.isfile(os.path.join(root, f)) and not f.startswith("runs/")
+    )
+
+
 def _same_tree(a, b):
-    files_a = sorted(
-        os.path.relpath(p, a) for p in glob.glob(f"{a}/**/*", recursive=True) if os.path.isfile(p)
-    )
-    files_b = sorted(
-        os.path.relpath(p, b) for p in glob.glob(f"{b}/**/*", recursive=True) if os.path.isfile(p)
-    )
+    files_a, files_b = _outputs(a), _outputs(b)
     assert files_a == files_b
     for f in files_a:
         if f != os.path.join("manifest", "summary.json"):

@@ -4,11 +4,12 @@ import os
 import numpy as np
 import pytest
 
-from units.feature_store import FeatureShardWriter, FeatureStore, StoreLayout, finalize
+from shards.core.outputs import ShardOutput
+from units.feature_store import FeatureShardWriter, FeatureStore, finalize, store_layout
 
 
 def _write(layout, shard, items, dim=3):
-    w = FeatureShardWriter(layout, shard, dim)
+    w = FeatureShardWriter(ShardOutput(layout, shard), dim)
     for key, x in items:
         w.add(key, x)
     return w.commit()
@@ -23,7 +24,7 @@ def _items(seed, n, dim=3):
 
 
 def test_rows_read_back_in_order_as_float16(tmp_path):
-    layout = StoreLayout(str(tmp_path), "mfcc")
+    layout = store_layout(str(tmp_path), "mfcc")
     layout.make_dirs()
     shards = {"000000": _items(0, 5), "000003": _items(1, 4)}
     for shard, items in shards.items():
@@ -42,18 +43,18 @@ def test_rows_read_back_in_order_as_float16(tmp_path):
 
 
 def test_nothing_is_visible_before_commit_and_abort_leaves_nothing(tmp_path):
-    layout = StoreLayout(str(tmp_path), "f")
+    layout = store_layout(str(tmp_path), "f")
     layout.make_dirs()
-    w = FeatureShardWriter(layout, "000000", 3)
+    w = FeatureShardWriter(ShardOutput(layout, "000000"), 3)
     w.add("a", np.ones((4, 3), np.float32))
     assert layout.read_commit("000000") is None
-    assert not os.path.exists(layout.array_path("000000"))
+    assert not os.path.exists(layout.shard_path("array", "000000"))
     w.abort()
-    assert os.listdir(layout.shards_dir) == []
+    assert os.listdir(layout.path("shards")) == []
 
 
 def test_non_finite_features_become_rejects_not_rows(tmp_path):
-    layout = StoreLayout(str(tmp_path), "f")
+    layout = store_layout(str(tmp_path), "f")
     layout.make_dirs()
     bad = np.ones((2, 3), np.float32)
     bad[1, 2] = 1e6  # Beyond float16: inf once stored.
@@ -63,7 +64,7 @@ def test_non_finite_features_become_rejects_not_rows(tmp_path):
 
 def test_same_inputs_give_byte_identical_shards(tmp_path):
     for name in ("a", "b"):
-        layout = StoreLayout(str(tmp_path), name)
+        layout = store_layout(str(tmp_path), name)
         layout.make_dirs()
         _write(layout, "000000", _items(7, 6))
     for f in ("000000.npy", "000000.index.parquet", "000000.commit.json"):
@@ -73,9 +74,9 @@ def test_same_inputs_give_byte_identical_shards(tmp_path):
 
 
 def test_a_wrong_dimension_is_refused(tmp_path):
-    layout = StoreLayout(str(tmp_path), "f")
+    layout = store_layout(str(tmp_path), "f")
     layout.make_dirs()
-    w = FeatureShardWriter(layout, "000000", 3)
+    w = FeatureShardWriter(ShardOutput(layout, "000000"), 3)
     with pytest.raises(ValueError, match="expected"):
         w.add("a", np.ones((2, 4), np.float32))
     w.abort()
@@ -87,7 +88,7 @@ def test_reading_an_unfinished_store_says_what_to_run(tmp_path):
 
 
 def test_meta_json_is_written_last_with_totals(tmp_path):
-    layout = StoreLayout(str(tmp_path), "f")
+    layout = store_layout(str(tmp_path), "f")
     layout.make_dirs()
     _write(layout, "000000", _items(2, 3))
     meta = finalize(layout, ["000000"], {"spec": {"dim": 3}})

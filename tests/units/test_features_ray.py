@@ -65,13 +65,17 @@ def test_mfcc_store_holds_the_sample_with_exact_frame_counts(root):
         assert_within(feats, alone, float16_bound(alone, kaldi_bound(wav, mfcc=True)), key)
     speakers = {k.split("-")[0] for k in keys}
     assert len(speakers) == 2  # Stratified: both speakers are in the sample.
-    # This run's throughput: the sample's hours and FLAC bytes, the arrays it committed.
+    # This run's throughput: the sample's hours and FLAC bytes, and every shard file it
+    # committed (arrays, indexes, rejects, commit records).
     sampled = [u for u in manifest if u["key"] in set(keys)]
     speed = meta["throughput"]
     assert speed["hours_extracted"] == pytest.approx(sum(u["duration"] for u in sampled) / 3600)
     assert speed["bytes_read"] == sum(u["size"] for u in sampled)
-    arrays = [f for f in _files(store.layout.shards_dir) if f.endswith(".npy")]
-    sizes = [os.path.getsize(os.path.join(store.layout.shards_dir, f)) for f in arrays]
+    shard_files = _files(store.layout.path("shards"))
+    assert {f.split(".", 1)[1] for f in shard_files} == {
+        "npy", "index.parquet", "rejects.parquet", "commit.json"
+    }  # fmt: skip
+    sizes = [os.path.getsize(os.path.join(store.layout.path("shards"), f)) for f in shard_files]
     assert speed["bytes_written"] == sum(sizes) and speed["workers"] == 2
     per_worker = speed["audio_hours_per_second"] / speed["workers"]
     assert speed["audio_hours_per_second_per_worker"] == pytest.approx(per_worker)

@@ -66,7 +66,10 @@ def _check_throughput(rate, root, out, shards):
     )
 
 
-_SHARD_FILES = (("features", "npy"), ("rows", "parquet"), ("rejects", "parquet"))
+#: Every file a shard commits, its commit record included.
+_SHARD_FILES = (
+    ("features", "npy"), ("rows", "parquet"), ("rejects", "parquet"), ("commits", "json")
+)  # fmt: skip
 
 
 def _read_split(directory, split):
@@ -198,11 +201,19 @@ def test_bad_requests_are_clear_errors_that_write_nothing(root):
         run(str(root), "w-layer2", "w", SPLITS, options=W2VUOptions(k=4, pca_dim=6))
 
 
+def _exit_status(argv) -> int:
+    """The status ``python -m pipelines.w2vu ARGV`` exits with (argparse exits by itself)."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def test_cli_usage_errors_exit_2_before_ray(tmp_path, capsys):
     argv = ["--root", str(tmp_path), "--name", "x", "--features", "f"]
-    assert cli.main([*argv, "--splits", "train"]) == 2
+    assert _exit_status([*argv, "--splits", "train"]) == 2
     assert "is not NAME=PERCENT" in capsys.readouterr().err
-    assert cli.main([*argv, "--subsample", "0"]) == 2
+    assert _exit_status([*argv, "--subsample", "0"]) == 2
     with pytest.raises(SystemExit) as done:
         cli.main(["--help"])
     assert done.value.code == 0

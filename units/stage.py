@@ -1,0 +1,275 @@
+"""The one engine of the stages that stream audio shards: features, labels, wav2vec-U.
+
+A stage gives an :class:`~shards.core.outputs.OutputLayout`, a worker class and the rows of
+each shard to do; the engine owns the rest:
+
+- the pending list (a committed shard is never done twice; a finished run does nothing),
+- placement (:func:`units.actors.place`): one actor per CPU, or GPU actors that take their
+  audio decoded by CPU tasks so a GPU never waits on FLAC decoding,
+- a shard whose actor is lost goes to a live actor (:class:`units.actors.ShardPool`),
+- decoding and batching (:func:`batches`, a rule of the shard alone, so neither the number
+  of workers nor a retry changes what shares a batch: README, "Determinism"),
+- one shard's files written through a :class:`~shards.core.outputs.ShardOutput` and
+  committed, or removed on failure,
+- progress in audio hours, temporary files cleaned at the end, the throughput record.
+
+A worker only implements "process one shard and write it through this output"::
+
+    class Worker:
+        batch_seconds: float  # audio per batch handed to write_shard
+
+        def __init__(self, *args, device: str, **kwargs): ...
+
+        def write_shard(self, out: ShardOutput, batches: Iterator[list[tuple[dict, ndarray]]]
+                        ) -> dict[str, int]:  # the counts of the commit record
+
+The k-means passes do not run here: they are not shard-to-file maps but rounds of a
+reduction. Each round sends the same centroids to every actor and sums their partial
+statistics in a fixed tree (``units.tree_sum``) so the result is the same bits for any
+number of workers, and no part is written to disk between rounds; their actors hold their
+feature shards in memory across rounds (``units.kmeans_ray``). What they share with this
+engine is the placement and the retry policy (:mod:`units.actors`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import ray
+
+from shards import throughput
+from shards.atomic import read_json, write_atomic
+from shards.core.outputs import OutputLayout, ShardOutput, StageError
+from shards.reader import read_audio
+
+from .actors import actor_pool, longest_first, map_until_failure, place
+from .extractor import FeatureSpec
+
+log = logging.getLogger(__name__)
+
+
+def decode_rows(root: str, rows: list[dict]) -> list[tuple[np.ndarray | None, str | None]]:
+    """Decodes the audio of ``rows``: (waveform, None) or (None, error message) each."""
+    out = []
+    for row in rows:
+        try:
+            wav, rate = read_audio(root, row["shard"], row["offset"], row["size"])
+        except Exception as e:  # A bad member is that utterance's reject, not the shard's end.
+            out.append((None, f"{type(e).__name__}: {e}"))
+            continue
+        if rate != 16_000 or wav.ndim != 1:
+            out.append((None, f"expected 16 kHz mono, got {rate} Hz, shape {wav.shape}"))
+        else:
+            out.append((wav, None))
+    return out
+
+
+def batches(
+    rows: list[dict], decoded: list, batch_seconds: float, reject: Callable[[dict, str], None]
+) -> Iterator[list[tuple[dict, np.ndarray]]]:
+    """Decoded rows in batches of about ``batch_seconds`` of audio, in order; a row that
+    failed to decode goes to ``reject(row, message)`` instead."""
+    batch: list[tuple[dict, np.ndarray]] = []
+    seconds = 0.0
+    for row, (wav, error) in zip(rows, decoded, strict=True):
+        if error is not None:
+            reject(row, error)
+            continue
+        batch.append((row, wav))
+        seconds += len(wav) / 16_000
+        if seconds >= batch_seconds:
+            yield batch
+            batch, seconds = [], 0.0
+    if batch:
+        yield batch
+
+
+def check_frames(spec: FeatureSpec, key: str, num_samples: int, frames: int) -> None:
+    """Raises when ``frames`` breaks the frame contract: a bug, never a warning."""
+    expected = spec.contract.frames(num_samples)
+    if frames != expected:
+        raise RuntimeError(
+            f"{key}: {frames} feature frames for {num_samples} samples, expected {expected} "
+            f"at {spec.frame_rate:g} Hz ({spec.extractor})"
+        )
+
+
+def claim(
+    layout: OutputLayout, plan: dict, conflict: str, prepare: Callable[[], None] | None = None
+) -> dict | None:
+    """Records what an output is made from (``plan.json``) before any work, or checks that
+    an output started earlier was made from the same; returns the saved plan, if any.
+
+    Args:
+        layout: The stage output.
+        plan: What decides the output's content (never how it runs).
+        conflict: What a different saved plan means, for the error.
+        prepare: Writes the files the plan stands for (a drawn sample, say) before the plan
+            is written, so that a saved plan always has them.
+
+    Raises:
+        StageError: The output was started with another plan.
+    """
+    saved = read_json(layout.path("plan.json"))
+    if saved is not None:
+        if saved != plan:
+            raise StageError(f"{layout.kind} {layout.name!r} {conflict}; use another --name")
+        return saved
+    layout.make_dirs()
+    if prepare is not None:
+        prepare()
+    write_atomic(layout.path("plan.json"), json.dumps(plan, indent=1, sort_keys=True).encode())
+    return None
+
+
+class ShardActor:
+    """A Ray actor around one stage worker: skips committed shards, decodes, batches, and
+    commits what the worker wrote (or removes it when the worker fails)."""
+
+    def __init__(self, layout: OutputLayout, worker: type, args: tuple, kwargs: dict, device: str):
+        self.layout = layout
+        self.worker = worker(*args, device=device, **kwargs)
+
+    def process_shard(self, shard: str, rows: list[dict], decoded: list | None = None) -> dict:
+        """Writes and commits ``shard``; returns its commit record, with ``written`` (False
+        when it was already committed) and ``bytes_written``."""
+        done = self.layout.read_commit(shard)
+        if done is not None:
+            return dict(done, written=False, bytes_written=0)
+        out = ShardOutput(self.layout, shard)
+        try:
+            if decoded is None:
+                decoded = decode_rows(self.layout.root, rows)
+
+            def reject(row: dict, error: str) -> None:
+                out.reject(row["key"], "corrupt_audio", error)
+
+            counts = self.worker.write_shard(
+                out, batches(rows, decoded, self.worker.batch_seconds, reject)
+            )
+            record = out.commit(**counts)
+        except BaseException:
+            out.abort()
+            raise
+        return dict(record, written=True, bytes_written=out.bytes_written)
+
+
+@ray.remote(num_cpus=1)
+def _decode_task(root: str, rows: list[dict]) -> list:
+    return decode_rows(root, rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """What one run of :func:`run_pass` did."""
+
+    shards_written: int
+    hours: float
+    workers: int
+    bytes_read: int
+    bytes_written: int
+
+    def throughput(self, hours_field: str, started: float) -> dict:
+        """The throughput record (:func:`shards.throughput.record`) of a run that started
+        at ``started`` (``time.monotonic()``)."""
+        return throughput.record(
+            hours_field,
+            self.hours,
+            wall_seconds=time.monotonic() - started,
+            workers=self.workers,
+            bytes_read=self.bytes_read,
+            bytes_written=self.bytes_written,
+        )
+
+    def result(self, meta: dict, hours_field: str, started: float) -> dict:
+        """A stage's result, the same shape for every stage: ``meta`` (its ``meta.json``)
+        with this run's ``shards_written``, ``wall_seconds`` and ``throughput``."""
+        record = self.throughput(hours_field, started)
+        return dict(
+            meta,
+            shards_written=self.shards_written,
+            wall_seconds=record["wall_seconds"],
+            throughput=record,
+        )
+
+
+#: A run that found every shard committed.
+NOTHING_TO_DO = Pass(0, 0.0, 0, 0, 0)
+
+
+def run_pass(
+    layout: OutputLayout,
+    worker: type,
+    rows_by_shard: dict[str, list[dict]],
+    *args,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    progress: bool = False,
+    **kwargs,
+) -> Pass:
+    """Writes every shard of ``rows_by_shard`` that is not committed yet with
+    ``worker(*args, device=..., **kwargs)`` actors. Ray must be initialised.
+
+    Args:
+        layout: The stage output.
+        worker: The stage's worker class (see the module docstring).
+        rows_by_shard: Manifest rows (``key``, ``shard``, ``offset``, ``size``, ``duration``,
+            ...) of each audio shard, in manifest order.
+        workers: CPU actors (default: one per CPU of the cluster).
+        gpus_per_worker: GPUs per actor (``None``: one per actor when the cluster has GPUs;
+            0: CPUs only).
+        progress: Show the audio hours done on the driver, live.
+
+    Returns:
+        The shards written, their audio hours, the actors used and the bytes read and
+        written. The shard files are all committed then, and no temporary file is left.
+
+    Raises:
+        Exception: The first worker error, once every call in flight has returned.
+    """
+    pending = longest_first(
+        [s for s in sorted(rows_by_shard) if layout.read_commit(s) is None], rows_by_shard
+    )
+    if not pending:
+        layout.remove_temps()
+        return NOTHING_TO_DO
+    layout.make_dirs()
+    placement = place(workers, gpus_per_worker)
+    pool = actor_pool(ShardActor, placement, len(pending), layout, worker, args, kwargs,
+                      placement.device)  # fmt: skip
+    decode_apart = placement.device == "cuda"
+
+    def submit(actor, shard):
+        rows = rows_by_shard[shard]
+        decoded = _decode_task.remote(layout.root, rows) if decode_apart else None
+        return actor.process_shard.remote(shard, rows, decoded)
+
+    hours = {s: sum(r["duration"] for r in rows_by_shard[s]) / 3600 for s in pending}
+    done_hours, bytes_written = 0.0, 0
+    with throughput.hours_bar(sum(hours.values()), layout.kind, progress) as bar:
+        for record in map_until_failure(pool, submit, pending):  # The bar closes on errors.
+            done_hours += hours[record["shard"]]
+            bytes_written += record["bytes_written"]
+            bar.update(hours[record["shard"]])
+            log.debug("%s shard %s", layout.kind, record)
+    layout.remove_temps()  # Every writer is done: what a lost race left behind goes.
+    return Pass(
+        shards_written=len(pending),
+        hours=done_hours,
+        workers=placement.actors(len(pending)),
+        bytes_read=sum(r["size"] for s in pending for r in rows_by_shard[s]),
+        bytes_written=bytes_written,
+    )
+
+
+def rows_by_shard(rows: list[dict]) -> dict[str, list[dict]]:
+    """Manifest rows grouped by their audio shard, in manifest order within each."""
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault(row["shard"], []).append(row)
+    return grouped
