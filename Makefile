@@ -16,13 +16,13 @@ export RAY_AUTH_MODE := disabled
 # The numerically sensitive tests run again under math-library settings that change float
 # results on an AVX-512 Intel CPU (README, "Determinism"), so a test that holds only for one
 # CPU's kernels fails here too. OpenBLAS's Haswell kernels need AVX2: set only where it is.
-NUMERIC_TESTS := tests/units/test_kaldi_features.py tests/units/test_ssl.py \
-	tests/units/test_kmeans.py tests/units/test_kmeans_ray.py tests/units/test_pca.py \
-	tests/units/test_features_ray.py::test_mfcc_store_holds_the_sample_with_exact_frame_counts \
-	tests/units/test_features_ray.py::test_a_tiny_hubert_from_a_local_directory_gives_its_layer \
-	tests/units/test_labels_ray.py::test_every_utterance_gets_the_units_of_its_exact_features \
-	tests/units/test_labels_ray.py::test_ssl_labels_follow_the_50hz_contract_on_odd_lengths \
-	tests/units/test_w2vu_ray.py::test_the_split_files_equal_the_steps_done_one_at_a_time
+NUMERIC_TESTS := tests/units/features/test_kaldi.py tests/units/features/test_ssl.py \
+	tests/units/kmeans/test_estimator.py tests/units/kmeans/test_stage.py tests/units/kmeans/test_pca.py \
+	tests/units/features/test_stage.py::test_mfcc_store_holds_the_sample_with_exact_frame_counts \
+	tests/units/features/test_stage.py::test_a_tiny_hubert_from_a_local_directory_gives_its_layer \
+	tests/units/labels/test_stage.py::test_every_utterance_gets_the_units_of_its_exact_features \
+	tests/units/labels/test_stage.py::test_ssl_labels_follow_the_50hz_contract_on_odd_lengths \
+	tests/units/labels/test_w2vu_stage.py::test_the_split_files_equal_the_steps_done_one_at_a_time
 HASWELL := $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo OPENBLAS_CORETYPE=Haswell)
 NUMERIC_AVX2 := MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(HASWELL)
 NUMERIC_GENERIC := MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1

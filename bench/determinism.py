@@ -82,8 +82,8 @@ def load(files: int) -> tuple[list[str], list[np.ndarray]]:
 
 def features(wavs: list[np.ndarray]) -> list[np.ndarray]:
     """MFCC in the label pass's batches: its own batching rule and default batch size."""
-    from units.extractors import ExtractorOptions
-    from units.kaldi_features import KaldiMFCC
+    from units.features.extractors import ExtractorOptions
+    from units.features.kaldi import KaldiMFCC
     from units.stage import batches
 
     def never(row: dict, error: str) -> None:
@@ -99,7 +99,7 @@ def features(wavs: list[np.ndarray]) -> list[np.ndarray]:
 
 def units_of(feats: list[np.ndarray], centroids: np.ndarray) -> list[np.ndarray]:
     """The nearest centroid of every frame, as the label pass's CPU workers assign it."""
-    from units.kmeans_parts import Assigner
+    from units.kmeans.parts import Assigner
 
     assign = Assigner(centroids)
     return [assign(np.ascontiguousarray(f), distances=False)[0] for f in feats]
@@ -154,7 +154,7 @@ def main() -> None:
         return
 
     from tests.numerics import kaldi_bound
-    from units.kmeans import KMeans
+    from units.kmeans.estimator import KMeans
 
     paths, wavs = load(args.files)
     hours = sum(len(w) for w in wavs) / 16_000 / 3600

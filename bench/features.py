@@ -1,6 +1,6 @@
 """Benchmarks of the feature extractors, one function per benchmark.
 
-``features.mfcc``: the project's batched Kaldi MFCC (:class:`units.kaldi_features.KaldiMFCC`)
+``features.mfcc``: the project's batched Kaldi MFCC (:class:`units.features.kaldi.KaldiMFCC`)
 against two baselines on the same speech-like audio, on one CPU core
 (``torch.set_num_threads(1)``):
 
@@ -28,10 +28,10 @@ printed, with ours against kaldi-native-fbank on the static cepstra).
 ``features.ssl``: layer-6 features of a randomly initialised HuBERT-base-sized model
 (transformers ``HubertConfig()``: 12 blocks, hidden 768, group-norm conv front end;
 ``torch.manual_seed(0)``, saved to a temporary directory and loaded with
-:func:`units.ssl.load_hf`) on speech-like utterances of 2-16 s (``--ssl-seconds-of-audio``,
+:func:`units.features.ssl.load_hf`) on speech-like utterances of 2-16 s (``--ssl-seconds-of-audio``,
 default 120 s: about two minutes on two idle cores), two threads for everyone:
 
-* ours: :class:`units.ssl.SSLExtractor` called once on all the audio. Its defaults (40 s
+* ours: :class:`units.features.ssl.SSLExtractor` called once on all the audio. Its defaults (40 s
   windows) run every utterance here whole; a group-norm model only batches windows of equal
   length, and no two utterances are equally long, so this is one forward per utterance that
   stops after block 6.
@@ -48,7 +48,7 @@ default 120 s: about two minutes on two idle cores), two threads for everyone:
   ``output_hidden_states=True``: all 12 blocks, what many transformers scripts do. For
   reference; it is not what fairseq does.
 * ``pipeline`` (CPU only): the feature stage on Ray as a user runs it,
-  ``units.features_ray.run`` with ``ExtractorOptions("hf:MODEL_DIR", layer=6)`` and
+  ``units.features.stage.run`` with ``ExtractorOptions("hf:MODEL_DIR", layer=6)`` and
   ``SampleRequest(percent=100)``, Ray started with ``num_cpus=2``: one single-threaded actor
   per core. The utterances are written as 16 kHz 16-bit FLAC and sharded by the shard stage
   (at least two shards per actor) before timing; each timed call, into a fresh store,
@@ -94,9 +94,9 @@ from _common import REPO, prepare
 prepare()
 
 from shards.synthetic import speechlike  # noqa: E402 - after the sys.path fix above.
-from units.frames import SSL  # noqa: E402
-from units.kaldi_features import KaldiMFCC  # noqa: E402
-from units.ssl import SSLExtractor, SSLModel, load_hf  # noqa: E402
+from units.features.frames import SSL  # noqa: E402
+from units.features.kaldi import KaldiMFCC  # noqa: E402
+from units.features.ssl import SSLExtractor, SSLModel, load_hf  # noqa: E402
 
 SAMPLE_RATE = 16_000
 
@@ -365,7 +365,8 @@ def make_ssl_model(directory: str) -> SSLModel:
 
     ``HubertConfig()``'s defaults (hubert-base-ls960's shape: 12 blocks, hidden 768, seven
     conv layers of 512 channels, group norm in the first), weights from
-    ``torch.manual_seed(0)``, loaded with :func:`units.ssl.load_hf` as a real model would be.
+    ``torch.manual_seed(0)``, loaded with :func:`units.features.ssl.load_hf` as a real model
+    would be.
     """
     from transformers import HubertConfig, HubertModel
     from transformers.utils import logging as transformers_logging
@@ -500,7 +501,7 @@ def _ssl_agreement(
 
 
 class _Pipeline:
-    """The ``pipeline`` contender: the feature stage on Ray (``units.features_ray.run``).
+    """The ``pipeline`` contender: the feature stage on Ray (``units.features.stage.run``).
 
     Set up off the clock: the benchmark's utterances as 16 kHz 16-bit FLAC files, sharded
     by the shard stage into at least two shards per actor, under ``directory``. Each call
@@ -516,9 +517,9 @@ class _Pipeline:
 
         from shards.plan import ShardingOptions
         from shards.ray_sharding import run as shard
-        from units.extractors import ExtractorOptions
-        from units.features_ray import FeatureWorker
-        from units.sampling import SampleRequest
+        from units.features.extractors import ExtractorOptions
+        from units.features.sampling import SampleRequest
+        from units.features.stage import FeatureWorker
 
         wav_dir = os.path.join(directory, "wav")
         os.makedirs(wav_dir)
@@ -544,7 +545,7 @@ class _Pipeline:
         ray.kill(actor)
 
     def __call__(self) -> str:
-        from units.features_ray import run
+        from units.features.stage import run
 
         self.calls += 1
         name = f"ssl{self.calls}"
@@ -560,7 +561,7 @@ class _Pipeline:
 
     def features(self, name: str) -> list[np.ndarray]:
         """The store's features in utterance order, as float32; exits if any is missing."""
-        from units.feature_store import FeatureStore
+        from units.features.store import FeatureStore
 
         store = FeatureStore(self.root, name)
         found = {key: feats.astype(np.float32) for key, feats in store}

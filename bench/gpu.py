@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from units.kaldi_features import KaldiMFCC
-from units.kmeans_parts import Assigner
-from units.ssl import SSLExtractor, load_hf
+from units.features.kaldi import KaldiMFCC
+from units.features.ssl import SSLExtractor, load_hf
+from units.kmeans.parts import Assigner
 
 
 def _timed(fn, repeat=1):

@@ -5,12 +5,12 @@ Two cases shaped like the real ones: 1,000,000 x 39 with k = 100 (MFCC + deltas)
 as many components as clusters (:func:`make_mixture`), float32, so k-means has to merge
 components and there is no clean answer. Contenders, all on two cores:
 
-* ``ours``: :class:`units.kmeans.KMeans` with its defaults (``k-means||``, ``max_iter=100``,
-  ``tol=1e-4``, ``seed=0``) on ``units.kmeans_ray.distribute(x, workers=2)``, local Ray with
-  ``num_cpus=2`` (one single-threaded actor per core). Timed from ``distribute()`` through
-  ``fit()``: nothing is left out (actors starting, the data going into the object store and
-  to the actors, the NaN scan, the initialisation, every iteration). ``load_seconds`` is the
-  part until the actors are up and hold their rows.
+* ``ours``: :class:`units.kmeans.estimator.KMeans` with its defaults (``k-means||``,
+  ``max_iter=100``, ``tol=1e-4``, ``seed=0``) on ``units.kmeans.stage.distribute(x,
+  workers=2)``, local Ray with ``num_cpus=2`` (one single-threaded actor per core). Timed
+  from ``distribute()`` through ``fit()``: nothing is left out (actors starting, the data
+  going into the object store and to the actors, the NaN scan, the initialisation, every
+  iteration). ``load_seconds`` is the part until the actors are up and hold their rows.
 * ``ours_20iter``: the same with faiss's budget, ``max_iter=20, tol=0``: twenty full passes.
 * ``ours_inprocess``: the same fit on the array in this process (``parts=2``, run one after
   the other, BLAS with two threads). For reference.
@@ -259,8 +259,8 @@ def run_ours_ray(
     x: np.ndarray, k: int, seed: int, name: str = "ours", spread: bool = False, **options
 ):
     """``distribute`` + ``fit`` on the Ray that is up; actors killed afterwards."""
-    from units.kmeans import KMeans
-    from units.kmeans_ray import distribute
+    from units.kmeans.estimator import KMeans
+    from units.kmeans.stage import distribute
 
     started = time.perf_counter()
     parts = distribute(x, workers=CORES, spread=spread)
@@ -278,7 +278,7 @@ def run_ours_ray(
 
 
 def run_ours_inprocess(x: np.ndarray, k: int, seed: int) -> Run:
-    from units.kmeans import KMeans
+    from units.kmeans.estimator import KMeans
 
     started = time.perf_counter()
     km = KMeans(k, seed=seed, parts=CORES).fit(x)

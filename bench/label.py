@@ -3,8 +3,8 @@
 ``label``: every utterance of a corpus gets one k-means unit per MFCC frame (k = 100 on
 39-dim MFCC with deltas, HuBERT's first iteration), two cores for each contender:
 
-* ours: :func:`units.labels_ray.run` on local Ray (``num_cpus=2``), two ``LabelWorker``
-  actors: FLAC decoded from the shard tars, MFCC with :class:`units.kaldi_features.KaldiMFCC`,
+* ours: :func:`units.labels.stage.run` on local Ray (``num_cpus=2``), two ``LabelWorker``
+  actors: FLAC decoded from the shard tars, MFCC with :class:`units.features.kaldi.KaldiMFCC`,
   nearest centroid, one Parquet file of units per shard, committed atomically. Timed from
   the call to its return, with Ray already up and the k-means already fitted; the actors'
   start-up (a Ray worker, importing torch and the project) is inside the call.
@@ -85,7 +85,7 @@ a LibriSpeech-layout corpus of speech-like 16 kHz FLAC utterances of 2-20 s
 (:func:`shards.synthetic.write_librispeech`), fairseq's tsv of it (as
 ``wav2vec_manifest.py`` writes it: the corpus directory, then ``path<TAB>samples``), the
 shard stage into a root (about eight shards: four per worker), the feature stage on a 25%
-sample, k-means with k = 100 (``units.kmeans_ray.run``, ``KMeans(100, seed=0)``).
+sample, k-means with k = 100 (``units.kmeans.stage.run``, ``KMeans(100, seed=0)``).
 
 Usage:
     python bench/label.py              # 0.5 audio hours: about a minute on two idle cores
@@ -213,12 +213,12 @@ def build_corpus(
             json.dump({"speakers": speakers, "max_samples": max_samples, "seed": seed}, f)
         print(f"  made {base} in {time.perf_counter() - started:.0f} s", flush=True)
     if fit and not os.path.exists(os.path.join(root, "kmeans", KMEANS, "kmeans.json")):
-        from units.extractors import ExtractorOptions
-        from units.features_ray import run as extract
-        from units.kmeans import KMeans
-        from units.kmeans_ray import StageOptions
-        from units.kmeans_ray import run as fit_kmeans
-        from units.sampling import SampleRequest
+        from units.features.extractors import ExtractorOptions
+        from units.features.sampling import SampleRequest
+        from units.features.stage import run as extract
+        from units.kmeans.estimator import KMeans
+        from units.kmeans.stage import StageOptions
+        from units.kmeans.stage import run as fit_kmeans
 
         started = time.perf_counter()
         request = SampleRequest(percent=SAMPLE_PERCENT, seed=seed)
@@ -464,7 +464,7 @@ def run_ours(corpus: Corpus, name: str) -> Timing:
     ``process_shard`` task starts (planning, two actors starting: a Ray worker each, imports,
     k-means load); the rest is the work, to the call's return.
     """
-    from units.labels_ray import run
+    from units.labels.stage import run
 
     started = time.time()  # Epoch seconds, as the timeline's.
     meta = run(corpus.root, KMEANS, name, workers=CORES)
@@ -562,8 +562,8 @@ def memory_child(root: str, kmeans: str, name: str) -> None:
     shard's work, so the whole-life peak alone would hide any growth. The labelling peak
     comes from resetting the kernel's high-water mark after the set-up (``clear_refs``).
     """
-    from units.labels import label_layout
-    from units.labels_ray import LabelWorker
+    from units.labels.model import label_layout
+    from units.labels.stage import LabelWorker
     from units.stage import ShardActor
 
     layout = label_layout(root, name)
@@ -597,7 +597,7 @@ def worker_peak_rss(root: str) -> dict:
     """Runs :func:`memory_child` over every shard of ``root``; returns its RSS figures."""
     import pyarrow.parquet as pq
 
-    from units.labels_ray import _MANIFEST_COLUMNS
+    from units.labels.stage import _MANIFEST_COLUMNS
 
     name = "memory"
     shutil.rmtree(os.path.join(root, "labels", name), ignore_errors=True)
@@ -676,8 +676,8 @@ def profile_worker(corpus: Corpus, shards: int = 2, top: int = 25) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from units.labels import label_layout
-    from units.labels_ray import _MANIFEST_COLUMNS, LabelWorker
+    from units.labels.model import label_layout
+    from units.labels.stage import _MANIFEST_COLUMNS, LabelWorker
     from units.stage import ShardActor
 
     torch.set_num_threads(1)  # as in a one-CPU actor

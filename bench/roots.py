@@ -81,7 +81,7 @@ def main() -> int:
     import ray
 
     from pipelines.demo.corpus import write_demo_corpus
-    from shards import storage
+    from shards.core import storage
 
     work = tempfile.mkdtemp(prefix="bench-roots-")
     try:

@@ -128,8 +128,8 @@ def record_path(root: str, stage: str, name: str | None = None) -> str:
 def write_record(path: str, record: dict) -> None:
     """Writes ``record`` as JSON at ``path`` (a local path or a URL), atomically: a reader
     sees the last run's whole record or the one before."""
-    from shards import storage
-    from shards.atomic import write_atomic
+    from shards.core import storage
+    from shards.core.atomic import write_atomic
 
     directory = os.path.dirname(path)
     if directory:
@@ -281,7 +281,7 @@ def check_writable(root: str, create: bool = False) -> None:
 
 
 def describe_throughput(record: dict) -> str:
-    """One line of a stage's throughput record (:func:`shards.throughput.record`)."""
+    """One line of a stage's throughput record (:func:`shards.core.throughput.record`)."""
     hours = next(v for k, v in record.items() if k.startswith("hours_"))
     return (
         f"{hours:.3f} h in {record['wall_seconds']:.1f} s, "

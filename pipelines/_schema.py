@@ -243,7 +243,7 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 class Splits(Kind):
     """Split names and their percents, ``train=99,valid=1`` or ``{train: 99, valid: 1}``:
     each name a plain file stem, given once; each percent positive; together 100. The same
-    rule :func:`units.fairseq_export.assign_splits` applies when it draws the splits (a sum
+    rule :func:`units.labels.fairseq.assign_splits` applies when it draws the splits (a sum
     within 1e-6 of 100), checked here before any work rather than after a whole pass."""
 
     expected = "NAME=PERCENT,... (for example train=99,valid=1)"

@@ -58,8 +58,8 @@ def add_arguments(parser) -> None:
 
 
 def extractor_options(args):
-    """The :class:`units.extractors.ExtractorOptions` of ``args``."""
-    from units.extractors import ExtractorOptions
+    """The :class:`units.features.extractors.ExtractorOptions` of ``args``."""
+    from units.features.extractors import ExtractorOptions
 
     return ExtractorOptions(
         args.extractor,
@@ -71,9 +71,9 @@ def extractor_options(args):
 
 
 def sample_request(args):
-    """The :class:`units.sampling.SampleRequest` of ``args``: ``hours`` wins over ``percent``
-    when both are set (a config that sets hours over a default percent)."""
-    from units.sampling import SampleRequest
+    """The :class:`units.features.sampling.SampleRequest` of ``args``: ``hours`` wins over
+    ``percent`` when both are set (a config that sets hours over a default percent)."""
+    from units.features.sampling import SampleRequest
 
     percent = None if args.hours is not None else args.percent
     return SampleRequest(percent=percent, hours=args.hours, seed=args.seed)
@@ -81,8 +81,8 @@ def sample_request(args):
 
 def check(args) -> None:
     """The sample and the extractor (its checkpoint loads, its layer exists): before Ray."""
-    from units.extractors import ExtractorError, build
-    from units.sampling import SampleError
+    from units.features.extractors import ExtractorError, build
+    from units.features.sampling import SampleError
 
     try:
         sample_request(args).validate()
@@ -96,8 +96,8 @@ def prepare(args) -> None:
 
 
 def run(args) -> dict:
-    from units.features_ray import FeatureStageError
-    from units.features_ray import run as extract
+    from shards.core.outputs import StageError
+    from units.features.stage import run as extract
 
     from ._ray import connect
 
@@ -112,7 +112,7 @@ def run(args) -> dict:
             progress=args.progress,
             spec=getattr(args, "spec", None),
         )
-    except FeatureStageError as e:
+    except StageError as e:
         raise _cli.UsageError(str(e)) from None
 
 

@@ -240,7 +240,7 @@ def check(args) -> int | None:
 
 def prepare(args) -> None:
     """ROOT can be written, and holds shards or gets them from the inputs (which exist)."""
-    from shards import storage
+    from shards.core import storage
 
     config = args.config_resolved
     root = config["root"]
@@ -254,7 +254,7 @@ def prepare(args) -> None:
 
 def run(args) -> dict:
     """Runs every stage in order; returns each stage's result, and the config."""
-    from shards import storage
+    from shards.core import storage
 
     from ._ray import connect
 
@@ -267,7 +267,7 @@ def run(args) -> dict:
     lab = stages["label"]
     out["label"] = _stage("label", lab, label.label_pass)
     if lab.fairseq_splits and storage.is_url(root):
-        from units.fairseq_export import REMOTE_ROOT_HINT
+        from units.labels.fairseq import REMOTE_ROOT_HINT
 
         hint = REMOTE_ROOT_HINT.format(root=root)
         print(f"== fairseq: skipped, fairseq reads local files: {hint}", flush=True)

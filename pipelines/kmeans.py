@@ -21,14 +21,14 @@ import sys
 from . import _args, _cli
 from ._schema import REQUIRED, Bool, Choice, Float, Int, Option, Optional, add_options
 
-#: The library's choices (units.kmeans.INITS and ALGORITHMS), spelled here so that --help
+#: The library's choices (units.kmeans.estimator.INITS and ALGORITHMS), spelled here so that --help
 #: imports no numerics; tests/pipelines/test_cli.py checks that they agree.
 INITS = ("k-means||", "k-means++", "random")
 ALGORITHMS = ("lloyd", "minibatch")
 
 #: The k-means options: the flags below, and the ``kmeans`` section of the hubert config.
 #: Their ranges beyond the type (k fits uint16 units, ...) are the estimator's own checks
-#: (:meth:`units.kmeans.KMeans.check_params`), run by :func:`check` before Ray starts.
+#: (:meth:`units.kmeans.estimator.KMeans.check_params`), run by :func:`check` before Ray starts.
 OPTIONS = {
     "name": _args.name("kmeans"),
     "k": Option(Int(), REQUIRED, "number of clusters, 1 to 65536 (units are uint16)", "K"),
@@ -64,12 +64,12 @@ def add_arguments(parser) -> None:
 
 
 def estimator(args):
-    """The :class:`units.kmeans.KMeans` of ``args``, its parameters checked.
+    """The :class:`units.kmeans.estimator.KMeans` of ``args``, its parameters checked.
 
     Raises:
         UsageError: Parameters the estimator refuses (k out of 1..65536, max_iter < 1, ...).
     """
-    from units.kmeans import KMeans
+    from units.kmeans.estimator import KMeans
 
     km = KMeans(
         args.k,
@@ -93,7 +93,7 @@ def check(args) -> None:
 
 def prepare(args) -> None:
     _cli.check_writable(args.root)  # A read-only or full ROOT fails here, in a second.
-    from units.feature_store import FeatureStore
+    from units.features.store import FeatureStore
 
     try:  # A missing store is a usage error.
         FeatureStore(args.root, args.features)
@@ -102,8 +102,9 @@ def prepare(args) -> None:
 
 
 def run(args) -> dict:
-    from units.kmeans_ray import KMeansStageError, StageOptions
-    from units.kmeans_ray import run as fit
+    from shards.core.outputs import StageError
+    from units.kmeans.stage import StageOptions
+    from units.kmeans.stage import run as fit
 
     from ._ray import connect
 
@@ -119,7 +120,7 @@ def run(args) -> dict:
     )
     try:
         return fit(args.root, args.features, args.name, estimator(args), options)
-    except KMeansStageError as e:
+    except StageError as e:
         raise _cli.UsageError(str(e)) from None
 
 

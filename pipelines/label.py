@@ -80,7 +80,7 @@ def parse_splits(text: str) -> dict[str, float]:
 def _requested(args):
     if args.extractor is None:
         return None
-    from units.extractors import ExtractorOptions
+    from units.features.extractors import ExtractorOptions
 
     return ExtractorOptions(args.extractor, layer=args.layer)
 
@@ -94,10 +94,11 @@ def prepare(args) -> None:
     """The k-means exists, another extractor computes its features, and a fairseq export
     can be written (fairseq reads local files): before Ray, not after the label pass."""
     _cli.check_writable(args.root)  # A read-only or full ROOT fails here, in a second.
-    from shards import storage
-    from units import extractors
-    from units.fairseq_export import REMOTE_ROOT_HINT
-    from units.labels import KMeansModel, LabelError, check_spec
+    from shards.core import storage
+    from shards.core.outputs import StageError
+    from units.features import extractors
+    from units.labels.fairseq import REMOTE_ROOT_HINT
+    from units.labels.model import KMeansModel, check_spec
 
     if args.fairseq_splits and storage.is_url(args.root):
         hint = REMOTE_ROOT_HINT.format(root=args.root)
@@ -106,14 +107,14 @@ def prepare(args) -> None:
         model = KMeansModel.load(args.root, args.kmeans)
         if args.extractor is not None:
             check_spec(args.kmeans, model.spec, extractors.build(_requested(args)).spec)
-    except (LabelError, extractors.ExtractorError) as e:
+    except (StageError, extractors.ExtractorError) as e:
         raise _cli.UsageError(str(e)) from None
 
 
 def label_pass(args) -> dict:
     """The label pass alone (Ray connected); returns its result."""
-    from units.labels import LabelError
-    from units.labels_ray import run as label
+    from shards.core.outputs import StageError
+    from units.labels.stage import run as label
 
     try:
         return label(
@@ -126,14 +127,14 @@ def label_pass(args) -> dict:
             dedup=args.dedup,
             progress=args.progress,
         )
-    except LabelError as e:
+    except StageError as e:
         raise _cli.UsageError(str(e)) from None
 
 
 def export(args) -> dict:
     """The fairseq files of a finished label set; returns ``export.json``'s content."""
-    from units.fairseq_export import export as export_fairseq
-    from units.labels import LabelError
+    from shards.core.outputs import StageError
+    from units.labels.fairseq import export as export_fairseq
 
     try:
         return export_fairseq(
@@ -144,7 +145,7 @@ def export(args) -> dict:
             seed=args.split_seed,
             audio=args.fairseq_audio,
         )
-    except LabelError as e:
+    except StageError as e:
         raise _cli.UsageError(str(e)) from None
 
 

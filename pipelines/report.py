@@ -52,7 +52,7 @@ def _out(args) -> str:
 
 
 def run(args) -> dict:
-    from units import report
+    from units.quality import report
 
     try:  # No labels, unreadable references, references at another rate: usage errors.
         built = report.build(args.root, args.labels, args.phones)

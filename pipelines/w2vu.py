@@ -77,13 +77,13 @@ def add_arguments(parser) -> None:
 def check(args) -> None:
     """The k-means parameters, the pooling, and with --extractor the model and the sample:
     before Ray."""
-    from units.extractors import ExtractorError, ExtractorOptions, build
-    from units.kmeans import KMeans
-    from units.sampling import SampleError, SampleRequest
+    from units.features.extractors import ExtractorError, ExtractorOptions, build
+    from units.features.sampling import SampleError, SampleRequest
+    from units.kmeans.estimator import KMeans
 
     try:
         KMeans(args.k, seed=args.seed).check_params()
-        # The rule units.w2vu_ray.run applies first thing, checked here before Ray starts.
+        # The rule units.labels.w2vu_stage.run applies first thing, checked here before Ray starts.
         if args.remove_extra and args.subsample != 0.5:
             raise ValueError(f"--remove-extra pools evenly at rate 0.5 only, not {args.subsample}")
         if args.extractor is not None:
@@ -102,12 +102,12 @@ def _features(args) -> str:
 
 
 def run(args) -> dict:
-    from units.extractors import ExtractorOptions
-    from units.features_ray import FeatureStageError
-    from units.features_ray import run as extract
-    from units.sampling import SampleRequest
-    from units.w2vu_ray import W2VUError, W2VUOptions
-    from units.w2vu_ray import run as prepare_w2vu
+    from shards.core.outputs import StageError
+    from units.features.extractors import ExtractorOptions
+    from units.features.sampling import SampleRequest
+    from units.features.stage import run as extract
+    from units.labels.w2vu_stage import W2VUOptions
+    from units.labels.w2vu_stage import run as prepare_w2vu
 
     from ._ray import connect
 
@@ -140,7 +140,7 @@ def run(args) -> dict:
             ),
             progress=args.progress,
         )
-    except (W2VUError, FeatureStageError) as e:
+    except StageError as e:
         raise _cli.UsageError(str(e)) from None
 
 

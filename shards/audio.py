@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from . import storage
+from .core import storage
 from .schemas import SAMPLE_RATE, Reason
 
 #: Source frames decoded at a time (about 16 s at 16 kHz).

@@ -17,7 +17,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from . import keys, storage
+from . import keys
+from .core import storage
 from .schemas import Reason, Stage, reject_row
 
 LAYOUTS = ("auto", "librispeech", "librilight", "dir", "list")

@@ -13,8 +13,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
-from .atomic import read_json, write_atomic, write_parquet_atomic
+from .core import storage
+from .core.atomic import read_json, write_atomic, write_parquet_atomic
 from .root import RootLayout
 from .schemas import REJECTS, SHARDS, UTTERANCES
 
@@ -57,7 +57,7 @@ def finalize(
         num_shards: Shards in the plan (all must be committed).
         plan_rejects: Rejects from discovery, probing and planning.
         meta: The plan's metadata (files discovered, layout).
-        run: This run's throughput record (:func:`shards.throughput.record`).
+        run: This run's throughput record (:func:`shards.core.throughput.record`).
 
     Returns:
         The summary.

@@ -15,8 +15,9 @@ import re
 
 import numpy as np
 
-from . import storage, vad
-from .atomic import read_json, write_atomic, write_parquet_atomic
+from . import vad
+from .core import storage
+from .core.atomic import read_json, write_atomic, write_parquet_atomic
 from .discover import AUDIO_EXTENSIONS, LAYOUTS
 from .probe import Probe
 from .root import RootLayout

@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import soundfile as sf
 
-from . import flac, storage
+from . import flac
+from .core import storage
 from .discover import Source
 from .schemas import (
     MAX_SOURCE_RATE,

@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 import ray
 
-from . import discover, storage, throughput
+from . import discover
 from . import plan as planning
+from .core import storage, throughput
 from .manifest import finalize, read_summary
 from .plan import ShardingOptions
 from .probe import Probe, probe_many

@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow.compute as pc
 import soundfile as sf
 
-from . import keys, storage
+from . import keys
+from .core import storage
 from .root import RootLayout
 
 

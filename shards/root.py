@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from . import storage
-from .atomic import read_commit
+from .core import storage
+from .core.atomic import read_commit
 
 
 @dataclasses.dataclass(frozen=True)

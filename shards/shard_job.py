@@ -13,9 +13,10 @@ import json
 import logging
 from collections.abc import Iterator
 
-from . import audio, keys, storage, vad
-from .atomic import fsync_dir, remove_temps, unpublish, write_atomic, write_parquet_atomic
+from . import audio, keys, vad
 from .audio import AudioError, EncodedFile
+from .core import storage
+from .core.atomic import fsync_dir, remove_temps, unpublish, write_atomic, write_parquet_atomic
 from .plan import ShardingOptions
 from .probe import ProbeError, check_whole, read_voice_activity
 from .root import RootLayout

@@ -20,8 +20,9 @@ import os
 import tarfile
 from typing import BinaryIO
 
-from . import keys, storage
-from .atomic import publish, temp_path
+from . import keys
+from .core import storage
+from .core.atomic import publish, temp_path
 
 #: Sources up to this size are read whole (one read, one hash update, one write).
 _WHOLE_READ = 8 << 20

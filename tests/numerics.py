@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from units.frames import MFCC
-from units.kaldi_features import (
+from units.features.frames import MFCC
+from units.features.kaldi import (
     DELTA_WINDOW,
     FFT_SIZE,
     LOG_FLOOR,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from shards.core.outputs import ShardOutput
-from units.extractor import MFCC_SPEC
-from units.feature_store import FeatureShardWriter, finalize, store_layout
+from units.features.extractor import MFCC_SPEC
+from units.features.store import FeatureShardWriter, finalize, store_layout
 
 #: Mixture components of the generated frames.
 K = 12

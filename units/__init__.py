@@ -1,4 +1,5 @@
-"""Features, feature store, k-means, labels, exports and metrics (the stages after shards)."""
+"""The stages after shards, in rooms by job: ``features``, ``kmeans``, ``labels``, ``quality``;
+``stage`` is the engine that runs the shard-streaming stages of the first and third."""
 
 
 def project_version() -> str:

@@ -4,9 +4,9 @@ A stage gives an :class:`~shards.core.outputs.OutputLayout`, a worker class and 
 each shard to do; the engine owns the rest:
 
 - the pending list (a committed shard is never done twice; a finished run does nothing),
-- placement (:func:`units.actors.place`): one actor per CPU, or GPU actors that take their
+- placement (:func:`shards.core.placement.place`): one actor per CPU, or GPU actors that take their
   audio decoded by CPU tasks so a GPU never waits on FLAC decoding,
-- a shard whose actor is lost goes to a live actor (:class:`units.actors.ShardPool`),
+- a shard whose actor is lost goes to a live actor (:class:`shards.core.placement.ShardPool`),
 - decoding and batching (:func:`batches`, a rule of the shard alone, so neither the number
   of workers nor a retry changes what shares a batch: README, "Determinism"),
 - one shard's files written through a :class:`~shards.core.outputs.ShardOutput` and
@@ -25,10 +25,15 @@ A worker only implements "process one shard and write it through this output"::
 
 The k-means passes do not run here: they are not shard-to-file maps but rounds of a
 reduction. Each round sends the same centroids to every actor and sums their partial
-statistics in a fixed tree (``units.tree_sum``) so the result is the same bits for any
+statistics in a fixed tree (``units.kmeans.tree_sum``) so the result is the same bits for any
 number of workers, and no part is written to disk between rounds; their actors hold their
-feature shards in memory across rounds (``units.kmeans_ray``). What they share with this
-engine is the placement and the retry policy (:mod:`units.actors`).
+feature shards in memory across rounds (``units.kmeans.stage``). What they share with this
+engine is the placement and the retry policy (:mod:`shards.core.placement`).
+
+The shard stage (:mod:`shards.ray_sharding`) does not run here either: its unit of work is a
+planned list of source files rather than the manifest rows of an existing audio shard, its
+workers are stateless Ray tasks (there is no model to load once per worker), and it comes
+before ``units`` in the one-way flow. It commits through the same :mod:`shards.core.atomic`.
 """
 
 from __future__ import annotations
@@ -42,13 +47,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import ray
 
-from shards import throughput
-from shards.atomic import read_json, write_atomic
+from shards.core import throughput
+from shards.core.atomic import read_json, write_atomic
 from shards.core.outputs import OutputLayout, ShardOutput, StageError
+from shards.core.placement import actor_pool, longest_first, map_until_failure, place
 from shards.reader import read_audio
-
-from .actors import actor_pool, longest_first, map_until_failure, place
-from .extractor import FeatureSpec
+from units.features.extractor import FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +179,7 @@ class Pass:
     bytes_written: int
 
     def throughput(self, hours_field: str, started: float) -> dict:
-        """The throughput record (:func:`shards.throughput.record`) of a run that started
+        """The throughput record (:func:`shards.core.throughput.record`) of a run that started
         at ``started`` (``time.monotonic()``)."""
         return throughput.record(
             hours_field,

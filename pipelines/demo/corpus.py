@@ -365,7 +365,7 @@ def frame_phones(
 ) -> list[str]:
     """The phone at the centre sample of each frame of a frame contract.
 
-    Frames are Kaldi's ``snip_edges`` frames (``units.frames``): frame ``i`` covers samples
+    Frames are Kaldi's ``snip_edges`` frames (``units.features.frames``): frame ``i`` covers samples
     ``[i * hop, i * hop + window)`` and there are ``(num_samples - window) // hop + 1`` of
     them (none below one window); its centre is ``i * hop + window // 2``.
 

@@ -24,8 +24,8 @@ from collections.abc import Mapping
 import numpy as np
 import pyarrow as pa
 
-from .. import storage
-from ..atomic import (
+from . import storage
+from .atomic import (
     fsync_dir,
     publish,
     read_commit,

@@ -32,21 +32,21 @@ import ray
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
-import units.kmeans_ray
+import units.kmeans.stage
 import units.stage
 from shards import synthetic
-from shards.atomic import read_json
+from shards.core.atomic import read_json
 from shards.plan import ShardingOptions
 from shards.ray_sharding import run as shard
 from tests.processes import kill_ray_of
 from tests.stores import frames
-from units.extractors import ExtractorOptions
-from units.features_ray import run as extract
-from units.kmeans import KMeans
-from units.kmeans_ray import StageOptions, distribute
-from units.kmeans_ray import run as fit_kmeans
-from units.labels_ray import run as label
-from units.sampling import SampleRequest
+from units.features.extractors import ExtractorOptions
+from units.features.sampling import SampleRequest
+from units.features.stage import run as extract
+from units.kmeans.estimator import KMeans
+from units.kmeans.stage import StageOptions, distribute
+from units.kmeans.stage import run as fit_kmeans
+from units.labels.stage import run as label
 
 pytestmark = pytest.mark.slow
 
@@ -280,7 +280,7 @@ def test_a_node_lost_while_extracting_features(cluster, root, caplog, monkeypatc
     store = root / "features" / "mfcc_lost"
     loss = NodeLoss(cluster, _count(str(store / "shards" / "*.commit.json")))
     monkeypatch.setattr(units.stage, "map_until_failure", _held(units.stage, loss))
-    with caplog.at_level(logging.WARNING, logger="units.actors"):
+    with caplog.at_level(logging.WARNING, logger="shards.core.placement"):
         meta = loss.run(
             extract,
             str(root),
@@ -301,7 +301,7 @@ def test_a_node_lost_while_fitting_kmeans(cluster, root, caplog, monkeypatch):
     lloyd = []
     # Iterations done before the loss; every part is needed: the lost one restarts on a new node.
     loss = NodeLoss(cluster, lambda: len(lloyd) - 1, replace_during=True)
-    real = units.kmeans_ray.RayParts.map
+    real = units.kmeans.stage.RayParts.map
 
     def held(parts, method, *args):
         if method == "stats":
@@ -310,8 +310,8 @@ def test_a_node_lost_while_fitting_kmeans(cluster, root, caplog, monkeypatch):
                 loss.hold()
         return real(parts, method, *args)
 
-    monkeypatch.setattr(units.kmeans_ray.RayParts, "map", held)
-    with caplog.at_level(logging.WARNING, logger="units.kmeans_ray"):
+    monkeypatch.setattr(units.kmeans.stage.RayParts, "map", held)
+    with caplog.at_level(logging.WARNING, logger="units.kmeans.stage"):
         meta = loss.run(
             fit_kmeans, str(root), "mfcc", "km_lost", KMeans(8, **KM), StageOptions(pca=12)
         )
@@ -334,7 +334,7 @@ def test_a_node_lost_while_labelling(cluster, root, caplog, monkeypatch):
     out = root / "labels" / "units_lost"
     loss = NodeLoss(cluster, _count(str(out / "commits" / "*.json")))
     monkeypatch.setattr(units.stage, "map_until_failure", _held(units.stage, loss))
-    with caplog.at_level(logging.WARNING, logger="units.actors"):
+    with caplog.at_level(logging.WARNING, logger="shards.core.placement"):
         meta = loss.run(label, str(root), "km", "units_lost")
     assert 0 < loss.committed_at_loss <= 3 < SHARDS == meta["shards_written"]
     _assert_lost_an_actor(loss, caplog)
@@ -363,7 +363,7 @@ def test_a_kmeans_part_restarted_while_seeding_gets_its_distances_back(cluster, 
 
     parts.map = map_
     try:
-        with caplog.at_level(logging.WARNING, logger="units.kmeans_ray"):
+        with caplog.at_level(logging.WARNING, logger="units.kmeans.stage"):
             km = KMeans(8, **KM).fit(parts)
     finally:
         parts.shutdown()

@@ -96,7 +96,7 @@ def test_the_cli_choices_are_the_librarys():
     from pipelines import kmeans, shard
     from shards import vad
     from shards.discover import AUDIO_EXTENSIONS, LAYOUTS
-    from units import kmeans as estimator
+    from units.kmeans import estimator
 
     assert shard.LAYOUTS == LAYOUTS and shard.DETECTORS == vad.DETECTORS
     assert shard.AUDIO_EXTENSIONS == AUDIO_EXTENSIONS
@@ -218,7 +218,7 @@ def test_quiet_and_log_level_set_what_reaches_stderr(tmp_path):
         "from pipelines import cli\n"
         "code = cli.main(sys.argv[1:])\n"
         "for level in ('debug', 'info', 'warning'):\n"
-        "    getattr(logging.getLogger('units.kmeans'), level)(f'probe {level}')\n"
+        "    getattr(logging.getLogger('units.kmeans.estimator'), level)(f'probe {level}')\n"
         "logging.getLogger('matplotlib.font_manager').info('probe font cache')\n"
         "sys.exit(code)\n"
     )

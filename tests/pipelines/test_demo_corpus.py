@@ -23,8 +23,8 @@ from pipelines.demo.corpus import (
     write_demo_corpus,
 )
 from shards.discover import discover
-from units.frames import MFCC, SSL
-from units.kaldi_features import KaldiMFCC
+from units.features.frames import MFCC, SSL
+from units.features.kaldi import KaldiMFCC
 
 SEED = 7
 MINUTES = 1.0

@@ -67,9 +67,9 @@ def built(tmp_path_factory, corpus):
     import ray
 
     from shards.ray_sharding import run as shard
-    from units.extractors import ExtractorOptions
-    from units.features_ray import run as extract
-    from units.sampling import SampleRequest
+    from units.features.extractors import ExtractorOptions
+    from units.features.sampling import SampleRequest
+    from units.features.stage import run as extract
 
     root = tmp_path_factory.mktemp("root")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -372,7 +372,7 @@ def test_a_full_disk_fails_the_shard_and_never_rejects_its_inputs(corpus, tmp_pa
 def test_writers_remove_their_temporary_file_when_closing_it_fails_too(tmp_path):
     from shards.core.outputs import ShardOutput
     from shards.tar_writer import ShardWriter
-    from units.feature_store import FeatureShardWriter, store_layout
+    from units.features.store import FeatureShardWriter, store_layout
 
     writer = ShardWriter(str(tmp_path / "000000.tar"))
     writer._raw = _FullFile(writer._raw, room=0)
@@ -439,7 +439,7 @@ def test_an_error_from_a_ray_worker_is_one_line_naming_the_final_file(tmp_path, 
 _SPLIT_ON_A_FULL_DISK = """
 import errno, os
 import numpy as np
-from units.w2vu_ray import _write_split_npy, w2vu_layout
+from units.labels.w2vu_stage import _write_split_npy, w2vu_layout
 
 layout = w2vu_layout(os.environ["MNT"], "w")
 layout.make_dirs()

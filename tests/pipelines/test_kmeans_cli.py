@@ -56,7 +56,7 @@ def _iterations_agree(root, run) -> None:
     """One count of k-means iterations everywhere: the DEBUG log, iterations.parquet, the
     report's inertia figure, kmeans.json and the summary. Iteration 0 is the initial
     centroids; iteration i, the centroids after i updates."""
-    from units.report import kmeans_iterations
+    from units.quality.report import kmeans_iterations
 
     out = root / "kmeans" / "km"
     done = json.loads((out / "kmeans.json").read_text())

@@ -59,11 +59,11 @@ def test_a_driver_killed_mid_pass_resumes_to_the_uninterrupted_labels(tmp_path):
     from shards import synthetic
     from shards.plan import ShardingOptions
     from shards.ray_sharding import run as shard
-    from units.extractors import ExtractorOptions
-    from units.features_ray import run as extract
-    from units.kmeans import KMeans
-    from units.kmeans_ray import run as fit_kmeans
-    from units.sampling import SampleRequest
+    from units.features.extractors import ExtractorOptions
+    from units.features.sampling import SampleRequest
+    from units.features.stage import run as extract
+    from units.kmeans.estimator import KMeans
+    from units.kmeans.stage import run as fit_kmeans
 
     corpus, root = tmp_path / "corpus", tmp_path / "root"
     synthetic.write_librispeech(

@@ -15,7 +15,7 @@ import pytest
 from pipelines import hubert
 from pipelines import w2vu as w2vu_cli
 from pipelines.demo.corpus import write_demo_corpus
-from shards import atomic, storage
+from shards.core import atomic, storage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "hubert-mfcc.yaml")

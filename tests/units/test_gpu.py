@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from units.kmeans import KMeans
-from units.kmeans_parts import Assigner, LocalParts
+from units.kmeans.estimator import KMeans
+from units.kmeans.parts import Assigner, LocalParts
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -59,7 +59,7 @@ def test_kmeans_on_a_cuda_part_matches_cpu():
 
 @cuda
 def test_mfcc_on_cuda_matches_cpu():
-    from units.kaldi_features import KaldiMFCC
+    from units.features.kaldi import KaldiMFCC
 
     rng = np.random.default_rng(0)
     wavs = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (400, 12345, 48000)]

@@ -1,0 +1,176 @@
+"""k-means and PCA over Ray actors, and the k-means stage on a feature store."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import joblib
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from shards.core.outputs import StageError
+from tests.numerics import clear_frames
+from tests.stores import K, frames, write_store
+from units.features.extractor import MFCC_SPEC
+from units.features.store import FeatureStore
+from units.kmeans.estimator import KMeans
+from units.kmeans.parts import LocalParts
+from units.kmeans.pca import PCA
+from units.kmeans.stage import StageOptions, distribute, run
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    rows = write_store(root, "mfcc")
+    return root, rows
+
+
+def test_actors_give_the_in_process_centroids_for_1_2_and_3_workers():
+    x = frames(6000, seed=1)
+    reference = KMeans(K, seed=0, max_iter=10, tol=0, block_rows=500).fit(x)
+    reference_pca = PCA(5).fit(LocalParts.from_array(x, block_rows=500))
+    for workers in (1, 2, 3):
+        parts = distribute(x, workers=workers, block_rows=500)
+        try:
+            km = KMeans(K, seed=0, max_iter=10, tol=0, block_rows=500).fit(parts)
+            pca = PCA(5).fit(parts)
+        finally:
+            parts.shutdown()
+        np.testing.assert_array_equal(km.cluster_centers_, reference.cluster_centers_)
+        assert km.inertia_ == reference.inertia_
+        np.testing.assert_array_equal(pca.components_, reference_pca.components_)
+
+
+def test_store_parts_read_the_stores_rows_held_or_streamed(root):
+    root, rows = root
+    reference = KMeans(K, seed=0, max_iter=8, tol=0, block_rows=256).fit(rows.astype(np.float32))
+    store = FeatureStore(str(root), "mfcc")
+    for hold in (True, False):
+        parts = distribute(store, workers=2, hold=hold, block_rows=256)
+        try:
+            km = KMeans(K, seed=0, max_iter=8, tol=0, block_rows=256).fit(parts)
+        finally:
+            parts.shutdown()
+        np.testing.assert_array_equal(km.cluster_centers_, reference.cluster_centers_)
+
+
+def test_stage_writes_centroids_stats_and_a_fairseq_export(root):
+    root, rows = root
+    km = KMeans(K, seed=0, max_iter=20, block_rows=256)
+    meta = run(str(root), "mfcc", "km12", km, StageOptions(fairseq_export=True, workers=2))
+    out = root / "kmeans" / "km12"
+    assert meta["written"] and meta["k"] == K and meta["rows"] == len(rows)
+    centroids = np.load(out / "centroids.npy")
+    assert centroids.dtype == np.float32 and centroids.shape == (K, 39)
+    saved = json.loads((out / "kmeans.json").read_text())
+    assert saved["spec"] == MFCC_SPEC.to_json() and saved["seed"] == 0
+    assert saved["inertia"] == km.inertia_ and saved["iterations"] == km.n_iter_
+    assert saved["features_fingerprint"] and saved["fingerprint"]
+    iterations = pq.read_table(out / "iterations.parquet").to_pylist()
+    assert [r["iteration"] for r in iterations] == list(range(km.n_iter_ + 1))
+    assert {"inertia", "seconds", "empty_clusters", "imbalance"} <= set(iterations[0])
+    inertias = [r["inertia"] for r in iterations]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(inertias, inertias[1:], strict=False))
+    # This run's accounting: the audio the store's frames cover, its feature files read,
+    # every output file but kmeans.json written.
+    rate = saved["throughput"]
+    assert meta["throughput"] == rate
+    frames = sum(FeatureStore(str(root), "mfcc").index.column("frames").to_pylist())
+    assert frames == len(rows)
+    assert rate["hours_clustered"] == pytest.approx(frames / saved["spec"]["frame_rate"] / 3600)
+    store_files = (root / "features" / "mfcc" / "shards").glob("*.npy")
+    assert rate["bytes_read"] == sum(p.stat().st_size for p in store_files)
+    written = [p for p in out.rglob("*") if p.is_file() and p.name != "kmeans.json"]
+    assert {p.name for p in written} >= {"centroids.npy", "kmeans.joblib", "checkpoint.npz"}
+    assert rate["bytes_written"] == sum(p.stat().st_size for p in written)
+    assert rate["workers"] == 2 and rate["wall_seconds"] == saved["wall_seconds"]
+    assert rate["audio_hours_per_second"] == pytest.approx(
+        rate["hours_clustered"] / rate["wall_seconds"]
+    )
+    assert rate["audio_hours_per_second_per_worker"] * 2 == pytest.approx(
+        rate["audio_hours_per_second"]
+    )
+    # What fairseq's dump_km_label.py does with the file (ApplyKmeans, numpy path).
+    model = joblib.load(out / "kmeans.joblib")
+    c_np = model.cluster_centers_.transpose()
+    c_norm = (c_np**2).sum(0, keepdims=True)
+    x = rows.astype(np.float32)
+    dist = (x**2).sum(1, keepdims=True) - 2 * np.matmul(x, c_np) + c_norm
+    # Two float32 formulas for the same distances: the same centroid wherever rounding
+    # cannot reorder the two nearest (tests/numerics.py), which is nearly every row.
+    clear = clear_frames(x, model.cluster_centers_, 0.0)
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(np.argmin(dist, axis=1)[clear], km.predict(x)[clear])
+    # Done is done; the same name with another config is refused, and nothing changes.
+    before = {p: os.stat(out / p).st_mtime_ns for p in os.listdir(out)}
+    again = run(str(root), "mfcc", "km12", KMeans(K, seed=0, max_iter=20, block_rows=256))
+    assert not again["written"]
+    with pytest.raises(StageError, match="another config"):
+        run(str(root), "mfcc", "km12", KMeans(K + 1, seed=0, max_iter=20, block_rows=256))
+    assert {p: os.stat(out / p).st_mtime_ns for p in os.listdir(out)} == before
+
+
+def test_stage_with_pca_clusters_the_projection(root):
+    root, rows = root
+    km = KMeans(K, seed=0, max_iter=10, block_rows=256)
+    meta = run(str(root), "mfcc", "pca8", km, StageOptions(pca=8, workers=2))
+    out = root / "kmeans" / "pca8"
+    assert np.load(out / "centroids.npy").shape == (K, 8) and meta["feature_dim"] == 39
+    a, b = np.load(out / "pca" / "8_pca_A.npy"), np.load(out / "pca" / "8_pca_b.npy")
+    pca = PCA(8).fit(rows.astype(np.float32))
+    np.testing.assert_allclose(rows.astype(np.float32) @ a + b, pca.transform(rows), atol=1e-3)
+    assert 0 < meta["pca"]["explained_variance_ratio"] <= 1
+    reference = KMeans(K, seed=0, max_iter=10, block_rows=256).fit(pca.transform(rows))
+    np.testing.assert_allclose(km.cluster_centers_, reference.cluster_centers_, atol=1e-4)
+
+
+def test_nan_in_a_store_is_named_by_shard_and_key_and_nothing_is_written(root, tmp_path):
+    root, _ = root
+    write_store(tmp_path, "broken")
+    array = np.load(tmp_path / "features" / "broken" / "shards" / "000002.npy", mmap_mode="r+")
+    array[260, 3] = np.nan  # Frame 10 of the second utterance of shard 000002.
+    array.flush()
+    with pytest.raises(StageError, match=r"shard 000002, key spk-2-1, frame 10"):
+        run(str(tmp_path), "broken", "km", KMeans(K, block_rows=256))
+    assert not (tmp_path / "kmeans").exists()
+
+
+def test_missing_empty_or_too_small_stores_are_clear_errors(tmp_path):
+    with pytest.raises(StageError, match="no finished feature store 'nope'"):
+        run(str(tmp_path), "nope", "km", KMeans(K))
+    write_store(tmp_path, "empty", utterances_per_shard=((),))
+    with pytest.raises(StageError, match="holds no frames"):
+        run(str(tmp_path), "empty", "km", KMeans(K))
+    write_store(tmp_path, "small", utterances_per_shard=((5, 3),))
+    with pytest.raises(
+        StageError, match=r"n_samples=8 frames in 'small' should be >= n_clusters=12"
+    ):
+        run(str(tmp_path), "small", "km", KMeans(K))
+    with pytest.raises(StageError, match="--pca 40 must be between 1 and the dimension 39"):
+        run(str(tmp_path), "small", "km", KMeans(2), StageOptions(pca=40))
+    assert not (tmp_path / "kmeans").exists()
+
+
+def test_minibatch_streaming_from_the_store_holds_no_rows_and_fits(root):
+    root, rows = root
+    km = KMeans(K, algorithm="minibatch", batch_size=500, seed=0, block_rows=256)
+    meta = run(str(root), "mfcc", "mb", km, StageOptions(hold=False, workers=2))
+    assert meta["written"] and meta["config"]["algorithm"] == "minibatch"
+    lloyd = KMeans(K, seed=0, block_rows=256).fit(rows.astype(np.float32))
+    assert meta["inertia"] <= lloyd.inertia_ * 1.05  # Close to the full-batch answer.
+
+
+def test_a_distributed_feature_store_fits_as_its_rows_in_one_array(root):
+    root, rows = root
+    parts = distribute(FeatureStore(str(root), "mfcc"), block_rows=256)
+    try:
+        km = KMeans(K, seed=0, max_iter=5, tol=0, block_rows=256).fit(parts)
+    finally:
+        parts.shutdown()
+    reference = KMeans(K, seed=0, max_iter=5, tol=0, block_rows=256).fit(rows.astype(np.float32))
+    np.testing.assert_array_equal(km.cluster_centers_, reference.cluster_centers_)

@@ -1,0 +1,335 @@
+"""The streaming label pass: every utterance gets the units of its exact features."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+import shards
+from shards import synthetic
+from shards.core.outputs import StageError
+from shards.plan import ShardingOptions
+from shards.ray_sharding import run as shard
+from tests.models import save_tiny
+from tests.numerics import SSL_FEATURE_BOUND, UnitAgreement, assert_units_agree, kaldi_bound
+from units.features.extractors import ExtractorOptions
+from units.features.frames import MFCC, SSL
+from units.features.kaldi import KaldiMFCC
+from units.features.sampling import SampleRequest
+from units.features.stage import run as extract
+from units.kmeans.estimator import KMeans
+from units.kmeans.stage import StageOptions
+from units.kmeans.stage import run as fit_kmeans
+from units.labels import fairseq as fairseq_export
+from units.labels.model import KMeansModel, dedup
+from units.labels.stage import run as label
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, ray_local):
+    corpus = tmp_path_factory.mktemp("corpus")
+    synthetic.write_librispeech(
+        str(corpus), speakers=2, chapters=1, utterances=5, seconds=(0.5, 2.0)
+    )
+    out = tmp_path_factory.mktemp("root")
+    shard([str(corpus)], str(out), ShardingOptions(max_samples=4))
+    extract(str(out), "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=50, seed=0))
+    fit_kmeans(str(out), "mfcc", "km8", KMeans(8, seed=0, block_rows=512), StageOptions())
+    fit_kmeans(str(out), "mfcc", "km8pca", KMeans(8, seed=0, block_rows=512), StageOptions(pca=5))
+    return out
+
+
+@pytest.mark.parametrize("kmeans", ["km8", "km8pca"])
+def test_every_utterance_gets_the_units_of_its_exact_features(root, kmeans):
+    meta = label(str(root), kmeans, kmeans)
+    manifest = pq.read_table(root / "manifest" / "utterances.parquet").to_pylist()
+    assert meta["utterances"] == len(manifest) == 10 and meta["rejects"] == 0
+    assert meta["kmeans"] == kmeans and meta["spec"]["extractor"] == "mfcc"
+    rate = meta["throughput"]  # This run's accounting: all of the audio, read once.
+    assert rate["hours_labelled"] == pytest.approx(sum(u["duration"] for u in manifest) / 3600)
+    assert rate["bytes_read"] == sum(u["size"] for u in manifest) and rate["bytes_written"] > 0
+    assert rate["audio_hours_per_second_per_worker"] * rate["workers"] == pytest.approx(
+        rate["audio_hours_per_second"]
+    )
+    table = ds.dataset(str(root / "labels" / kmeans / "units"), format="parquet").to_table()
+    labels = {r["key"]: r for r in table.to_pylist()}
+    assert len(labels) == table.num_rows  # Once each.
+    assert set(labels) == {u["key"] for u in manifest}
+    model = KMeansModel.load(str(root), kmeans)
+    index, mfcc = shards.Index(str(root)), KaldiMFCC()
+    agreement = UnitAgreement()
+    for row in manifest:
+        got = labels[row["key"]]
+        assert got["frames"] == len(got["units"]) == MFCC.frames(row["num_samples"])
+        assert got["frame_rate"] == 100.0
+        wav = index.get(row["key"]).waveform
+        feats = mfcc([wav])[0]  # Alone, here; the worker batched it with its shard.
+        bound = kaldi_bound(wav, mfcc=True)
+        agreement.add(assert_units_agree(got["units"], feats, model, bound, row["key"]))
+    agreement.check()
+    again = label(str(root), kmeans, kmeans)
+    assert again["shards_written"] == 0
+
+
+def test_a_missing_kmeans_or_another_kmeans_under_the_same_name_is_refused(root):
+    with pytest.raises(StageError, match="no finished k-means 'nope'"):
+        label(str(root), "nope", "x")
+    label(str(root), "km8", "taken")
+    with pytest.raises(StageError, match="another k-means"):
+        label(str(root), "km8pca", "taken")
+
+
+def _fairseq_parse_path(path):
+    """fairseq.data.audio.audio_utils.parse_path for a ``FILE:OFFSET:LENGTH`` path."""
+    _path, *slice_ptr = path.split(":")
+    return _path, [int(i) for i in slice_ptr]
+
+
+def _fairseq_get_audio(audio_root: str, name: str):
+    """HubertDataset.get_audio: ``root/name`` is a file, or ``FILE.zip:OFFSET:LENGTH``."""
+    import io
+
+    import soundfile as sf
+
+    path, slice_ptr = _fairseq_parse_path(os.path.join(audio_root, name))
+    if not slice_ptr:
+        return sf.read(path, dtype="float32"), None
+    assert path.endswith(".zip")  # HubertDataset.get_audio asserts it.
+    offset, length = slice_ptr
+    with open(path, "rb") as f:  # read_from_stored_zip
+        f.seek(offset)
+        return sf.read(io.BytesIO(f.read(length)), dtype="float32"), (path, offset)
+
+
+@pytest.mark.parametrize("audio", ["shards", "source"])
+def test_fairseq_export_lines_read_back_as_their_audio_with_aligned_units(root, audio):
+    label(str(root), "km8", "fs")
+    record = fairseq_export.export(str(root), "fs", {"train": 70, "valid": 30}, seed=1, audio=audio)
+    out = root / "labels" / "fs" / "fairseq"
+    assert record["label_rate"] == 100.0 and record["k"] == 8 and record["audio"] == audio
+    assert sum(record["splits"].values()) == 10
+    assert (out / "dict.km.txt").read_text().splitlines() == [f"{i} 1" for i in range(8)]
+    index = shards.Index(str(root))
+    labels = {
+        r["key"]: r["units"]
+        for r in ds.dataset(str(root / "labels" / "fs" / "units")).to_table().to_pylist()
+    }
+    manifest = pq.read_table(root / "manifest" / "utterances.parquet").to_pylist()
+    by_member = {(f"{r['shard']}.zip", r["offset"]): r["key"] for r in manifest}
+    by_source = {r["source"]: r["key"] for r in manifest}
+    seen = []
+    for split in ("train", "valid"):
+        tsv = (out / f"{split}.tsv").read_text().splitlines()
+        km = (out / f"{split}.km").read_text().splitlines()
+        audio_root, lines = tsv[0], tsv[1:]
+        assert len(lines) == len(km) == record["splits"][split]
+        for line, units in zip(lines, km, strict=True):
+            name, frames = line.split("\t")
+            (wav, rate), member = _fairseq_get_audio(audio_root, name)
+            if audio == "shards":
+                key = by_member[(os.path.basename(member[0]), member[1])]
+            else:  # The synthetic corpus is whole 16 kHz mono files: all are sources.
+                assert member is None
+                key = by_source[os.path.join(audio_root, name)]
+            assert rate == 16000 and len(wav) == int(frames)
+            np.testing.assert_array_equal(wav, index.get(key).waveform)
+            assert [int(u) for u in units.split()] == list(labels[key])
+            seen.append(key)
+    assert sorted(seen) == sorted(labels)  # Every labelled utterance once, in one split.
+
+
+def test_splits_are_seeded_and_never_empty():
+    rows = [{"key": f"k{i}", "speaker": f"s{i % 3}"} for i in range(30)]
+    a = fairseq_export.assign_splits(rows, {"a": 50, "b": 50}, "utterance", 0)
+    assert a == fairseq_export.assign_splits(list(rows), {"a": 50, "b": 50}, "utterance", 0)
+    by_speaker = fairseq_export.assign_splits(rows, {"a": 60, "b": 40}, "speaker", 3)
+    speakers = [{r["speaker"] for r in members} for members in by_speaker.values()]
+    assert not speakers[0] & speakers[1]  # A speaker lands in one split only.
+    with pytest.raises(StageError, match="would be empty"):
+        fairseq_export.assign_splits(rows[:2], {"a": 99.9, "b": 0.1}, "utterance", 0)
+    with pytest.raises(StageError, match="add up to 100"):
+        fairseq_export.assign_splits(rows, {"a": 50}, "utterance", 0)
+
+
+def test_a_member_that_fails_to_decode_is_a_reject_and_the_pass_goes_on(root, tmp_path):
+    import shutil
+
+    copy = tmp_path / "root"
+    for sub in ("manifest", "shards", "kmeans"):
+        shutil.copytree(root / sub, copy / sub)
+    victim = pq.read_table(copy / "manifest" / "utterances.parquet").to_pylist()[3]
+    tar = copy / "shards" / f"{victim['shard']}.tar"
+    data = bytearray(tar.read_bytes())
+    data[victim["offset"] : victim["offset"] + victim["size"]] = bytes(victim["size"])
+    tar.write_bytes(bytes(data))
+    meta = label(str(copy), "km8", "bad")
+    assert meta["rejects"] == 1 and meta["utterances"] == 9
+    rejects = ds.dataset(str(copy / "labels" / "bad" / "rejects")).to_table().to_pylist()
+    assert [(r["key"], r["reason"]) for r in rejects] == [(victim["key"], "corrupt_audio")]
+    labelled = ds.dataset(str(copy / "labels" / "bad" / "units")).to_table(columns=["key"])
+    assert victim["key"] not in labelled.column("key").to_pylist()
+
+
+def test_dedup_gives_runs_and_durations_that_repeat_back_to_the_units():
+    values, durations = dedup(np.array([3, 3, 3, 7, 1, 1, 3], np.uint16))
+    assert values.tolist() == [3, 7, 1, 3] and durations.tolist() == [3, 1, 2, 1]
+    assert values.dtype == np.uint16 and durations.dtype == np.int32
+    empty = dedup(np.array([], np.uint16))
+    assert len(empty[0]) == len(empty[1]) == 0
+
+
+def test_dedup_column_and_lineage_in_meta(root):
+    meta = label(str(root), "km8", "gslm", dedup=True)
+    assert meta["dedup"] is True and meta["version"] not in ("", None)
+    assert meta["manifest_sha256"] and meta["kmeans_fingerprint"]
+    assert meta["features"] == "mfcc" and meta["layer"] is None
+    rows = ds.dataset(str(root / "labels" / "gslm" / "units")).to_table().to_pylist()
+    assert len(rows) == 10
+    for row in rows:
+        np.testing.assert_array_equal(np.repeat(row["dedup_units"], row["durations"]), row["units"])
+        assert np.all(np.diff(np.asarray(row["dedup_units"], np.int64)) != 0)
+
+
+def test_hugging_face_datasets_and_pyarrow_read_the_labels_and_join_the_manifest(
+    root, tmp_path, monkeypatch
+):
+    import datasets
+    import pyarrow.compute as pc
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    label(str(root), "km8", "hf")
+    units_dir = root / "labels" / "hf" / "units"
+    (units_dir / ".000000.parquet.tmp-left-by-a-kill").write_bytes(b"not parquet")
+    hf = datasets.load_dataset(
+        "parquet", data_dir=str(units_dir), split="train", cache_dir=str(tmp_path / "cache")
+    )
+    expected = ds.dataset(str(units_dir), format="parquet").to_table()
+    assert hf.num_rows == expected.num_rows == 10
+    assert sorted(hf["key"]) == sorted(expected.column("key").to_pylist())
+    by_key = {r["key"]: r for r in expected.to_pylist()}
+    for row in hf:
+        assert row["units"] == by_key[row["key"]]["units"]
+        assert row["frames"] == len(row["units"])
+    manifest = ds.dataset(str(root / "manifest" / "utterances.parquet")).to_table()
+    # Acero joins carry no list columns: the units come back by key after the join.
+    joined = expected.select(["key", "frames"]).join(manifest, keys="key", join_type="inner")
+    assert joined.num_rows == 10
+    want = pc.cast(
+        pc.add(pc.floor(pc.divide(pc.subtract(joined["num_samples"], 400), 160)), 1), pa.int32()
+    )
+    assert joined["frames"].to_pylist() == want.to_pylist()
+
+
+def _fairseq_label_checks(tsv: str, km: str, dictionary: str, label_rate: float, tol=0.1):
+    """What fairseq's HubertDataset does on load: ``load_audio`` reads the tsv (root line,
+    then ``path<TAB>samples``), ``load_label`` asserts one label line per kept audio line,
+    ``verify_label_lengths`` compares durations (here an error past ``tol`` seconds, where
+    fairseq only warns), and ``Dictionary.load`` must know every unit."""
+    lines = open(tsv).read().splitlines()[1:]
+    sizes = [int(line.split("\t")[1]) for line in lines]
+    labels = open(km).read().splitlines()
+    assert len(labels) == len(sizes), (
+        f"number of labels does not match ({len(labels)} != {len(sizes)})"
+    )
+    symbols = {line.split()[0] for line in open(dictionary).read().splitlines()}
+    for i, (size, line) in enumerate(zip(sizes, labels, strict=True)):
+        units = line.split()
+        assert abs(size / 16000 - len(units) / label_rate) <= tol, f"line {i}: durations differ"
+        assert set(units) <= symbols, f"line {i}: units missing from {dictionary}"
+    return len(sizes)
+
+
+def test_the_export_passes_fairseqs_label_checks(root):
+    label(str(root), "km8pca", "checks")
+    record = fairseq_export.export(str(root), "checks", {"train": 60, "valid": 20, "test": 20})
+    out = root / "labels" / "checks" / "fairseq"
+    total = 0
+    for split in record["splits"]:
+        total += _fairseq_label_checks(
+            out / f"{split}.tsv", out / f"{split}.km", out / "dict.km.txt", record["label_rate"]
+        )
+    assert total == 10
+    # And the checks do catch a label rate that is off by two (fairseq#5097).
+    with pytest.raises(AssertionError, match="durations differ"):
+        _fairseq_label_checks(out / "train.tsv", out / "train.km", out / "dict.km.txt", 50.0)
+
+
+def test_resume_after_lost_shards_equals_the_uninterrupted_run(root):
+    label(str(root), "km8", "whole")
+    whole = root / "labels" / "whole"
+    reference = {p.name: p.read_bytes() for p in (whole / "units").iterdir()}
+    assert len(reference) >= 2
+    import shutil
+
+    shutil.copytree(whole, root / "labels" / "cut")
+    cut = root / "labels" / "cut"
+    # A kill after a shard's Parquet was written but before its commit, and another
+    # before anything: the first shard's Parquet stays without a commit, a temp is left.
+    first, second = sorted(reference)[:2]
+    (cut / "commits" / first.replace(".parquet", ".json")).unlink()
+    (cut / "commits" / second.replace(".parquet", ".json")).unlink()
+    (cut / "units" / second).rename(cut / "units" / f".{second}.tmp-1234")
+    (cut / "meta.json").unlink()
+    meta = label(str(root), "km8", "cut")
+    assert meta["shards_written"] == 2
+    got = {p.name: p.read_bytes() for p in (cut / "units").iterdir()}
+    assert got == reference  # Same files, byte for byte; no temp left behind.
+
+
+@pytest.fixture(scope="module")
+def hubert(root, tmp_path_factory):
+    """A tiny random HuBERT saved locally, its layer-2 features and a k=4 k-means on them."""
+    directory = save_tiny(tmp_path_factory.mktemp("hubert"))
+    options = ExtractorOptions(f"hf:{directory}", layer=2)
+    extract(str(root), "hubert2", options, SampleRequest(percent=50, seed=0))
+    fit_kmeans(str(root), "hubert2", "h4", KMeans(4, seed=0, block_rows=256), StageOptions())
+    return directory
+
+
+def test_ssl_labels_follow_the_50hz_contract_on_odd_lengths(root, hubert):
+    from units.features.ssl import SSLExtractor, load_hf
+
+    meta = label(str(root), "h4", "h4")
+    assert meta["frame_rate"] == 50.0 and meta["layer"] == 2 and meta["checkpoint_sha256"]
+    manifest = pq.read_table(root / "manifest" / "utterances.parquet").to_pylist()
+    assert any(r["num_samples"] % 2 for r in manifest)  # Odd lengths are in the corpus,
+    assert any(r["num_samples"] % 320 for r in manifest)  # and lengths off the hop.
+    labels = {
+        r["key"]: r
+        for r in ds.dataset(str(root / "labels" / "h4" / "units")).to_table().to_pylist()
+    }
+    model, direct = KMeansModel.load(str(root), "h4"), SSLExtractor(load_hf(hubert), 2)
+    index = shards.Index(str(root))
+    agreement = UnitAgreement()
+    for row in manifest:
+        got = labels[row["key"]]
+        assert got["frames"] == len(got["units"]) == SSL.frames(row["num_samples"])
+        feats = direct([index.get(row["key"]).waveform])[0]
+        agreement.add(assert_units_agree(got["units"], feats, model, SSL_FEATURE_BOUND, row["key"]))
+    agreement.check()
+
+
+def test_an_extractor_with_other_features_is_refused_and_a_moved_one_is_not(root, hubert, tmp_path):
+    import shutil
+
+    with pytest.raises(StageError, match=r"layer: k-means 2, extractor 3"):
+        label(str(root), "h4", "other", extractor=ExtractorOptions(f"hf:{hubert}", layer=3))
+    with pytest.raises(StageError, match=r"extractor: k-means 'mfcc', extractor 'fbank'"):
+        label(str(root), "km8", "other", extractor=ExtractorOptions("fbank"))
+    assert not (root / "labels" / "other").exists()
+    moved = tmp_path / "moved"
+    shutil.copytree(hubert, moved)
+    label(str(root), "h4", "moved", extractor=ExtractorOptions(f"hf:{moved}", layer=2))
+    a, b = (
+        ds.dataset(str(root / "labels" / n / "units")).to_table().sort_by("key")
+        for n in ("h4", "moved")
+    )
+    assert a.column("units").equals(b.column("units"))

@@ -1,0 +1,107 @@
+"""The unit-quality report on a small demo corpus: files, figures and numbers that agree."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from pipelines import report as cli
+from pipelines.demo.corpus import write_demo_corpus
+from shards.plan import ShardingOptions
+from shards.ray_sharding import run as shard
+from units.features.extractors import ExtractorOptions
+from units.features.sampling import SampleRequest
+from units.features.stage import run as extract
+from units.kmeans.estimator import KMeans
+from units.kmeans.stage import run as fit_kmeans
+from units.labels.stage import run as label
+from units.quality import report
+from units.quality.metrics import MetricsError, joint_counts, quality, usage
+from units.quality.phone_refs import ReferenceError, read_phone_tsv
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, ray_local):
+    corpus = tmp_path_factory.mktemp("corpus")
+    write_demo_corpus(str(corpus), minutes=1.0, speakers=3, seed=1)
+    root = tmp_path_factory.mktemp("root")
+    shard([str(corpus)], str(root), ShardingOptions(max_samples=6))
+    extract(str(root), "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=50, seed=0))
+    fit_kmeans(str(root), "mfcc", "km", KMeans(24, seed=0, block_rows=1024))
+    label(str(root), "km", "km")
+    return root, corpus / "phones.tsv"
+
+
+def _labels(root):
+    table = ds.dataset(str(root / "labels" / "km" / "units")).to_table(columns=["key", "units"])
+    return {r["key"]: r["units"] for r in table.to_pylist()}
+
+
+def test_the_report_renders_and_its_numbers_are_the_metrics(demo, tmp_path):
+    root, phones = demo
+    assert cli.main(["--root", str(root), "--labels", "km", "--phones", str(phones)]) == 0
+    out = root / "reports" / "km"
+    saved = json.loads((out / "metrics.json").read_text())
+    # The same numbers from the formulas on the raw files, computed here independently.
+    want = quality(joint_counts(read_phone_tsv(str(phones)), _labels(root)))
+    for name in ("pnmi", "phone_purity", "cluster_purity", "h_phone", "h_unit", "frames"):
+        assert saved["phones"][name] == pytest.approx(want[name]), name
+    assert saved["phones"]["frame_difference"] == 0  # The alignments have the MFCC frames.
+    assert saved["phones"]["missing_utterances"] == 0 and 0.2 < saved["phones"]["pnmi"] < 1
+    plain = usage(_labels(root), 24)
+    for name in ("perplexity", "dead", "used", "mean_run_length", "dedup_ratio", "frames"):
+        assert saved["usage"][name] == pytest.approx(plain[name]), name
+    page = (out / "report.html").read_text()
+    import matplotlib.image
+
+    for name in ("usage", "phone_unit", "inertia", "corpus", "rejects"):
+        png = (out / f"{name}.png").read_bytes()
+        image = matplotlib.image.imread(io.BytesIO(png), format="png")
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert image.std() > 0.01  # Not a blank canvas.
+        assert base64.b64encode(png).decode() in page  # Embedded: one self-contained file.
+    assert f"PNMI <b>{saved['phones']['pnmi']:.3f}</b>" in page
+    assert f"{saved['usage']['perplexity']:.4f}" in page
+    assert 'src="http' not in page and "<script" not in page
+
+
+def test_without_phones_the_report_shows_usage_only(demo, tmp_path):
+    root, _ = demo
+    built = report.build(str(root), "km")
+    paths = report.write(built, str(tmp_path / "plain"))
+    assert "phones" not in built.metrics and "phone_unit" not in paths
+    assert built.metrics["usage"]["used"] + built.metrics["usage"]["dead"] == 24
+    assert len(built.inertia) >= 1 and built.inertia == sorted(built.inertia, reverse=True)
+
+
+def test_bad_references_are_clear_errors(demo, tmp_path, capsys):
+    root, phones = demo
+    refs = read_phone_tsv(str(phones))
+    half = tmp_path / "at50.tsv"  # Every second frame: a 50 Hz file.
+    half.write_text("".join(f"{u}\t{','.join(p[::2])}\n" for u, p in refs.items()))
+    with pytest.raises(ReferenceError, match=r"at50.tsv: the references have 4\d.\d frames"):
+        report.build(str(root), "km", str(half))
+    other = tmp_path / "other.tsv"
+    other.write_text("".join(f"x{u}\t{','.join(p)}\n" for u, p in refs.items()))
+    with pytest.raises(MetricsError, match="no utterance has both"):
+        report.build(str(root), "km", str(other))
+    partial = tmp_path / "partial.tsv"
+    keep = sorted(refs)[: len(refs) // 2]
+    partial.write_text("".join(f"{u}\t{','.join(refs[u])}\n" for u in keep) + "ghost\tsil,sil\n")
+    built = report.build(str(root), "km", str(partial))
+    assert built.metrics["phones"]["utterances"] == len(keep)  # Computed on the overlap,
+    assert built.metrics["phones"]["missing_utterances"] == 1  # and the gap is reported.
+    broken = tmp_path / "broken.tsv"
+    broken.write_text("u1\tsil\n\n")
+    argv = ["--root", str(root), "--labels", "km", "--phones", str(broken)]
+    assert cli.main(argv) == 2
+    assert "broken.tsv, line 2: empty line" in capsys.readouterr().err
+    assert cli.main(["--root", str(root), "--labels", "nope"]) == 2
+    assert np.isfinite(built.metrics["phones"]["pnmi"])

@@ -1,0 +1,150 @@
+"""The feature stage on Ray: a seeded sample of the corpus into the feature store.
+
+The driver draws the sample from the utterances manifest and plans one feature shard per
+audio shard. Workers are Ray actors, each of which builds its extractor once (one model load
+per worker): on a cluster with GPUs, GPU actors take decoded audio from CPU tasks, so a GPU
+never waits on FLAC decoding; without GPUs, CPU actors decode for themselves. A feature shard
+is committed atomically; a rerun skips committed shards and a finished run does nothing.
+
+Determinism (README, "Determinism"): :func:`batches` cuts one shard's rows, in manifest
+order, at ``batch_seconds`` of audio, a rule of the shard alone, so neither the number of
+workers nor a retry changes what shares a batch: on one machine type the store is the same
+bytes. The batch does decide the shapes of the float32 kernels, so ``batch_seconds`` is
+part of the config, and features computed in another batch agree within float32 rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+
+import pyarrow as pa
+
+from shards.core import storage
+from shards.core.atomic import read_json, write_parquet_atomic
+from shards.core.outputs import ShardOutput, StageError
+from shards.root import RootLayout
+from units.features import extractors
+from units.features import store as feature_store
+from units.features.extractor import FeatureSpec
+from units.features.extractors import ExtractorOptions
+from units.features.sampling import SampleRequest, draw
+from units.features.store import FeatureShardWriter, store_layout
+from units.stage import check_frames, claim, rows_by_shard, run_pass
+
+log = logging.getLogger(__name__)
+
+_MANIFEST_COLUMNS = ["key", "shard", "offset", "size", "num_samples", "speaker", "duration"]
+
+
+class FeatureWorker:
+    """Builds one extractor and writes feature shards with it (a worker of
+    :func:`units.stage.run_pass`)."""
+
+    def __init__(self, options: ExtractorOptions, *, device: str):
+        self.extractor = extractors.build(dataclasses.replace(options, device=device))
+        self.batch_seconds = options.batch_seconds
+
+    def write_shard(self, out: ShardOutput, batches) -> dict:
+        spec = self.extractor.spec
+        writer = FeatureShardWriter(out, spec.dim)
+        for batch in batches:
+            features = self.extractor([wav for _, wav in batch])
+            for (row, wav), feats in zip(batch, features, strict=True):
+                check_frames(spec, row["key"], len(wav), len(feats))
+                writer.add(row["key"], feats)
+        return writer.finish()
+
+
+def _plan(root: str, name: str, spec: FeatureSpec, request: SampleRequest) -> list[dict]:
+    """The sample: drawn and saved with the plan on the first run, read back after."""
+    layout = RootLayout(root)
+    manifest = layout.manifest("utterances.parquet")
+    if not storage.exists(manifest):
+        raise StageError(
+            f"no utterances manifest under {root}: run `python -m pipelines.shard --output "
+            f"{root} ...` first"
+        )
+    store = store_layout(layout.root, name)
+    plan = {"spec": spec.to_json(), "request": dataclasses.asdict(request)}
+    plan["fingerprint"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    conflict = "was started with another extractor or sample"
+    if read_json(store.path("plan.json")) is not None:
+        claim(store, plan, conflict)  # Raises unless the saved plan is this one.
+        return storage.read_parquet(store.path("sample.parquet")).to_pylist()
+    rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
+    try:
+        sample = draw(rows, request)
+    except ValueError as e:
+        raise StageError(str(e)) from None
+
+    def write_sample() -> None:
+        write_parquet_atomic(store.path("sample.parquet"), pa.Table.from_pylist(sample))
+
+    claim(store, plan, conflict, prepare=write_sample)
+    return sample
+
+
+def run(
+    root: str,
+    name: str,
+    options: ExtractorOptions,
+    request: SampleRequest,
+    *,
+    gpus_per_worker: float | None = 0,
+    progress: bool = False,
+    spec: FeatureSpec | None = None,
+) -> dict:
+    """Extracts the features of a seeded sample of ``root`` into ``ROOT/features/NAME``.
+
+    Ray must be initialised. Everything that can be checked (the extractor, its checkpoint
+    and layer, the manifests, the sample) is checked before any work.
+
+    Args:
+        gpus_per_worker: GPUs per actor; ``None`` takes one per actor when the cluster has
+            GPUs (see :func:`shards.core.placement.place`); 0 runs on CPUs.
+        spec: The spec of the extractor ``options`` name, when the caller already built it
+            (saves loading a model on the driver a second time).
+
+    Returns:
+        The store's ``meta.json`` content plus this run's ``shards_written``,
+        ``wall_seconds`` and ``throughput``.
+
+    Raises:
+        StageError: A bad extractor, no manifest, a sample that cannot be drawn, or a store
+            started with another extractor or sample. Nothing is written then.
+    """
+    started = time.monotonic()
+    if spec is None:
+        try:
+            spec = extractors.build(options).spec  # Fails early on a bad checkpoint or layer.
+        except extractors.ExtractorError as e:
+            raise StageError(str(e)) from None
+    root = RootLayout(root).root
+    sample = _plan(root, name, spec, request)
+    store = store_layout(root, name)
+    by_shard = rows_by_shard(sample)
+    done = run_pass(
+        store, FeatureWorker, by_shard, options, gpus_per_worker=gpus_per_worker, progress=progress
+    )
+    meta = read_json(store.path("meta.json")) if done.shards_written == 0 else None
+    if meta is not None:
+        log.info("nothing to do: feature store %s is complete", name)
+        return done.result(meta, "hours_extracted", started)
+    plan = read_json(store.path("plan.json"))
+    meta = feature_store.finalize(
+        store,
+        sorted(by_shard),
+        {
+            "spec": plan["spec"],
+            "request": plan["request"],
+            "sample": {
+                "utterances": len(sample),
+                "hours": sum(r["duration"] for r in sample) / 3600,
+            },
+        },
+    )
+    return done.result(meta, "hours_extracted", started)

@@ -1,0 +1,606 @@
+"""k-means with scikit-learn's shape, on an array or on data spread over workers.
+
+The loop talks to *parts* (:mod:`units.kmeans.parts`): in-process for an array, Ray actors
+for a feature store or an array that the caller spread over a cluster
+(:func:`units.kmeans.stage.distribute`; the estimator imports no Ray code). Each
+iteration, every part assigns its rows to the nearest centroid and returns float64
+per-cluster sums, counts and inertia per block; the driver sums them in a fixed tree order
+(:mod:`units.kmeans.tree_sum`), so the centroids are bit-identical for any number of workers.
+
+- Initialisation: ``k-means||`` (Bahmani et al. 2012: a few rounds that each sample about
+  ``oversampling * k`` rows in proportion to their cost, then weighted k-means++ on the
+  candidates), ``k-means++`` on a seeded sample, ``random`` rows, or an array; then Lloyd
+  iterations on a seeded sample of the rows, a head start before the full passes.
+- Empty clusters are re-seeded by splitting the largest cluster, as faiss does.
+- ``algorithm="minibatch"``: Sculley's mini-batch updates (per-centroid learning rate
+  ``1 / count``), each batch a seeded Bernoulli sample of rows streamed from the parts.
+- A checkpoint after every iteration: a killed fit resumes and ends with the centroids an
+  uninterrupted one would have.
+
+Example:
+    >>> rng = np.random.default_rng(0)
+    >>> x = np.concatenate([rng.normal(m, 0.1, (100, 2)) for m in (0, 5)]).astype(np.float32)
+    >>> km = KMeans(2, seed=0).fit(x)
+    >>> sorted(int(round(v)) for v in km.cluster_centers_[:, 0])
+    [0, 5]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from shards.core import storage
+from units.kmeans import parts as kmeans_parts
+from units.kmeans.parts import DataError, LocalParts
+
+log = logging.getLogger(__name__)
+
+INITS = ("k-means||", "k-means++", "random")
+ALGORITHMS = ("lloyd", "minibatch")
+_SPLIT_EPS = 1.0 / 1024.0  # faiss's EPS for splitting a cluster.
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint exists but was written by a fit with another config or other data."""
+
+
+#: Most clusters a fit may have: units are stored as uint16 (``units.labels.model``).
+MAX_CLUSTERS = 65_536
+
+
+@dataclasses.dataclass
+class IterationStats:
+    """One row of ``iterations_`` (and of ``iterations.parquet``).
+
+    Lloyd: iteration ``i`` is a full pass over the rows with the centroids after ``i``
+    updates, so iteration 0 is the initial centroids and the last, ``n_iter_``, the final
+    ones: ``n_iter_ + 1`` rows. Its inertia, balance and empty clusters are those
+    centroids'; ``seconds`` the pass and the update that follows it (none after the last).
+
+    Mini-batch: iteration ``i`` (1 to ``n_iter_``) is the ``i``-th step: the inertia of its
+    batch at the centroids it started from, and the update it made. ``relative_change``
+    holds the smoothed batch inertia per row, which decides when to stop.
+    """
+
+    iteration: int
+    inertia: float
+    relative_change: float
+    seconds: float
+    worker_seconds: float
+    empty_clusters: int
+    imbalance: float
+
+
+class KMeans:
+    """k-means clustering.
+
+    Args:
+        n_clusters: k.
+        init: ``"k-means||"``, ``"k-means++"``, ``"random"`` or a (k, d) array.
+        max_iter: Lloyd iterations at most (mini-batch: passes over the data at most).
+        tol: Stop when the inertia improves by less than this fraction.
+        seed: Everything random derives from it.
+        algorithm: ``"lloyd"`` (all rows each iteration) or ``"minibatch"``.
+        batch_size: Rows per mini-batch (mini-batch only, on average).
+        max_no_improvement: Mini-batch stops after this many batches without an improvement
+            of the smoothed batch inertia.
+        init_rounds: k-means|| rounds (Spark MLlib's default, 2, is plenty in practice).
+        oversampling: k-means|| rows sampled per round, as a multiple of k.
+        init_sample: Rows of the seeded sample that k-means++ runs on (default
+            ``max(10000, 20 k)``; its cost grows with ``k^2 * sample``).
+        refine_sample: After seeding (k-means|| or k-means++), Lloyd iterations run on a
+            seeded sample of this many rows per centroid first (faiss's default training
+            size), which costs a fraction of a full pass; skipped when the sample would be
+            over half the data.
+        refine_iter: Iterations on that sample at most (0: none).
+        parts: Parts to cut an array into when fitting in process.
+        block_rows: Rows per block; blocks fix the order of every sum.
+
+    Attributes:
+        cluster_centers_: (k, d) float32.
+        inertia_: Sum of squared distances of all rows to their centroid (float64).
+        n_iter_: Iterations run: centroid updates (Lloyd) or mini-batch steps.
+        iterations_: One :class:`IterationStats` per iteration; Lloyd's starts with
+            iteration 0, the initial centroids (``n_iter_ + 1`` rows).
+        counts_: Rows per cluster at the final centroids.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int,
+        *,
+        init="k-means||",
+        max_iter: int = 100,
+        tol: float = 1e-4,
+        seed: int = 0,
+        algorithm: str = "lloyd",
+        batch_size: int = 10_000,
+        max_no_improvement: int = 10,
+        init_rounds: int = 2,
+        oversampling: float = 2.0,
+        init_sample: int | None = None,
+        refine_sample: int = 256,
+        refine_iter: int = 20,
+        parts: int = 1,
+        block_rows: int = kmeans_parts.DEFAULT_BLOCK_ROWS,
+    ):
+        self.n_clusters = n_clusters
+        self.init = init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.seed = seed
+        self.algorithm = algorithm
+        self.batch_size = batch_size
+        self.max_no_improvement = max_no_improvement
+        self.init_rounds = init_rounds
+        self.oversampling = oversampling
+        self.init_sample = init_sample
+        self.refine_sample = refine_sample
+        self.refine_iter = refine_iter
+        self.parts = parts
+        self.block_rows = block_rows
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict:
+        """Everything that decides the result (a checkpoint must match it)."""
+        init = self.init
+        if not isinstance(init, str):
+            init = "array:" + hashlib.sha256(np.ascontiguousarray(init).tobytes()).hexdigest()
+        return {
+            "n_clusters": self.n_clusters,
+            "init": init,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "seed": self.seed,
+            "algorithm": self.algorithm,
+            "batch_size": self.batch_size,
+            "max_no_improvement": self.max_no_improvement,
+            "init_rounds": self.init_rounds,
+            "oversampling": self.oversampling,
+            "init_sample": self.init_sample,
+            "refine_sample": self.refine_sample,
+            "refine_iter": self.refine_iter,
+        }
+
+    def check_params(self) -> None:
+        """Checks the arguments alone (no data needed): a driver calls it before any work.
+
+        Raises:
+            ValueError: Naming the argument and its value, e.g. ``n_clusters=70000 must be
+                at most 65536``.
+        """
+        k = self.n_clusters
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"n_clusters={k!r} must be a positive integer")
+        if k > MAX_CLUSTERS:
+            raise ValueError(
+                f"n_clusters={k} must be at most {MAX_CLUSTERS}: units are stored as uint16"
+            )
+        if isinstance(self.init, str) and self.init not in INITS:
+            raise ValueError(f"init={self.init!r} must be one of {INITS} or a (k, d) array")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm={self.algorithm!r} must be one of {ALGORITHMS}")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter={self.max_iter} must be >= 1")
+        if not self.tol >= 0:
+            raise ValueError(f"tol={self.tol} must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+
+    def max_steps(self, rows: int) -> int:
+        """The most iterations (mini-batch: steps) a fit on ``rows`` rows runs: the total of
+        its progress bar."""
+        if self.algorithm == "minibatch":
+            return self.max_iter * max(1, math.ceil(rows / self.batch_size))
+        return self.max_iter
+
+    def _validate(self, parts) -> None:
+        k = self.n_clusters
+        self.check_params()
+        if parts.rows < k:
+            raise DataError(f"n_samples={parts.rows} should be >= n_clusters={k}")
+        if not isinstance(self.init, str):
+            shape = np.shape(self.init)
+            if shape != (k, parts.dim):
+                raise DataError(
+                    f"init array has shape {shape}, expected (n_clusters={k}, dim={parts.dim})"
+                )
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        data,
+        *,
+        checkpoint: str | None = None,
+        check: bool = True,
+        callback: Callable[[dict], None] | None = None,
+    ) -> KMeans:
+        """Fits the centroids.
+
+        Args:
+            data: A (n, d) array (fitted in this process), or parts such as
+                :func:`units.kmeans.stage.distribute` returns for a feature store or an
+                array spread over Ray workers.
+            checkpoint: A directory: the state is saved there after every iteration, and a
+                fit that finds a state there resumes from it.
+            check: Scan the data for NaN/Inf first (it also loads held parts).
+            callback: Called with each iteration's stats (a dict with the fields of
+                :attr:`iterations_`) when it ends; a driver shows progress with it.
+
+        Raises:
+            DataError: Empty data, fewer rows than clusters, NaN/Inf (named), a bad init.
+            CheckpointMismatchError: ``checkpoint`` holds another fit's state.
+        """
+        parts, owned = self._as_parts(data)
+        try:
+            return self._fit(parts, checkpoint, check, callback)
+        finally:
+            if owned is not None:
+                owned.shutdown()
+
+    def _fit(self, parts, checkpoint: str | None, check: bool, callback=None) -> KMeans:
+        self._validate(parts)
+        if check:
+            check_finite(parts)
+        state = self._resume(parts, checkpoint)
+        if state is None:
+            started = time.perf_counter()
+            centroids = self._initial(parts)
+            state = {"iteration": 0, "centroids": centroids, "history": [], "counts": None}
+            state["init_seconds"] = time.perf_counter() - started
+            self._save(parts, checkpoint, state)
+        if state.get("done"):
+            log.info("k-means checkpoint is complete: nothing to do")
+        elif self.algorithm == "lloyd":
+            self._lloyd(parts, state, checkpoint, callback or _ignore)
+        else:
+            self._minibatch(parts, state, checkpoint, callback or _ignore)
+        self.cluster_centers_ = state["centroids"]
+        self.inertia_ = state["inertia"]
+        self.counts_ = state["counts"]
+        self.n_iter_ = state["iteration"]
+        self.iterations_ = [IterationStats(**h) for h in state["history"]]
+        self.init_seconds_ = state.get("init_seconds", 0.0)
+        return self
+
+    def _as_parts(self, data):
+        """Parts for ``data``, and those this fit created and must shut down.
+
+        The estimator never distributes data itself (it would have to import the Ray
+        transport, which imports it): a caller spreads a store or an array over a cluster
+        with :func:`units.kmeans.stage.distribute` and passes the parts.
+        """
+        if isinstance(data, np.ndarray):
+            return LocalParts.from_array(data, parts=self.parts, block_rows=self.block_rows), None
+        if hasattr(data, "map") and hasattr(data, "blocks"):
+            return data, None
+        raise TypeError(
+            f"cannot fit on {type(data).__name__}: pass an array, or parts such as "
+            "units.kmeans.stage.distribute(store) returns"
+        )
+
+    # ------------------------------------------------------------------ init
+    def _initial(self, parts) -> np.ndarray:
+        k = self.n_clusters
+        if not isinstance(self.init, str):
+            return np.array(self.init, dtype=np.float32)
+        rng = np.random.default_rng([self.seed, 0])
+        if self.init == "random":
+            picks = np.sort(rng.choice(parts.rows, size=k, replace=False))
+            return gather_rows(parts, picks)
+        if self.init == "k-means++":
+            m = min(parts.rows, self.init_sample or max(10_000, 20 * k))
+            picks = np.sort(rng.choice(parts.rows, size=m, replace=False))
+            sample = gather_rows(parts, picks)
+            return self._refine(parts, kmeans_plusplus(sample, k, rng))
+        return self._refine(parts, self._kmeans_parallel(parts, rng))
+
+    def _refine(self, parts, centroids: np.ndarray) -> np.ndarray:
+        """Lloyd iterations on one seeded sample of ``refine_sample * k`` rows before any pass
+        over all rows: what faiss trains on by default (256 rows per centroid), here only a
+        head start. Skipped when the sample would be most of the data."""
+        rate = self.refine_sample * self.n_clusters / parts.rows
+        if self.refine_iter <= 0 or rate > 0.5:
+            return centroids
+        previous = math.inf
+        for _ in range(self.refine_iter):
+            sums, counts, inertia = kmeans_parts.reduce(
+                parts, parts.map("sample_stats", centroids, [self.seed, 3], rate)
+            )
+            if inertia > 0 and (previous - inertia) / inertia < self.tol:
+                break
+            previous = inertia
+            centroids, _ = update(centroids, sums, counts)
+        return centroids
+
+    def _kmeans_parallel(self, parts, rng: np.random.Generator) -> np.ndarray:
+        k = self.n_clusters
+        first = int(rng.integers(parts.rows))
+        candidates = [gather_rows(parts, np.array([first]))]
+        cost = kmeans_parts.reduce(parts, parts.map("seed_update", candidates[0], 0))
+        n_candidates = 1
+        for round_ in range(self.init_rounds):
+            if cost <= 0:
+                break  # Every row is a candidate already.
+            sampled = parts.map("seed_sample", self.seed, round_, self.oversampling * k, cost)
+            new = np.concatenate([rows for _, rows in sampled])
+            if len(new) == 0:
+                continue
+            candidates.append(new)
+            cost = kmeans_parts.reduce(parts, parts.map("seed_update", new, n_candidates))
+            n_candidates += len(new)
+        weights = kmeans_parts.reduce(parts, parts.map("seed_weights", n_candidates))
+        points = np.concatenate(candidates)
+        log.info("k-means||: %d candidates for k=%d", len(points), k)
+        # No weighted Lloyd steps on the candidates (Spark runs some): with few candidates per
+        # cluster it pulled the seeds into worse minima (999 vs 972 per point at 768 dims).
+        return kmeans_plusplus(points, k, rng, weights=weights.astype(np.float64))
+
+    # ------------------------------------------------------------------ Lloyd
+    def _lloyd(self, parts, state: dict, checkpoint: str | None, callback) -> None:
+        history = state["history"]
+        while True:
+            started = time.perf_counter()
+            results = parts.map("stats", state["centroids"])
+            sums, counts, inertia = kmeans_parts.reduce(parts, [nodes for nodes, _ in results])
+            worker_seconds = max(s for _, s in results)
+            previous = history[-1]["inertia"] if history else math.inf
+            change = (previous - inertia) / inertia if inertia > 0 else 0.0
+            converged = bool(history) and (change < self.tol)
+            done = converged or state["iteration"] >= self.max_iter
+            stats = {
+                "iteration": state["iteration"],
+                "inertia": inertia,
+                "relative_change": change if history else math.nan,
+                "worker_seconds": worker_seconds,
+                "imbalance": imbalance(counts),
+                "empty_clusters": 0,
+            }
+            if done:
+                state.update(inertia=inertia, counts=counts)
+                stats.update(
+                    empty_clusters=int((counts == 0).sum()),
+                    seconds=time.perf_counter() - started,
+                )
+                history.append(stats)
+                state["done"] = True
+                _log_iteration(stats)
+                self._save(parts, checkpoint, state)
+                callback(stats)
+                log.info(
+                    "k-means %s after %d iterations: inertia %.6g",
+                    "converged" if converged else "stopped at max_iter",
+                    state["iteration"],
+                    inertia,
+                )
+                return
+            centroids, empty = update(state["centroids"], sums, counts)
+            stats.update(empty_clusters=empty, seconds=time.perf_counter() - started)
+            history.append(stats)
+            state.update(centroids=centroids, iteration=state["iteration"] + 1)
+            _log_iteration(stats)
+            self._save(parts, checkpoint, state)
+            callback(stats)
+
+    # ------------------------------------------------------------------ mini-batch
+    def _minibatch(self, parts, state: dict, checkpoint: str | None, callback) -> None:
+        rate = min(1.0, self.batch_size / parts.rows)
+        steps = self.max_steps(parts.rows)
+        history = state["history"]
+        totals = state.setdefault("totals", np.zeros(self.n_clusters, np.float64))
+        alpha = min(1.0, 2.0 * rate)  # sklearn's smoothing of the batch inertia.
+        while state["iteration"] < steps and state.get("stale", 0) < self.max_no_improvement:
+            started = time.perf_counter()
+            step = state["iteration"]
+            sums, counts, inertia = kmeans_parts.reduce(
+                parts, parts.map("sample_stats", state["centroids"], [self.seed, 2, step], rate)
+            )
+            per_point = inertia / max(1, counts.sum())
+            ewa = state.get("ewa")
+            ewa = per_point if ewa is None else ewa * (1 - alpha) + per_point * alpha
+            if ewa < state.get("best", math.inf) * (1 - self.tol):
+                state.update(best=ewa, stale=0)
+            else:
+                state["stale"] = state.get("stale", 0) + 1
+            c64 = state["centroids"].astype(np.float64)
+            totals += counts
+            hit = counts > 0
+            c64[hit] += (sums[hit] - counts[hit, None] * c64[hit]) / totals[hit, None]
+            history.append(
+                {
+                    "iteration": step + 1,
+                    "inertia": inertia,
+                    "relative_change": math.nan if ewa is None else ewa,
+                    "seconds": time.perf_counter() - started,
+                    "worker_seconds": math.nan,
+                    "empty_clusters": int((~hit).sum()),
+                    "imbalance": imbalance(counts),
+                }
+            )
+            state.update(centroids=c64.astype(np.float32), iteration=step + 1, ewa=ewa)
+            _log_iteration(history[-1])
+            self._save(parts, checkpoint, state)
+            callback(history[-1])
+        results = parts.map("stats", state["centroids"])
+        _, counts, inertia = kmeans_parts.reduce(parts, [nodes for nodes, _ in results])
+        state.update(inertia=inertia, counts=counts, done=True)
+        self._save(parts, checkpoint, state)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _fingerprint(self, parts) -> str:
+        return hashlib.sha256(
+            json.dumps([self.config(), parts.fingerprint()], sort_keys=True).encode()
+        ).hexdigest()
+
+    def _save(self, parts, directory: str | None, state: dict) -> None:
+        if directory is None:
+            return
+        from shards.core.atomic import write_atomic
+
+        storage.makedirs(directory)
+        arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+        scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+        scalars["fingerprint"] = self._fingerprint(parts)
+        buffer = io.BytesIO()
+        np.savez(buffer, state=np.array(json.dumps(scalars)), **arrays)
+        write_atomic(os.path.join(directory, "checkpoint.npz"), buffer.getvalue())
+
+    def _resume(self, parts, directory: str | None) -> dict | None:
+        if directory is None:
+            return None
+        path = os.path.join(directory, "checkpoint.npz")
+        if not storage.exists(path):
+            return None
+        with storage.load_npy(path) as saved:
+            state = json.loads(str(saved["state"]))
+            state.update({k: saved[k] for k in saved.files if k != "state"})
+        if state.pop("fingerprint") != self._fingerprint(parts):
+            raise CheckpointMismatchError(
+                f"{path} was written by a k-means with another config or other data; "
+                "remove it or use another output"
+            )
+        log.info("resuming k-means from iteration %d", state["iteration"])
+        return state
+
+    # ------------------------------------------------------------------ use
+    def _fitted(self) -> np.ndarray:
+        if not hasattr(self, "cluster_centers_"):
+            raise RuntimeError("this KMeans is not fitted yet: call fit() first")
+        return self.cluster_centers_
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Index of the nearest centroid for each row of ``x``."""
+        x = _as_rows(x, self._fitted().shape[1])
+        return kmeans_parts.Assigner(self.cluster_centers_)(x, distances=False)[0]
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Euclidean distances (n, k) from each row to every centroid (as scikit-learn)."""
+        c = self._fitted().astype(np.float64)
+        x = _as_rows(x, c.shape[1]).astype(np.float64)
+        d2 = (x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)
+        return np.sqrt(np.maximum(d2, 0))
+
+    def fit_predict(self, x: np.ndarray) -> np.ndarray:
+        return self.fit(x).predict(x)
+
+
+def _ignore(stats: dict) -> None:
+    """The callback of a fit that reports nothing."""
+
+
+def _log_iteration(stats: dict) -> None:
+    # DEBUG: one line per iteration would break a driver's progress bar at INFO; the bar
+    # (the fit's callback) shows the iterations, and iterations.parquet keeps every one.
+    log.debug(
+        "k-means iteration %d: inertia %.6g (relative change %.2e), %d empty, %.2fs",
+        stats["iteration"],
+        stats["inertia"],
+        stats["relative_change"],
+        stats["empty_clusters"],
+        stats["seconds"],
+    )
+
+
+def _as_rows(x, dim: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise DataError(f"expected rows of dimension {dim}, got shape {x.shape}")
+    return x
+
+
+# ---------------------------------------------------------------------- pieces
+def check_finite(parts) -> None:
+    """Raises :class:`DataError` naming where the first NaN/Inf rows are."""
+    reports = parts.map("check")
+    dims = {r["dim"] for r in reports}
+    if len(dims) != 1:
+        raise DataError(f"parts disagree on the dimension: {sorted(dims)}")
+    bad_rows = sum(r["bad_rows"] for r in reports)
+    if bad_rows:
+        where = [w for r in reports for w in r["bad"]][:5]
+        raise DataError(f"{bad_rows} row(s) hold NaN or Inf, first at: " + "; ".join(where))
+
+
+def gather_rows(parts, indices: np.ndarray) -> np.ndarray:
+    """The rows with these global indices (sorted), fetched from the parts that hold them."""
+    return np.concatenate(parts.map("rows", np.asarray(indices, np.int64)))
+
+
+def imbalance(counts: np.ndarray) -> float:
+    """faiss's imbalance factor: ``k * sum(n_i^2) / n^2`` (1 when perfectly balanced)."""
+    n = counts.sum()
+    return float(len(counts) * (counts.astype(np.float64) ** 2).sum() / n**2) if n else math.nan
+
+
+def update(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, int]:
+    """New centroids (float32) from the sums; empty clusters split the largest, as faiss.
+
+    An empty cluster takes a copy of the currently largest cluster's centroid, and the two
+    are pushed apart by a relative ``1/1024`` in alternating directions per dimension; the
+    split cluster's count is halved for the next choice. Deterministic: ties go to the lower
+    index.
+    """
+    counts = counts.astype(np.float64).copy()
+    new = centroids.astype(np.float64).copy()
+    full = counts > 0
+    new[full] = sums[full] / counts[full, None]
+    empty = np.flatnonzero(~full)
+    sign = np.where(np.arange(new.shape[1]) % 2 == 0, 1.0, -1.0)
+    for e in empty:
+        big = int(np.argmax(counts))
+        base = new[big].copy()
+        new[e] = base * (1 + sign * _SPLIT_EPS)
+        new[big] = base * (1 - sign * _SPLIT_EPS)
+        counts[big] /= 2
+        counts[e] = counts[big]
+    return new.astype(np.float32), len(empty)
+
+
+def kmeans_plusplus(
+    points: np.ndarray,
+    k: int,
+    rng: np.random.Generator,
+    *,
+    weights: np.ndarray | None = None,
+    trials: int | None = None,
+) -> np.ndarray:
+    """Greedy (weighted) k-means++ as scikit-learn does it: ``2 + log k`` trials per pick.
+
+    Returns ``(k, d)`` float32; when fewer than ``k`` points have weight, repeats are taken
+    (Lloyd's split then separates them).
+    """
+    x = np.asarray(points, dtype=np.float64)
+    n = len(x)
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    trials = trials or 2 + int(math.log(k))
+    sq = (x * x).sum(1)
+
+    def dist_to(c_idx):
+        return np.maximum(sq[None, c_idx].T - 2 * x[c_idx] @ x.T + sq[None, :], 0)
+
+    first = int(rng.choice(n, p=w / w.sum())) if w.sum() > 0 else 0
+    chosen = [first]
+    closest = dist_to(np.array([first]))[0]
+    for _ in range(1, k):
+        potential = w * closest
+        total = potential.sum()
+        if total <= 0:  # Every point is already a centroid: repeat the heaviest.
+            chosen.append(int(np.argmax(w)))
+            continue
+        cands = np.searchsorted(np.cumsum(potential), rng.random(trials) * total)
+        cands = np.minimum(cands, n - 1)
+        d = np.minimum(closest, dist_to(cands))
+        best = int(np.argmin(d @ w))
+        chosen.append(int(cands[best]))
+        closest = d[best]
+    return x[chosen].astype(np.float32)

@@ -1,0 +1,228 @@
+"""The streaming label pass on Ray: every utterance of every audio shard gets its units.
+
+For each audio shard a worker decodes the audio, computes features with exactly the spec
+the k-means recorded (same extractor, checkpoint and layer), applies its PCA if it had one,
+assigns the nearest centroid and writes uint16 units; features are never stored. A label
+shard is committed atomically; a rerun skips committed shards and a finished run does
+nothing. Units must have exactly the frames the frame contract gives for the utterance's
+``num_samples``: a mismatch is an error naming the key.
+
+Determinism (README, "Determinism"): a worker batches one shard's rows in manifest order,
+cut at ``batch_seconds`` of audio (:func:`units.stage.batches`), so which worker
+labels a shard, and how often it is retried, never changes a batch; on one machine type
+the label shards are the same bytes. Elsewhere features move within float32 rounding, and
+units only where the two nearest centroids are that close: at least 99.99% of frames agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+
+import numpy as np
+
+from shards.core import storage
+from shards.core.atomic import read_json, write_atomic
+from shards.core.outputs import ShardOutput, StageError
+from shards.root import RootLayout
+from units import project_version
+from units.features import extractors
+from units.features.extractors import ExtractorOptions
+from units.features.fairseq_checkpoint import sha256_file
+from units.labels.model import (
+    KMeansModel,
+    check_spec,
+    dedup,
+    extractor_options,
+    label_layout,
+)
+from units.schemas import LABELS, LABELS_DEDUP
+from units.stage import check_frames, claim, rows_by_shard, run_pass
+
+log = logging.getLogger(__name__)
+
+_MANIFEST_COLUMNS = ["key", "shard", "offset", "size", "num_samples", "duration"]
+
+
+class Labeller:
+    """A finished k-means with the extractor that rebuilds its features.
+
+    Called on a batch of decoded utterances, it returns each one's features and units:
+    the frame contract checked per utterance, one assignment for the whole batch (a single
+    GEMM, or GPU search, instead of one per utterance).
+
+    Args:
+        root: Dataset root.
+        kmeans: Finished k-means name.
+        extractor: Extractor to use instead of the one the k-means recorded (a moved
+            checkpoint, say); it must compute the same features.
+        device: ``cpu``, or ``cuda`` for the model and the centroid search.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        kmeans: str,
+        *,
+        extractor: ExtractorOptions | None = None,
+        device: str = "cpu",
+    ):
+        self.model = KMeansModel.load(root, kmeans)
+        if extractor is None:
+            extractor = extractor_options(self.model.spec)
+        self.extractor = extractors.build(dataclasses.replace(extractor, device=device))
+        self.batch_seconds = extractor.batch_seconds  # Audio per batch of the stage's worker.
+        check_spec(kmeans, self.model.spec, self.extractor.spec)
+        self.device = device
+
+    def __call__(self, batch: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(features, units)`` per ``(row, waveform)`` of ``batch``."""
+        features = self.extractor([wav for _, wav in batch])
+        for (row, _), feats in zip(batch, features, strict=True):
+            check_frames(self.model.spec, row["key"], row["num_samples"], len(feats))
+        units = self.model.units(np.concatenate(features), device=self.device)
+        bounds = np.cumsum([0] + [len(f) for f in features])
+        return [(f, units[bounds[i] : bounds[i + 1]]) for i, f in enumerate(features)]
+
+
+class LabelWorker:
+    """Builds the k-means's extractor once and labels audio shards with it (a worker of
+    :func:`units.stage.run_pass`).
+
+    Args:
+        root: Dataset root.
+        kmeans: Finished k-means name.
+        extractor: See :class:`Labeller`; its ``batch_seconds`` is the audio per batch.
+            Default: the one the k-means recorded.
+        device: See :class:`Labeller`.
+        dedup: Also write GSLM-style deduplicated units with durations.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        kmeans: str,
+        extractor: ExtractorOptions | None = None,
+        *,
+        device: str = "cpu",
+        dedup: bool = False,
+    ):
+        self.labeller = Labeller(root, kmeans, extractor=extractor, device=device)
+        self.dedup = dedup
+        self.batch_seconds = self.labeller.batch_seconds
+
+    def write_shard(self, out: ShardOutput, batches) -> dict:
+        frame_rate = self.labeller.model.spec.frame_rate
+        rows = []
+        for batch in batches:
+            for (row, _), (_, units) in zip(batch, self.labeller(batch), strict=True):
+                record = {
+                    "key": row["key"],
+                    "shard": out.shard,
+                    "units": units,
+                    "frames": len(units),
+                    "frame_rate": frame_rate,
+                }
+                if self.dedup:
+                    record["dedup_units"], record["durations"] = dedup(units)
+                rows.append(record)
+        out.write_parquet("units", rows, LABELS_DEDUP if self.dedup else LABELS)
+        return {"utterances": len(rows), "frames": int(sum(r["frames"] for r in rows))}
+
+
+def run(
+    root: str,
+    kmeans: str,
+    name: str,
+    *,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    extractor: ExtractorOptions | None = None,
+    dedup: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Labels every utterance under ``root`` with k-means ``kmeans`` into ``ROOT/labels/NAME``.
+
+    Ray must be initialised.
+
+    Args:
+        root: Dataset root.
+        kmeans: Finished k-means under ``ROOT/kmeans``.
+        name: Label set name.
+        workers: CPU actors (default: one per CPU).
+        gpus_per_worker: GPUs per actor, for the model and the centroid search (default:
+            one per actor when the cluster has GPUs; 0: CPUs only).
+        extractor: Build this extractor instead of the one the k-means recorded; it must
+            compute the same features (same checkpoint sha256, layer, normalisation).
+        dedup: Also store GSLM-style deduplicated units and their durations.
+        progress: Show the audio hours labelled on the driver, live.
+
+    Returns:
+        ``meta.json``'s content, plus this run's ``shards_written``, ``wall_seconds`` and
+        ``throughput`` (audio hours, hours per second overall and per worker, bytes read
+        and written).
+
+    Raises:
+        StageError: No utterances manifest, no such k-means, an extractor that cannot be
+            rebuilt or computes other features than the k-means was fitted on, or a label
+            set started with another k-means. Nothing is written then.
+    """
+    started = time.monotonic()
+    root = RootLayout(root).root
+    model = KMeansModel.load(root, kmeans)
+    if extractor is None:
+        extractor = extractor_options(model.spec)
+    try:
+        built = extractors.build(extractor)
+    except extractors.ExtractorError as e:
+        raise StageError(f"k-means {kmeans!r}: its features cannot be rebuilt: {e}") from None
+    check_spec(kmeans, model.spec, built.spec)
+    del built
+    manifest = RootLayout(root).manifest("utterances.parquet")
+    if not storage.exists(manifest):
+        raise StageError(f"no utterances manifest under {root}: run pipelines.shard first")
+    layout = label_layout(root, name)
+    lineage = {
+        "kmeans": kmeans,
+        "kmeans_fingerprint": model.meta["fingerprint"],
+        "spec": model.meta["spec"],
+        "k": int(len(model.centroids)),
+        "pca": model.meta.get("pca"),
+        "features": model.meta.get("features"),
+        # Top level as well as in the spec: what the next HuBERT iteration starts from.
+        "checkpoint_sha256": model.spec.checkpoint_sha256,
+        "layer": model.spec.layer,
+        "manifest_sha256": sha256_file(manifest),
+        "dedup": dedup,
+    }
+    claim(layout, lineage, "were started with another k-means or manifest")
+    rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
+    by_shard = rows_by_shard(rows)
+    done = run_pass(
+        layout,
+        LabelWorker,
+        by_shard,
+        root,
+        kmeans,
+        extractor,
+        dedup=dedup,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        progress=progress,
+    )
+    meta = read_json(layout.path("meta.json")) if done.shards_written == 0 else None
+    if meta is not None:
+        return done.result(meta, "hours_labelled", started)
+    shards = sorted(by_shard)
+    totals = {"utterances": 0, "frames": 0, "rejects": 0}
+    for shard in shards:
+        record = layout.read_commit(shard)
+        for key in totals:
+            totals[key] += record[key]
+    meta = dict(lineage, shards=shards, frame_rate=model.spec.frame_rate, **totals)
+    meta["version"] = project_version()
+    meta["hours"] = sum(r["duration"] for r in rows) / 3600
+    write_atomic(layout.path("meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
+    return done.result(meta, "hours_labelled", started)

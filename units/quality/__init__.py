@@ -1,0 +1,1 @@
+"""Unit quality: PNMI and purity metrics, reference phone alignments, and the report."""

@@ -1,0 +1,331 @@
+"""A unit-quality report for one label set: numbers, figures and one self-contained HTML page.
+
+:func:`build` reads what the earlier stages left under ROOT (labels, their k-means, the
+manifests and rejects) and, given reference phones, the purity and PNMI measures of
+:mod:`units.quality.metrics`; :func:`write` renders ``ROOT/reports/NAME/``::
+
+    report.html     every figure embedded (base64 PNG): one file to open or send
+    metrics.json    the numbers the page shows
+    usage.png       unit usage, most used first, with dead units and perplexity
+    phone_unit.png  P(phone | unit), units ordered by their dominant phone (HuBERT, Fig. 2)
+    inertia.png     k-means inertia per iteration
+    corpus.png      utterance durations and hours per speaker
+    rejects.png     rejects by stage and reason
+
+Label shards are read one at a time: only the units of utterances with references are
+kept, so the report's memory follows the reference set, not the corpus.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import dataclasses
+import html
+import io
+import json
+import os
+
+import numpy as np
+
+from shards.core import storage
+from shards.core.atomic import read_json, write_atomic
+from shards.core.outputs import OutputLayout, StageError
+from shards.root import RootLayout
+from units.labels.model import label_layout
+from units.quality import metrics, phone_refs
+
+
+@dataclasses.dataclass
+class Report:
+    """What a report shows: the numbers (``metrics``) and what the figures are drawn from."""
+
+    name: str
+    metrics: dict
+    joint: metrics.JointCounts | None
+    unit_counts: list[int]
+    inertia: list[float]
+    iterations: list[int]
+    durations: list[float]
+    hours_by_speaker: dict[str, float]
+    rejects: dict[str, int]
+
+
+def build(root: str, labels: str, phones: str | None = None) -> Report:
+    """Gathers a label set's numbers, with PNMI and purities when ``phones`` is given.
+
+    Raises:
+        StageError: No finished label set of that name.
+        phone_refs.ReferenceError: Unreadable references, or references at another rate.
+        metrics.MetricsError: References that share no utterance with the labels.
+    """
+    root = RootLayout(root).root
+    layout = label_layout(root, labels)
+    meta_path = layout.path("meta.json")
+    meta = read_json(meta_path)
+    if meta is None:
+        raise StageError(f"no finished labels {labels!r} under {root}: run pipelines.label first")
+    manifest = storage.read_parquet(
+        RootLayout(root).manifest("utterances.parquet"), columns=["key", "duration", "speaker"]
+    ).to_pylist()
+    refs = phone_refs.read_references(phones) if phones else None
+    if refs is not None:
+        durations = {r["key"]: r["duration"] for r in manifest}
+        phone_refs.check_rate(refs, durations, phones)
+
+    k, hyps = int(meta["k"]), {}
+    usage = metrics.UnitUsage(k)
+    dataset = storage.dataset(layout.path("units"))
+    for batch in dataset.to_batches(columns=["key", "units"]):
+        units = batch.column("units")
+        # flatten() honours a sliced array, where .values would not.
+        offsets = units.offsets.to_numpy() - units.offsets[0].as_py()
+        values = units.flatten().to_numpy().astype(np.int64)
+        usage.add_flat(values, offsets)
+        if refs is not None:
+            for i, key in enumerate(batch.column("key").to_pylist()):
+                if key in refs:
+                    hyps[key] = values[offsets[i] : offsets[i + 1]]
+    numbers = {
+        "labels": labels,
+        "kmeans": meta["kmeans"],
+        "k": k,
+        "frame_rate": meta["frame_rate"],
+        "utterances": meta["utterances"],
+        "hours": meta.get("hours"),
+        "usage": usage.summary(),
+    }
+    joint = None
+    if refs is not None:
+        joint = metrics.joint_counts(refs, hyps, ref_rate=100.0, hyp_rate=meta["frame_rate"])
+        numbers["phones"] = dict(metrics.quality(joint), references=phones)
+    iterations, inertia = kmeans_iterations(root, meta["kmeans"])
+    speakers: dict[str, float] = collections.defaultdict(float)
+    for r in manifest:
+        speakers[r["speaker"] or "?"] += r["duration"] / 3600
+    rejects = _rejects(root, layout)
+    numbers["rejects"] = rejects
+    return Report(
+        name=labels,
+        metrics=numbers,
+        joint=joint,
+        unit_counts=usage.counts.tolist(),
+        inertia=inertia,
+        iterations=iterations,
+        durations=[r["duration"] for r in manifest],
+        hours_by_speaker=dict(speakers),
+        rejects=rejects,
+    )
+
+
+def kmeans_iterations(root: str, kmeans: str) -> tuple[list[int], list[float]]:
+    """The k-means iterations as ``iterations.parquet`` numbers them (Lloyd's iteration 0 is
+    the initial centroids), and the inertia at each."""
+    path = os.path.join(root, "kmeans", kmeans, "iterations.parquet")
+    if not storage.exists(path):
+        return [], []
+    table = storage.read_parquet(path, columns=["iteration", "inertia"])
+    return table.column("iteration").to_pylist(), table.column("inertia").to_pylist()
+
+
+def _rejects(root: str, layout: OutputLayout) -> dict[str, int]:
+    """``stage: reason`` -> count, for the shard stage and the label pass."""
+    out: dict[str, int] = collections.Counter()
+    shard_rejects = RootLayout(root).manifest("rejects.parquet")
+    if storage.exists(shard_rejects):
+        for row in storage.read_parquet(shard_rejects, columns=["stage", "reason"]).to_pylist():
+            out[f"{row['stage']}: {row['reason']}"] += 1
+    label_rejects = os.path.join(layout.directory, "rejects")
+    if storage.glob(label_rejects, "*.parquet"):
+        table = storage.dataset(label_rejects).to_table(columns=["reason"])
+        for reason in table.column("reason").to_pylist():
+            out[f"label: {reason}"] += 1
+    return dict(sorted(out.items()))
+
+
+def headline(numbers: dict) -> str:
+    """One line: PNMI and purities (with references), perplexity and dead units."""
+    usage = numbers["usage"]
+    tail = f"perplexity {usage['perplexity']:.1f} of k={numbers['k']}, {usage['dead']} dead"
+    if "phones" not in numbers:
+        return f"units: {tail}"
+    p = numbers["phones"]
+    return (
+        f"units: PNMI {p['pnmi']:.3f}, phone purity {p['phone_purity']:.3f}, cluster purity "
+        f"{p['cluster_purity']:.3f} on {p['frames']} frames of {p['utterances']} utterances "
+        f"({p['missing_utterances']} without units); {tail}"
+    )
+
+
+# --------------------------------------------------------------------------- figures
+def figures(report: Report) -> dict[str, bytes]:
+    """PNG bytes per figure name."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # Headless: workers and CI have no display.
+    import matplotlib.pyplot as plt
+
+    out = {}
+    for name, draw in (
+        ("usage", _usage),
+        ("phone_unit", _phone_unit),
+        ("inertia", _inertia_figure),
+        ("corpus", _corpus),
+        ("rejects", _rejects_figure),
+    ):
+        fig = draw(plt, report)
+        if fig is None:
+            continue
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        out[name] = buffer.getvalue()
+    return out
+
+
+def _usage(plt, report: Report):
+    counts = np.sort(np.asarray(report.unit_counts))[::-1]
+    usage = report.metrics["usage"]
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.bar(np.arange(len(counts)), np.maximum(counts, 0.5), width=1.0, color="#4c72b0")
+    ax.set_yscale("log")
+    ax.set_xlabel("units, most used first")
+    ax.set_ylabel("frames")
+    ax.set_title(
+        f"Unit usage: perplexity {usage['perplexity']:.1f} of k={len(counts)}, {usage['dead']} dead"
+    )
+    return fig
+
+
+def _phone_unit(plt, report: Report):
+    if report.joint is None:
+        return None
+    joint = report.joint
+    p = joint.counts / joint.counts.sum()
+    p_phone_given_unit = p / np.maximum(p.sum(0, keepdims=True), 1e-12)
+    # Phones by frequency; units by their dominant phone, then by how pure they are.
+    phone_order = np.argsort(-p.sum(1), kind="stable")
+    rank = np.empty(len(phone_order), np.int64)
+    rank[phone_order] = np.arange(len(phone_order))
+    dominant = p_phone_given_unit.argmax(0)
+    unit_order = np.lexsort((-p_phone_given_unit.max(0), rank[dominant]))
+    shown = p_phone_given_unit[phone_order][:, unit_order]
+    fig, ax = plt.subplots(figsize=(max(6, len(unit_order) / 12), max(4, len(phone_order) / 4)))
+    image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis")
+    ax.set_yticks(np.arange(len(phone_order)))
+    ax.set_yticklabels([joint.phones[i] for i in phone_order], fontsize=7)
+    ax.set_xlabel("units, ordered by their most likely phone")
+    ax.set_title(f"P(phone | unit), PNMI {report.metrics['phones']['pnmi']:.3f}")
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    return fig
+
+
+def _inertia_figure(plt, report: Report):
+    if not report.inertia:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(report.iterations, report.inertia, marker="o", ms=3)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("inertia")
+    ax.set_title(f"k-means {report.metrics['kmeans']}")
+    return fig
+
+
+def _corpus(plt, report: Report):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3))
+    left.hist(report.durations, bins=40, color="#55a868")
+    left.set_xlabel("utterance duration (s)")
+    left.set_ylabel("utterances")
+    speakers = sorted(report.hours_by_speaker.items(), key=lambda kv: -kv[1])[:40]
+    right.bar(range(len(speakers)), [h for _, h in speakers], color="#c44e52")
+    right.set_xticks(range(len(speakers)))
+    right.set_xticklabels([s for s, _ in speakers], rotation=90, fontsize=6)
+    right.set_ylabel("hours")
+    right.set_title(f"{len(report.hours_by_speaker)} speakers (top 40)")
+    return fig
+
+
+def _rejects_figure(plt, report: Report):
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * max(1, len(report.rejects))))
+    if report.rejects:
+        names = list(report.rejects)
+        ax.barh(range(len(names)), [report.rejects[n] for n in names], color="#8172b2")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=8)
+        ax.set_xlabel("files or utterances")
+    else:
+        ax.text(0.5, 0.5, "no rejects", ha="center", va="center")
+        ax.set_axis_off()
+    ax.set_title("Rejects by stage and reason")
+    return fig
+
+
+# ------------------------------------------------------------------------------ page
+_CAPTIONS = {
+    "usage": "How often each unit occurs. Dead units never occur; perplexity is exp(entropy).",
+    "phone_unit": "Each column is a unit: the share of its frames on each phone. A good "
+    "unit set shows a staircase: each phone owns a few pure units.",
+    "inertia": "k-means inertia (sum of squared distances) at the centroids of each "
+    "iteration: 0 is the initial centroids, the last is the final ones.",
+    "corpus": "The corpus: utterance durations and audio hours per speaker.",
+    "rejects": "Inputs turned away, by stage and reason (details in the rejects tables).",
+}
+
+
+def render_html(report: Report, pngs: dict[str, bytes]) -> str:
+    """One page: the headline numbers, then every figure embedded as base64 PNG."""
+    m = report.metrics
+    rows = [("utterances", m["utterances"]), ("audio hours", m.get("hours")), ("k", m["k"])]
+    rows += [("label rate (Hz)", m["frame_rate"])]
+    rows += [(f"usage: {k}", v) for k, v in m["usage"].items()]
+    if "phones" in m:
+        rows = [(f"phones: {k}", v) for k, v in m["phones"].items()] + rows
+    table = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
+    headline = ""
+    if "phones" in m:
+        p = m["phones"]
+        headline = (
+            f"<p class=head>PNMI <b>{p['pnmi']:.3f}</b> · phone purity "
+            f"<b>{p['phone_purity']:.3f}</b> · cluster purity <b>{p['cluster_purity']:.3f}</b>"
+            f" on {p['frames']:,} frames of {p['utterances']} utterances</p>"
+        )
+    images = "\n".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,'
+        f'{base64.b64encode(png).decode()}"><figcaption>{html.escape(_CAPTIONS[name])}'
+        "</figcaption></figure>"
+        for name, png in pngs.items()
+    )
+    title = html.escape(f"unitpipe report: {report.name} (k-means {m['kmeans']})")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}th,td{{padding:2px 10px;border-bottom:1px solid #ddd;
+text-align:left}}figure{{margin:2em 0}}img{{max-width:100%}}.head{{font-size:1.3em}}</style>
+</head><body><h1>{title}</h1>
+{headline}
+<table>{table}</table>
+{images}
+</body></html>
+"""
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def write(report: Report, directory: str) -> dict[str, str]:
+    """Writes the page, ``metrics.json`` and the PNGs under ``directory``; returns paths."""
+    storage.makedirs(directory)
+    pngs = figures(report)
+    paths = {}
+    for name, png in pngs.items():
+        paths[name] = os.path.join(directory, f"{name}.png")
+        write_atomic(paths[name], png, sync_dir=False)
+    paths["metrics"] = os.path.join(directory, "metrics.json")
+    write_atomic(paths["metrics"], json.dumps(report.metrics, indent=1, sort_keys=True).encode())
+    # The page last: it is the report's commit.
+    paths["report"] = os.path.join(directory, "report.html")
+    write_atomic(paths["report"], render_html(report, pngs).encode())
+    return paths
