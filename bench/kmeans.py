@@ -6,7 +6,7 @@ as many components as clusters (:func:`make_mixture`), float32, so k-means has t
 components and there is no clean answer. Contenders, all on two cores:
 
 * ``ours``: :class:`units.kmeans.estimator.KMeans` with its defaults (``k-means||``,
-  ``max_iter=100``, ``tol=1e-4``, ``seed=0``) on ``units.kmeans.stage.distribute(x,
+  ``max_iter=100``, ``tol=1e-4``, ``seed=0``) on ``units.kmeans.transport.distribute(x,
   workers=2)``, local Ray with ``num_cpus=2`` (one single-threaded actor per core). Timed
   from ``distribute()`` through ``fit()``: nothing is left out (actors starting, the data
   going into the object store and to the actors, the NaN scan, the initialisation, every
@@ -260,12 +260,13 @@ def run_ours_ray(
 ):
     """``distribute`` + ``fit`` on the Ray that is up; actors killed afterwards."""
     from units.kmeans.estimator import KMeans
-    from units.kmeans.stage import distribute
+    from units.kmeans.parts import Part
+    from units.kmeans.transport import distribute
 
     started = time.perf_counter()
     parts = distribute(x, workers=CORES, spread=spread)
     try:
-        parts.map("dim")  # Returns once every actor is up and holds its rows.
+        parts.map(Part.dim)  # Returns once every actor is up and holds its rows.
         loaded = time.perf_counter()
         km = KMeans(k, seed=seed, **options).fit(parts)
         done = time.perf_counter()

@@ -95,6 +95,7 @@ def test_the_estimator_leaves_distribution_to_its_caller():
         imported = _imports(module, MODULES[module], top_level_only=False)
         source = MODULES[module].read_text()
         assert "units.kmeans.stage" not in imported and "import ray" not in source, module
+        assert "units.kmeans.transport" not in imported, module
 
 
 def test_the_demo_synthesiser_stays_out_of_the_runtime():

@@ -27,7 +27,7 @@ The k-means passes do not run here: they are not shard-to-file maps but rounds o
 reduction. Each round sends the same centroids to every actor and sums their partial
 statistics in a fixed tree (``units.kmeans.tree_sum``) so the result is the same bits for any
 number of workers, and no part is written to disk between rounds; their actors hold their
-feature shards in memory across rounds (``units.kmeans.stage``). What they share with this
+feature shards in memory across rounds (``units.kmeans.transport``). What they share with this
 engine is the placement and the retry policy (:mod:`shards.core.placement`).
 
 The shard stage (:mod:`shards.ray_sharding`) does not run here either: its unit of work is a

@@ -32,7 +32,7 @@ import ray
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
-import units.kmeans.stage
+import units.kmeans.transport
 import units.stage
 from shards import synthetic
 from shards.core.atomic import read_json
@@ -44,8 +44,10 @@ from units.features.extractors import ExtractorOptions
 from units.features.sampling import SampleRequest
 from units.features.stage import run as extract
 from units.kmeans.estimator import KMeans
-from units.kmeans.stage import StageOptions, distribute
+from units.kmeans.parts import Part
+from units.kmeans.stage import StageOptions
 from units.kmeans.stage import run as fit_kmeans
+from units.kmeans.transport import distribute
 from units.labels.stage import run as label
 
 pytestmark = pytest.mark.slow
@@ -301,17 +303,17 @@ def test_a_node_lost_while_fitting_kmeans(cluster, root, caplog, monkeypatch):
     lloyd = []
     # Iterations done before the loss; every part is needed: the lost one restarts on a new node.
     loss = NodeLoss(cluster, lambda: len(lloyd) - 1, replace_during=True)
-    real = units.kmeans.stage.RayParts.map
+    real = units.kmeans.transport.RayParts.map
 
     def held(parts, method, *args):
-        if method == "stats":
+        if method is Part.stats:
             lloyd.append(method)
             if len(lloyd) == 3:  # Two Lloyd iterations done and checkpointed.
                 loss.hold()
         return real(parts, method, *args)
 
-    monkeypatch.setattr(units.kmeans.stage.RayParts, "map", held)
-    with caplog.at_level(logging.WARNING, logger="units.kmeans.stage"):
+    monkeypatch.setattr(units.kmeans.transport.RayParts, "map", held)
+    with caplog.at_level(logging.WARNING, logger="units.kmeans.transport"):
         meta = loss.run(
             fit_kmeans, str(root), "mfcc", "km_lost", KMeans(8, **KM), StageOptions(pca=12)
         )
@@ -354,7 +356,7 @@ def test_a_kmeans_part_restarted_while_seeding_gets_its_distances_back(cluster, 
 
     def map_(method, *args):
         calls.append(method)
-        if method == "seed_sample" and calls.count(method) == 2:  # After two seed_updates.
+        if method is Part.seed_sample and calls.count(method) == 2:  # After two seed_updates.
             pid = ray.get(parts.actors[1].__ray_call__.remote(lambda part: os.getpid()))
             os.kill(pid, signal.SIGKILL)
             while _alive(pid):
@@ -363,7 +365,7 @@ def test_a_kmeans_part_restarted_while_seeding_gets_its_distances_back(cluster, 
 
     parts.map = map_
     try:
-        with caplog.at_level(logging.WARNING, logger="units.kmeans.stage"):
+        with caplog.at_level(logging.WARNING, logger="units.kmeans.transport"):
             km = KMeans(8, **KM).fit(parts)
     finally:
         parts.shutdown()

@@ -2,7 +2,7 @@
 
 The loop talks to *parts* (:mod:`units.kmeans.parts`): in-process for an array, Ray actors
 for a feature store or an array that the caller spread over a cluster
-(:func:`units.kmeans.stage.distribute`; the estimator imports no Ray code). Each
+(:func:`units.kmeans.transport.distribute`; the estimator imports no Ray code). Each
 iteration, every part assigns its rows to the nearest centroid and returns float64
 per-cluster sums, counts and inertia per block; the driver sums them in a fixed tree order
 (:mod:`units.kmeans.tree_sum`), so the centroids are bit-identical for any number of workers.
@@ -41,7 +41,7 @@ import numpy as np
 
 from shards.core import storage
 from units.kmeans import parts as kmeans_parts
-from units.kmeans.parts import DataError, LocalParts
+from units.kmeans.parts import DataError, LocalParts, Part
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class KMeans:
 
         Args:
             data: A (n, d) array (fitted in this process), or parts such as
-                :func:`units.kmeans.stage.distribute` returns for a feature store or an
+                :func:`units.kmeans.transport.distribute` returns for a feature store or an
                 array spread over Ray workers.
             checkpoint: A directory: the state is saved there after every iteration, and a
                 fit that finds a state there resumes from it.
@@ -277,8 +277,9 @@ class KMeans:
         """Parts for ``data``, and those this fit created and must shut down.
 
         The estimator never distributes data itself (it would have to import the Ray
-        transport, which imports it): a caller spreads a store or an array over a cluster
-        with :func:`units.kmeans.stage.distribute` and passes the parts.
+        transport; it imports no Ray code, so it runs wherever numpy does): a caller spreads
+        a store or an array over a cluster with :func:`units.kmeans.transport.distribute`
+        and passes the parts.
         """
         if isinstance(data, np.ndarray):
             return LocalParts.from_array(data, parts=self.parts, block_rows=self.block_rows), None
@@ -286,7 +287,7 @@ class KMeans:
             return data, None
         raise TypeError(
             f"cannot fit on {type(data).__name__}: pass an array, or parts such as "
-            "units.kmeans.stage.distribute(store) returns"
+            "units.kmeans.transport.distribute(store) returns"
         )
 
     # ------------------------------------------------------------------ init
@@ -315,7 +316,7 @@ class KMeans:
         previous = math.inf
         for _ in range(self.refine_iter):
             sums, counts, inertia = kmeans_parts.reduce(
-                parts, parts.map("sample_stats", centroids, [self.seed, 3], rate)
+                parts, parts.map(Part.sample_stats, centroids, [self.seed, 3], rate)
             )
             if inertia > 0 and (previous - inertia) / inertia < self.tol:
                 break
@@ -327,19 +328,19 @@ class KMeans:
         k = self.n_clusters
         first = int(rng.integers(parts.rows))
         candidates = [gather_rows(parts, np.array([first]))]
-        cost = kmeans_parts.reduce(parts, parts.map("seed_update", candidates[0], 0))
+        cost = kmeans_parts.reduce(parts, parts.map(Part.seed_update, candidates[0], 0))
         n_candidates = 1
         for round_ in range(self.init_rounds):
             if cost <= 0:
                 break  # Every row is a candidate already.
-            sampled = parts.map("seed_sample", self.seed, round_, self.oversampling * k, cost)
+            sampled = parts.map(Part.seed_sample, self.seed, round_, self.oversampling * k, cost)
             new = np.concatenate([rows for _, rows in sampled])
             if len(new) == 0:
                 continue
             candidates.append(new)
-            cost = kmeans_parts.reduce(parts, parts.map("seed_update", new, n_candidates))
+            cost = kmeans_parts.reduce(parts, parts.map(Part.seed_update, new, n_candidates))
             n_candidates += len(new)
-        weights = kmeans_parts.reduce(parts, parts.map("seed_weights", n_candidates))
+        weights = kmeans_parts.reduce(parts, parts.map(Part.seed_weights, n_candidates))
         points = np.concatenate(candidates)
         log.info("k-means||: %d candidates for k=%d", len(points), k)
         # No weighted Lloyd steps on the candidates (Spark runs some): with few candidates per
@@ -351,7 +352,7 @@ class KMeans:
         history = state["history"]
         while True:
             started = time.perf_counter()
-            results = parts.map("stats", state["centroids"])
+            results = parts.map(Part.stats, state["centroids"])
             sums, counts, inertia = kmeans_parts.reduce(parts, [nodes for nodes, _ in results])
             worker_seconds = max(s for _, s in results)
             previous = history[-1]["inertia"] if history else math.inf
@@ -403,7 +404,7 @@ class KMeans:
             started = time.perf_counter()
             step = state["iteration"]
             sums, counts, inertia = kmeans_parts.reduce(
-                parts, parts.map("sample_stats", state["centroids"], [self.seed, 2, step], rate)
+                parts, parts.map(Part.sample_stats, state["centroids"], [self.seed, 2, step], rate)
             )
             per_point = inertia / max(1, counts.sum())
             ewa = state.get("ewa")
@@ -431,7 +432,7 @@ class KMeans:
             _log_iteration(history[-1])
             self._save(parts, checkpoint, state)
             callback(history[-1])
-        results = parts.map("stats", state["centroids"])
+        results = parts.map(Part.stats, state["centroids"])
         _, counts, inertia = kmeans_parts.reduce(parts, [nodes for nodes, _ in results])
         state.update(inertia=inertia, counts=counts, done=True)
         self._save(parts, checkpoint, state)
@@ -521,7 +522,7 @@ def _as_rows(x, dim: int) -> np.ndarray:
 # ---------------------------------------------------------------------- pieces
 def check_finite(parts) -> None:
     """Raises :class:`DataError` naming where the first NaN/Inf rows are."""
-    reports = parts.map("check")
+    reports = parts.map(Part.check)
     dims = {r["dim"] for r in reports}
     if len(dims) != 1:
         raise DataError(f"parts disagree on the dimension: {sorted(dims)}")
@@ -533,7 +534,7 @@ def check_finite(parts) -> None:
 
 def gather_rows(parts, indices: np.ndarray) -> np.ndarray:
     """The rows with these global indices (sorted), fetched from the parts that hold them."""
-    return np.concatenate(parts.map("rows", np.asarray(indices, np.int64)))
+    return np.concatenate(parts.map(Part.rows, np.asarray(indices, np.int64)))
 
 
 def imbalance(counts: np.ndarray) -> float:

@@ -7,6 +7,13 @@ range of blocks. Everything a part returns is per block and summed through
 This is faiss's ``DatasetAssign`` idea (``contrib/clustering.py``): the k-means loop talks to
 a small interface, and a sharded or remote dataset is another implementation of it.
 
+That interface is ``parts.map(Part.method, *args)``: the caller names a :class:`Part` method
+by the method itself (a typo fails where it is written), and every part runs it on its own
+blocks (:class:`LocalParts` in this process, :class:`units.kmeans.transport.RayParts` in Ray
+actors). The methods whose calls leave state that later calls read are marked where they are
+defined (:func:`sets_state`, :func:`ends_state`), so a transport that can lose a part knows
+which calls to replay without a list of names of its own.
+
 Assignment is a chunked GEMM argmin (``||c||^2 - 2 x.c``) in numpy's BLAS rather than
 ``faiss.IndexFlatL2.search``: the two run at parity where faiss-cpu's bundled OpenBLAS knows
 the CPU, and the GEMM argmin is 2-4x faster where it does not (it falls back to generic
@@ -21,11 +28,15 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import scipy.sparse
 
 from units.kmeans import tree_sum
+
+M = TypeVar("M", bound=Callable)
+T = TypeVar("T")
 
 #: Rows per GEMM chunk: 8192 x k float32 distances stay in cache for k up to a few hundred.
 CHUNK_ROWS = 8192
@@ -260,6 +271,54 @@ def _inertia(sqnorm: float, sums: np.ndarray, counts: np.ndarray, c64: np.ndarra
     return float(sqnorm - 2.0 * np.einsum("kd,kd->", c64, sums) + counts @ (c64 * c64).sum(1))
 
 
+# ----------------------------------------------------------------- state marks
+@dataclasses.dataclass(frozen=True)
+class StateEffect:
+    """What a call of a :class:`Part` method does to the state that later calls read.
+
+    Attributes:
+        sets: The call leaves state behind (a part that lost its state must replay it).
+        ends: The methods whose state the call frees: their earlier calls need no replay.
+    """
+
+    sets: bool = False
+    ends: tuple[Callable, ...] = ()
+
+
+def sets_state(method: M) -> M:
+    """Marks a :class:`Part` method whose call leaves state that later calls read (a PCA
+    projection, k-means|| distances): a part that lost it gets it back by replaying the
+    marked calls in order."""
+    method._state_effect = StateEffect(sets=True)
+    return method
+
+
+def ends_state(*ended: Callable) -> Callable[[M], M]:
+    """Marks a :class:`Part` method whose call frees the state that the ``ended`` methods
+    set, so their earlier calls need no replay after it.
+
+    Example:
+        >>> class Counter:
+        ...     @sets_state
+        ...     def start(self): ...
+        ...     @ends_state(start)
+        ...     def stop(self): ...
+        >>> state_effect(Counter.stop).ends == (Counter.start,)
+        True
+    """
+
+    def mark(method: M) -> M:
+        method._state_effect = StateEffect(ends=ended)
+        return method
+
+    return mark
+
+
+def state_effect(method: Callable) -> StateEffect:
+    """The mark on ``method`` (an unmarked method neither sets nor ends any state)."""
+    return getattr(method, "_state_effect", StateEffect())
+
+
 class Part:
     """One worker's share: blocks ``[lo, hi)`` of ``blocks``, and the math run on them.
 
@@ -364,6 +423,7 @@ class Part:
             return self._projection[1].shape[1]
         return self.source.dim
 
+    @sets_state
     def set_projection(self, mean: np.ndarray | None, matrix: np.ndarray | None) -> None:
         """Rows are ``(x - mean) @ matrix`` from now on (PCA before k-means)."""
         self._projection = None if mean is None else (np.asarray(mean, np.float32), matrix)
@@ -422,6 +482,7 @@ class Part:
         return self._nodes(per)
 
     # ----------------------------------------------------------------- k-means||
+    @sets_state
     def seed_update(self, candidates: np.ndarray, first_id: int) -> list:
         """Folds new candidates into each row's nearest-candidate distance; returns the total
         cost (float64) as tree nodes."""
@@ -465,6 +526,7 @@ class Part:
             return np.empty(0, np.int64), np.empty((0, self.dim()), np.float32)
         return np.concatenate(picked), np.concatenate(rows)
 
+    @ends_state(seed_update)
     def seed_weights(self, n_candidates: int) -> list:
         """How many rows each candidate is nearest to (int64, as tree nodes); frees state."""
         state = self._seeding_state()
@@ -521,9 +583,16 @@ class LocalParts:
         members = [Part(source, blocks, lo, hi, device=device) for lo, hi in ranges]
         return cls(members, blocks, x.shape[1])
 
-    def map(self, method: str, *args) -> list:
-        """Calls ``method(*args)`` on every part; results in part order."""
-        return [getattr(p, method)(*args) for p in self.parts]
+    def map(self, method: Callable[..., T], *args) -> list[T]:
+        """Calls :class:`Part` method ``method`` (``Part.stats``, ...) with ``args`` on every
+        part; results in part order.
+
+        Raises:
+            TypeError: ``method`` is not a method of ``Part``.
+        """
+        name = method_name(method)
+        # By name, as a remote part is called: a part of a subclass runs its own override.
+        return [getattr(p, name)(*args) for p in self.parts]
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -531,10 +600,23 @@ class LocalParts:
         return self._fingerprint
 
 
+def method_name(method: Callable) -> str:
+    """The name by which a part is called with ``method``, a method of :class:`Part`.
+
+    Raises:
+        TypeError: ``method`` is not one of ``Part``'s methods (a string, a lambda, another
+            class's method): a part would run whatever its name means on ``Part``.
+    """
+    name = getattr(method, "__name__", None)
+    if not isinstance(name, str) or getattr(Part, name, None) is not method:
+        raise TypeError(f"parts run methods of Part, such as Part.stats; got {method!r}")
+    return name
+
+
 def fingerprint_of(parts) -> str:
     """sha256 over the per-block content hashes in block order, and the shape."""
     digests = tree_sum.root(
-        [n for nodes in parts.map("digest") for n in nodes], parts.blocks.count, _concat
+        [n for nodes in parts.map(Part.digest) for n in nodes], parts.blocks.count, _concat
     )
     return hashlib.sha256(f"{parts.rows}x{parts.dim}:{digests}".encode()).hexdigest()
 

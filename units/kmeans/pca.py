@@ -7,6 +7,8 @@ depend on the number of workers. Only ``d x d`` numbers reach the driver.
 wav2vec-U's ``scripts/pca.py`` trains a ``faiss.PCAMatrix`` and saves ``{dim}_pca_A.npy``
 (``A.T``, shape ``(d_in, d_out)``) and ``{dim}_pca_b.npy`` (``b``, shape ``(d_out,)``), applied
 as ``x @ A + b`` by ``apply_pca.py``; :meth:`PCA.save_wav2vec_u` writes that layout.
+:func:`fit_pca` fits one into a directory of a stage's output, or loads the one an earlier
+run committed there.
 
 Example:
     >>> rng = np.random.default_rng(0)
@@ -18,14 +20,15 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 
 from shards.core import storage
-from shards.core.atomic import write_npy_atomic
+from shards.core.atomic import read_json, write_atomic, write_npy_atomic
 from units.kmeans import parts as kmeans_parts
-from units.kmeans.parts import DataError, LocalParts
+from units.kmeans.parts import DataError, LocalParts, Part
 
 
 class PCA:
@@ -50,7 +53,7 @@ class PCA:
         self.whiten = whiten
 
     def fit(self, data) -> PCA:
-        """Fits on an array or on parts (see :func:`units.kmeans.stage.distribute`).
+        """Fits on an array or on parts (see :func:`units.kmeans.transport.distribute`).
 
         Raises:
             DataError: No rows, fewer than two, or ``n_components`` larger than the dimension.
@@ -60,7 +63,7 @@ class PCA:
             raise DataError(
                 f"n_components={self.n_components} must be between 1 and the dimension {parts.dim}"
             )
-        n, total, scatter = kmeans_parts.reduce(parts, parts.map("moments"))
+        n, total, scatter = kmeans_parts.reduce(parts, parts.map(Part.moments))
         if n < 2:
             raise DataError(f"PCA needs at least 2 rows, got {n}")
         mean = total / n
@@ -134,3 +137,29 @@ class PCA:
         pca.components_ = components
         pca.explained_variance_ = storage.load_npy(os.path.join(directory, "pca_variance.npy"))
         return pca
+
+
+def fit_pca(parts, directory: str, dim: int, whiten: bool = False) -> PCA:
+    """Fits a PCA on ``parts`` into ``directory`` (with wav2vec-U's ``{dim}_pca_A/b.npy``),
+    or loads the one an earlier run committed there (``pca.json`` is written last).
+
+    Args:
+        parts: Parts of any kind (in this process or in Ray actors): only their ``map`` is
+            called.
+        directory: Where the PCA is saved, or was committed by an earlier run.
+        dim: Output dimension.
+        whiten: Scale each component to unit variance.
+    """
+    committed = read_json(os.path.join(directory, "pca.json"))
+    if committed is not None:
+        pca = PCA.load(directory, whiten=whiten)
+        pca.total_variance_ = committed["total_variance"]
+        return pca
+    pca = PCA(dim, whiten=whiten).fit(parts)
+    storage.makedirs(directory)
+    pca.save(directory)
+    write_atomic(
+        os.path.join(directory, "pca.json"),
+        json.dumps({"dim": dim, "whiten": whiten, "total_variance": pca.total_variance_}).encode(),
+    )
+    return pca

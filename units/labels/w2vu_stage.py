@@ -36,8 +36,10 @@ from units.features.fairseq_checkpoint import sha256_file
 from units.features.store import FeatureStore
 from units.kmeans.estimator import KMeans
 from units.kmeans.parts import DataError
-from units.kmeans.stage import StageOptions, distribute, fit_pca
+from units.kmeans.pca import fit_pca
+from units.kmeans.stage import StageOptions
 from units.kmeans.stage import run as fit_kmeans
+from units.kmeans.transport import distribute
 from units.labels.fairseq import assign_splits, link_audio, tsv_text
 from units.labels.stage import Labeller
 from units.labels.w2vu import W2VUPrep

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from sklearn.metrics import v_measure_score
 
 from units.kmeans.estimator import CheckpointMismatchError, DataError, KMeans, update
-from units.kmeans.parts import LocalParts
+from units.kmeans.parts import LocalParts, Part
 
 
 def blobs(n=3000, k=8, d=5, spread=0.05, seed=0):
@@ -86,12 +88,12 @@ class _Killed(Exception):
 class _DyingParts(LocalParts):
     """Parts that die on the call to ``method`` after ``after`` calls: a killed job."""
 
-    def __init__(self, base: LocalParts, method: str, after: int):
+    def __init__(self, base: LocalParts, method: Callable, after: int):
         super().__init__(base.parts, base.blocks, base.dim)
         self.method, self.after = method, after
 
     def map(self, method, *args):
-        if method == self.method:
+        if method is self.method:
             self.after -= 1
             if self.after < 0:
                 raise _Killed
@@ -106,7 +108,7 @@ def test_a_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, algorithm):
     )
     if algorithm == "minibatch":
         kwargs.update(batch_size=1500, max_iter=2)
-    method = "sample_stats" if algorithm == "minibatch" else "stats"
+    method = Part.sample_stats if algorithm == "minibatch" else Part.stats
     counting = _DyingParts(LocalParts.from_array(x, block_rows=1000), method, after=10**9)
     whole = KMeans(40, **kwargs).fit(counting)
     calls = 10**9 - counting.after
@@ -123,7 +125,7 @@ def test_a_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, algorithm):
     assert resumed.inertia_ == whole.inertia_ and resumed.n_iter_ == whole.n_iter_
     assert [s.inertia for s in resumed.iterations_] == [s.inertia for s in whole.iterations_]
     # A finished checkpoint is a finished fit: no further passes over the data.
-    finished = _DyingParts(LocalParts.from_array(x, block_rows=1000), "stats", after=0)
+    finished = _DyingParts(LocalParts.from_array(x, block_rows=1000), Part.stats, after=0)
     again = KMeans(40, **kwargs).fit(finished, checkpoint=checkpoint, check=False)
     np.testing.assert_array_equal(again.cluster_centers_, whole.cluster_centers_)
 

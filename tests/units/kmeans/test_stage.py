@@ -1,4 +1,4 @@
-"""k-means and PCA over Ray actors, and the k-means stage on a feature store."""
+"""The k-means stage on a feature store: its outputs, its PCA, its errors, a finished run kept."""
 
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ import pytest
 
 from shards.core.outputs import StageError
 from tests.numerics import clear_frames
-from tests.stores import K, frames, write_store
+from tests.stores import K, write_store
 from units.features.extractor import MFCC_SPEC
 from units.features.store import FeatureStore
 from units.kmeans.estimator import KMeans
-from units.kmeans.parts import LocalParts
 from units.kmeans.pca import PCA
-from units.kmeans.stage import StageOptions, distribute, run
+from units.kmeans.stage import StageOptions, run
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -28,35 +27,6 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("root")
     rows = write_store(root, "mfcc")
     return root, rows
-
-
-def test_actors_give_the_in_process_centroids_for_1_2_and_3_workers():
-    x = frames(6000, seed=1)
-    reference = KMeans(K, seed=0, max_iter=10, tol=0, block_rows=500).fit(x)
-    reference_pca = PCA(5).fit(LocalParts.from_array(x, block_rows=500))
-    for workers in (1, 2, 3):
-        parts = distribute(x, workers=workers, block_rows=500)
-        try:
-            km = KMeans(K, seed=0, max_iter=10, tol=0, block_rows=500).fit(parts)
-            pca = PCA(5).fit(parts)
-        finally:
-            parts.shutdown()
-        np.testing.assert_array_equal(km.cluster_centers_, reference.cluster_centers_)
-        assert km.inertia_ == reference.inertia_
-        np.testing.assert_array_equal(pca.components_, reference_pca.components_)
-
-
-def test_store_parts_read_the_stores_rows_held_or_streamed(root):
-    root, rows = root
-    reference = KMeans(K, seed=0, max_iter=8, tol=0, block_rows=256).fit(rows.astype(np.float32))
-    store = FeatureStore(str(root), "mfcc")
-    for hold in (True, False):
-        parts = distribute(store, workers=2, hold=hold, block_rows=256)
-        try:
-            km = KMeans(K, seed=0, max_iter=8, tol=0, block_rows=256).fit(parts)
-        finally:
-            parts.shutdown()
-        np.testing.assert_array_equal(km.cluster_centers_, reference.cluster_centers_)
 
 
 def test_stage_writes_centroids_stats_and_a_fairseq_export(root):
@@ -163,14 +133,3 @@ def test_minibatch_streaming_from_the_store_holds_no_rows_and_fits(root):
     assert meta["written"] and meta["config"]["algorithm"] == "minibatch"
     lloyd = KMeans(K, seed=0, block_rows=256).fit(rows.astype(np.float32))
     assert meta["inertia"] <= lloyd.inertia_ * 1.05  # Close to the full-batch answer.
-
-
-def test_a_distributed_feature_store_fits_as_its_rows_in_one_array(root):
-    root, rows = root
-    parts = distribute(FeatureStore(str(root), "mfcc"), block_rows=256)
-    try:
-        km = KMeans(K, seed=0, max_iter=5, tol=0, block_rows=256).fit(parts)
-    finally:
-        parts.shutdown()
-    reference = KMeans(K, seed=0, max_iter=5, tol=0, block_rows=256).fit(rows.astype(np.float32))
-    np.testing.assert_array_equal(km.cluster_centers_, reference.cluster_centers_)
