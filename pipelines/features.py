@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sys
 
+from units.features.extractors import ExtractorOptions  # Light: the options' defaults.
+
 from . import _args, _cli
 from ._schema import REQUIRED, Choice, Float, Int, Option, Optional, Str, add_option, add_options
 
@@ -41,7 +43,9 @@ OPTIONS = {
     "gpus_per_worker": _args.gpus_per_worker(0),
     "dtype": Option(Optional(Choice(("bf16", "fp16"))), None, "autocast on GPU (default: float32)"),
     "threads": Option(Optional(Int(lo=1)), None, "torch threads per CPU worker", "N"),
-    "batch_seconds": Option(Float(gt=0), 120.0, "padded audio seconds per batch", "SECONDS"),
+    "batch_seconds": Option(
+        Float(gt=0), ExtractorOptions.batch_seconds, "padded audio seconds per batch", "SECONDS"
+    ),
 }
 
 RECORD = "ROOT/runs/features-NAME.json"
@@ -57,10 +61,8 @@ def add_arguments(parser) -> None:
     _args.add_ray(parser)
 
 
-def extractor_options(args):
+def extractor_options(args) -> ExtractorOptions:
     """The :class:`units.features.extractors.ExtractorOptions` of ``args``."""
-    from units.features.extractors import ExtractorOptions
-
     return ExtractorOptions(
         args.extractor,
         layer=args.layer,
@@ -80,13 +82,14 @@ def sample_request(args):
 
 
 def check(args) -> None:
-    """The sample and the extractor (its checkpoint loads, its layer exists): before Ray."""
-    from units.features.extractors import ExtractorError, build
+    """The sample and the extractor (its checkpoint is readable, its layer exists): before
+    Ray, without loading a model."""
+    from units.features.extractors import ExtractorError, describe
     from units.features.sampling import SampleError
 
     try:
         sample_request(args).validate()
-        args.spec = build(extractor_options(args)).spec
+        args.spec = describe(extractor_options(args))
     except (ExtractorError, SampleError) as e:
         raise _cli.UsageError(str(e)) from None
 

@@ -29,7 +29,7 @@ Config keys (defaults in brackets; each is the stage's flag of the same name):
     features.name [mfcc]    features.extractor [mfcc]  features.layer
     features.percent [10]   features.hours (wins over percent)  features.seed [0]
     features.gpus_per_worker [0]  features.dtype (bf16, fp16)  features.threads
-    features.batch_seconds [120]
+    features.batch_seconds [BATCH_SECONDS]
     kmeans.name [mfcc100]   kmeans.k [100]  kmeans.pca  kmeans.whiten [false]
     kmeans.init [k-means||] kmeans.algorithm [lloyd]  kmeans.max_iter [100]
     kmeans.tol [1e-4]       kmeans.seed [0]  kmeans.batch_size [10000]
@@ -55,6 +55,9 @@ import time
 
 from . import _args, _cli, features, kmeans, label, report, shard
 from ._schema import Option, Optional, Str, StrList, check_section
+
+if __doc__:  # The default lives in ExtractorOptions alone; the key list above shows it.
+    __doc__ = __doc__.replace("[BATCH_SECONDS]", f"[{features.OPTIONS['batch_seconds'].default:g}]")
 
 #: Top-level keys, then one section per stage: the stage's own options. ``root`` is
 #: required to run (:func:`load_config`), not to show the config.

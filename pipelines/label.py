@@ -106,7 +106,7 @@ def prepare(args) -> None:
     try:
         model = KMeansModel.load(args.root, args.kmeans)
         if args.extractor is not None:
-            check_spec(args.kmeans, model.spec, extractors.build(_requested(args)).spec)
+            check_spec(args.kmeans, model.spec, extractors.describe(_requested(args)))
     except (StageError, extractors.ExtractorError) as e:
         raise _cli.UsageError(str(e)) from None
 

@@ -77,7 +77,7 @@ def add_arguments(parser) -> None:
 def check(args) -> None:
     """The k-means parameters, the pooling, and with --extractor the model and the sample:
     before Ray."""
-    from units.features.extractors import ExtractorError, ExtractorOptions, build
+    from units.features.extractors import ExtractorError, ExtractorOptions, describe
     from units.features.sampling import SampleError, SampleRequest
     from units.kmeans.estimator import KMeans
 
@@ -88,7 +88,7 @@ def check(args) -> None:
             raise ValueError(f"--remove-extra pools evenly at rate 0.5 only, not {args.subsample}")
         if args.extractor is not None:
             SampleRequest(percent=args.percent).validate()
-            build(ExtractorOptions(args.extractor, layer=args.layer))
+            args.spec = describe(ExtractorOptions(args.extractor, layer=args.layer))
     except (ExtractorError, SampleError, ValueError) as e:
         raise _cli.UsageError(str(e)) from None
 
@@ -121,6 +121,7 @@ def run(args) -> dict:
                 SampleRequest(percent=args.percent),
                 gpus_per_worker=args.gpus_per_worker,
                 progress=args.progress,
+                spec=getattr(args, "spec", None),
             )
         return prepare_w2vu(
             args.root,

@@ -36,3 +36,33 @@ def test_bad_extractors_exit_2_before_starting_ray(tmp_path, capsys, args, messa
         args = [*args, "--percent", "10"]
     assert features.main(base + args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_check_describes_the_extractor_without_loading_it(tmp_path, monkeypatch):
+    import argparse
+
+    from tests.models import save_tiny
+    from units.features import extractors
+
+    directory = save_tiny(tmp_path / "hubert")
+    parser = argparse.ArgumentParser()
+    features.add_arguments(parser)
+    argv = ["--root", str(tmp_path), "--name", "n", "--percent", "10"]
+    args = parser.parse_args([*argv, "--extractor", f"hf:{directory}", "--layer", "2"])
+
+    def refuse(options):
+        raise AssertionError("the check built an extractor")
+
+    monkeypatch.setattr(extractors, "build", refuse)
+    features.check(args)  # The spec it plans with, from the directory's config and sha256.
+    assert args.spec == extractors.describe(features.extractor_options(args))
+    assert (args.spec.extractor, args.spec.checkpoint, args.spec.layer) == ("hf", directory, 2)
+
+
+def test_batch_seconds_has_one_default_the_extractor_options_one():
+    from pipelines import hubert
+    from units.features.extractors import ExtractorOptions
+
+    default = ExtractorOptions("mfcc").batch_seconds
+    assert features.OPTIONS["batch_seconds"].default == default
+    assert f"features.batch_seconds [{default:g}]" in hubert.__doc__

@@ -123,3 +123,28 @@ def test_a_driver_killed_mid_pass_resumes_to_the_uninterrupted_labels(tmp_path):
     finally:
         kill_ray_of(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_another_extractor_is_checked_against_the_kmeans_spec_without_loading_it(
+    tmp_path, capsys, monkeypatch
+):
+    import numpy as np
+
+    from tests.models import save_tiny
+    from units.features import extractors
+    from units.features.extractors import ExtractorOptions
+
+    directory = save_tiny(tmp_path / "hubert")
+    spec = extractors.describe(ExtractorOptions(f"hf:{directory}", layer=2))
+    kmeans = tmp_path / "root" / "kmeans" / "km"
+    kmeans.mkdir(parents=True)  # What the label stage reads of a finished k-means.
+    (kmeans / "kmeans.json").write_text(json.dumps({"spec": spec.to_json(), "fingerprint": "f"}))
+    np.save(kmeans / "centroids.npy", np.zeros((4, spec.dim), np.float32))
+
+    def refuse(options):
+        raise AssertionError("the driver built an extractor")
+
+    monkeypatch.setattr(extractors, "build", refuse)
+    argv = ["--root", str(tmp_path / "root"), "--kmeans", "km", "--name", "l"]
+    assert label.main([*argv, "--extractor", f"hf:{directory}", "--layer", "3"]) == 2
+    assert "layer: k-means 2, extractor 3" in capsys.readouterr().err

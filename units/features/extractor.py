@@ -19,7 +19,13 @@ from units.features.frames import MFCC, SSL, FrameContract
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSpec:
-    """Everything that decides a feature vector.
+    """Everything that decides a feature vector: the one description of an extractor.
+
+    :func:`units.features.extractors.describe` gives it from a name and a layer without
+    loading a model; every built extractor carries it as ``spec`` (the same value); the
+    feature store, the k-means and the labels record its :meth:`to_json`; and
+    :meth:`units.features.extractors.ExtractorOptions.from_spec` rebuilds the extractor
+    from it.
 
     Attributes:
         extractor: ``mfcc``, ``fbank``, ``hf`` (a local Hugging Face model directory) or

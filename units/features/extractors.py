@@ -1,14 +1,27 @@
-"""Building an extractor from its name: ``mfcc``, ``fbank``, ``hf:PATH`` or ``fairseq:PATH``.
+"""Extractors by name (``mfcc``, ``fbank``, ``hf:PATH``, ``fairseq:PATH``): what one computes,
+and building it.
 
-Options travel to Ray workers as this small dataclass; every worker builds its own extractor
-(one model load per worker), never a pickled model.
+:func:`describe` says what an extractor computes, its
+:class:`~units.features.extractor.FeatureSpec`, from the name and the layer alone: a constant
+for MFCC and filterbanks, the configuration (and the weights' sha256) for an SSL checkpoint.
+It builds no network and loads no weights, so the driver can check a request and plan with
+its spec cheaply. :func:`build` makes the extractor, whose ``spec`` is the same. Options
+travel to Ray workers as the small :class:`ExtractorOptions`; every worker builds its own
+extractor (one model load per worker), never a pickled model.
+
+This module imports nothing heavy at import time (the command line reads
+:class:`ExtractorOptions`'s defaults without numpy or torch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from units.features.extractor import Extractor
+if TYPE_CHECKING:
+    from units.features.extractor import Extractor, FeatureSpec
 
 
 class ExtractorError(ValueError):
@@ -19,13 +32,27 @@ class ExtractorError(ValueError):
 class ExtractorOptions:
     """Which extractor, and how it runs.
 
+    ``extractor``, ``checkpoint`` and ``layer`` say what is computed, and are the
+    :class:`~units.features.extractor.FeatureSpec` fields of the same names
+    (:meth:`from_spec`); ``device``, ``dtype``, ``threads`` and ``batch_seconds`` say how,
+    which moves features within float rounding only.
+
     Attributes:
-        extractor: ``mfcc``, ``fbank``, ``hf:PATH`` or ``fairseq:PATH``.
+        extractor: ``mfcc``, ``fbank``, ``hf`` or ``fairseq``. Given as the command line's
+            ``hf:PATH`` or ``fairseq:PATH``, it is split: the path goes to ``checkpoint``.
         layer: Transformer block, counted from 1 (SSL extractors only).
         device: ``cpu`` or ``cuda``.
         dtype: ``bf16`` or ``fp16`` autocast on CUDA; ``None`` for float32.
         threads: CPU threads for torch (``None``: torch's default).
-        batch_seconds: Padded audio per batch.
+        batch_seconds: Audio per batch: the stages cut a shard's rows at this many seconds,
+            and an SSL model pads its windows up to it. The one default of the project.
+        checkpoint: Local model path (``hf``: a directory, ``fairseq``: a ``.pt``).
+
+    Example:
+        >>> ExtractorOptions("hf:/models/hubert", layer=6) == ExtractorOptions(
+        ...     "hf", layer=6, checkpoint="/models/hubert"
+        ... )
+        True
     """
 
     extractor: str
@@ -34,14 +61,61 @@ class ExtractorOptions:
     dtype: str | None = None
     threads: int | None = None
     batch_seconds: float = 120.0
+    checkpoint: str | None = None
+
+    def __post_init__(self):
+        kind, colon, path = self.extractor.partition(":")
+        if colon and self.checkpoint is None:
+            # Kept as two fields from here on: nothing joins and splits them again.
+            object.__setattr__(self, "extractor", kind)
+            object.__setattr__(self, "checkpoint", path)
+
+    @classmethod
+    def from_spec(cls, spec: FeatureSpec, **runtime) -> ExtractorOptions:
+        """The options that rebuild the extractor ``spec`` records (a k-means's, say).
+
+        Args:
+            spec: What to compute: its extractor, checkpoint and layer.
+            **runtime: ``device``, ``dtype``, ``threads``, ``batch_seconds``.
+        """
+        return cls(spec.extractor, layer=spec.layer, checkpoint=spec.checkpoint, **runtime)
 
     @property
-    def kind(self) -> str:
-        return self.extractor.split(":", 1)[0]
+    def name(self) -> str:
+        """The command line's name, ``mfcc`` or ``hf:PATH``: for messages."""
+        return self.extractor if self.checkpoint is None else f"{self.extractor}:{self.checkpoint}"
 
-    @property
-    def path(self) -> str | None:
-        return self.extractor.split(":", 1)[1] if ":" in self.extractor else None
+
+_KALDI = ("mfcc", "fbank")
+_SSL = ("hf", "fairseq")
+
+
+def describe(options: ExtractorOptions) -> FeatureSpec:
+    """What the extractor ``options`` names computes, without building it.
+
+    ``mfcc`` and ``fbank`` are constants; an SSL checkpoint's spec comes from its
+    configuration and the sha256 of its weights, which is all that is read
+    (:func:`units.features.ssl.describe_hf`,
+    :func:`units.features.fairseq_checkpoint.describe_fairseq`). It equals
+    ``build(options).spec``. Weights that do not load surface at :func:`build` only.
+
+    Raises:
+        ExtractorError: Unknown extractor, missing or unreadable checkpoint, unsupported
+            model, layer out of range; the messages of :func:`build`.
+    """
+    _check(options)
+    if options.extractor in _KALDI:
+        from units.features.extractor import FBANK_SPEC, MFCC_SPEC
+
+        return MFCC_SPEC if options.extractor == "mfcc" else FBANK_SPEC
+    with _extractor_errors():
+        if options.extractor == "hf":
+            from units.features.ssl import describe_hf
+
+            return describe_hf(options.checkpoint, options.layer)
+        from units.features.fairseq_checkpoint import describe_fairseq
+
+        return describe_fairseq(options.checkpoint, options.layer)
 
 
 def build(options: ExtractorOptions) -> Extractor:
@@ -50,35 +124,21 @@ def build(options: ExtractorOptions) -> Extractor:
     Raises:
         ExtractorError: Unknown extractor, missing or bad checkpoint, layer out of range.
     """
-    kind = options.kind
-    if kind in ("mfcc", "fbank"):
-        if options.layer is not None:
-            raise ExtractorError(f"--layer applies to SSL models, not to {kind}")
+    _check(options)
+    if options.extractor in _KALDI:
         from units.features.kaldi import KaldiFbank, KaldiMFCC
 
-        cls = KaldiMFCC if kind == "mfcc" else KaldiFbank
+        cls = KaldiMFCC if options.extractor == "mfcc" else KaldiFbank
         return cls(device=options.device)
-    if kind in ("hf", "fairseq"):
-        if not options.path:
-            raise ExtractorError(f"{kind}: give a local path, as {kind}:/path/to/model")
-        if options.layer is None:
-            raise ExtractorError(f"{kind}: give --layer (a transformer block, counted from 1)")
-        return _build_ssl(kind, options)
-    raise ExtractorError(
-        f"unknown extractor {options.extractor!r}; use mfcc, fbank, hf:PATH or fairseq:PATH"
-    )
-
-
-def _build_ssl(kind: str, options: ExtractorOptions) -> Extractor:
     from units.features import ssl
 
-    try:
-        if kind == "hf":
-            model = ssl.load_hf(options.path, device=options.device)
+    with _extractor_errors():
+        if options.extractor == "hf":
+            model = ssl.load_hf(options.checkpoint, device=options.device)
         else:
             from units.features.fairseq_checkpoint import load_fairseq
 
-            model = ssl.from_fairseq(load_fairseq(options.path, device=options.device))
+            model = ssl.from_fairseq(load_fairseq(options.checkpoint, device=options.device))
         return ssl.SSLExtractor(
             model,
             options.layer,
@@ -87,7 +147,32 @@ def _build_ssl(kind: str, options: ExtractorOptions) -> Extractor:
             batch_seconds=options.batch_seconds,
             threads=options.threads,
         )
+
+
+def _check(options: ExtractorOptions) -> None:
+    """What the name and the layer alone say: a known extractor, a path and a layer for
+    an SSL model, no layer for the others."""
+    kind = options.extractor
+    if kind in _KALDI:
+        if options.layer is not None:
+            raise ExtractorError(f"--layer applies to SSL models, not to {kind}")
+        return
+    if kind not in _SSL:
+        raise ExtractorError(
+            f"unknown extractor {options.name!r}; use mfcc, fbank, hf:PATH or fairseq:PATH"
+        )
+    if not options.checkpoint:
+        raise ExtractorError(f"{kind}: give a local path, as {kind}:/path/to/model")
+    if options.layer is None:
+        raise ExtractorError(f"{kind}: give --layer (a transformer block, counted from 1)")
+
+
+@contextlib.contextmanager
+def _extractor_errors() -> Iterator[None]:
+    """The loaders' errors (missing files, layer range, ...) as :class:`ExtractorError`."""
+    try:
+        yield
     except ExtractorError:
         raise
-    except (ValueError, OSError) as e:  # The loaders' errors: missing files, layer range, ...
+    except (ValueError, OSError) as e:
         raise ExtractorError(str(e)) from e

@@ -37,11 +37,14 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+
+from units.features.extractor import FeatureSpec
 
 logger = logging.getLogger(__name__)
 
@@ -271,8 +274,15 @@ def _unreadable(path: str | os.PathLike, exc: BaseException) -> CheckpointError:
     )
 
 
-def load_checkpoint_state(path: str | os.PathLike) -> dict:
+def load_checkpoint_state(path: str | os.PathLike, *, mmap: bool = False) -> dict:
     """Unpickle a fairseq checkpoint with ``weights_only=True`` and :data:`SAFE_GLOBALS`.
+
+    Args:
+        path: The checkpoint.
+        mmap: Map the tensors' storage instead of reading it (for reading the config of a
+            large checkpoint: its pickle is read, its weights are not). Only the zip format
+            of ``torch.save`` can be mapped; a legacy file is read whole. The unpickler is
+            the same weights-only one either way.
 
     Raises:
         FileNotFoundError: No such file.
@@ -281,9 +291,10 @@ def load_checkpoint_state(path: str | os.PathLike) -> dict:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"fairseq checkpoint not found: {os.fspath(path)}")
+    mmap = mmap and zipfile.is_zipfile(path)
     with torch.serialization.safe_globals(SAFE_GLOBALS):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as exc:
             refused = _refused_globals(path, exc)
             if refused:
@@ -642,7 +653,58 @@ def map_state_dict(
     return mapped, ignored
 
 
-# --------------------------------------------------------------------------- entry point
+# --------------------------------------------------------------------------- entry points
+
+
+def _checkpoint_config(state: Mapping, path_str: str) -> tuple[Mapping, str, bool, Any, bool]:
+    """``(weights, architecture, fine_tuned, transformers config, normalize)`` of a loaded
+    checkpoint state; the config is checked, the weights are not looked at.
+
+    Raises:
+        CheckpointError: No ``model`` state dict, or a configuration that is missing,
+            unsupported or inconsistent (the message starts with the path).
+    """
+    weights = state.get("model")
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{path_str}: no 'model' state dict; top-level keys {sorted(state)}")
+    try:
+        architecture, fine_tuned, model_cfg, normalize = _read_fairseq_config(state)
+        config = _transformers_config(architecture, model_cfg)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path_str}: {exc}") from None
+    return weights, architecture, fine_tuned, config, normalize
+
+
+def describe_fairseq(path: str | os.PathLike, layer: int) -> FeatureSpec:
+    """The :class:`~units.features.extractor.FeatureSpec` of block ``layer`` of a fairseq
+    checkpoint, from its ``cfg`` (or ``args``) and its sha256: what the extractor of
+    ``load_fairseq(path)`` reports, without building the model.
+
+    The checkpoint is unpickled as :func:`load_fairseq` does (weights-only, the same
+    allow-list), with its tensors memory-mapped, so they are not read into memory.
+
+    Raises:
+        FileNotFoundError: No such file.
+        UnsafeCheckpointError: The file needs globals outside :data:`SAFE_GLOBALS`.
+        CheckpointError: Corrupt file, unknown architecture or unsupported option.
+        ValueError: A layer out of range (see :func:`units.features.ssl.layer_spec`).
+    """
+    from units.features.ssl import describe_config
+
+    path_str = os.fspath(path)
+    state = load_checkpoint_state(path, mmap=True)
+    _, _, _, config, normalize = _checkpoint_config(state, path_str)
+    del state  # Lets the mapping go.
+    spec = describe_config(
+        config,
+        layer,
+        source="fairseq",
+        path=path_str,
+        sha256=None,
+        normalize_waveform=normalize,
+    )
+    # Hashed last, so a bad layer fails without reading the whole file.
+    return dataclasses.replace(spec, checkpoint_sha256=sha256_file(path))
 
 
 def load_fairseq(path: str | os.PathLike, device: str | torch.device = "cpu") -> FairseqModel:
@@ -663,14 +725,7 @@ def load_fairseq(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     """
     path_str = os.fspath(path)
     state = load_checkpoint_state(path)
-    weights = state.get("model")
-    if not isinstance(weights, Mapping):
-        raise CheckpointError(f"{path_str}: no 'model' state dict; top-level keys {sorted(state)}")
-    try:
-        architecture, fine_tuned, model_cfg, normalize = _read_fairseq_config(state)
-        config = _transformers_config(architecture, model_cfg)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path_str}: {exc}") from None
+    weights, architecture, fine_tuned, config, normalize = _checkpoint_config(state, path_str)
 
     from transformers import HubertModel, Wav2Vec2Model
 

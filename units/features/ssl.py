@@ -3,7 +3,11 @@
 Loading and extraction are kept apart: :func:`load_hf` turns a local Hugging Face model
 directory into an :class:`SSLModel` bundle (``units/features/fairseq_checkpoint.py`` makes the same
 bundle from a fairseq ``.pt``, through :func:`from_fairseq`), and :class:`SSLExtractor` runs
-any bundle, batched, on CPU or CUDA.
+any bundle, batched, on CPU or CUDA. What an extractor computes, its
+:class:`~units.features.extractor.FeatureSpec`, follows from the model's configuration and
+the layer alone: :func:`describe_hf` (and :func:`describe_config`, for a fairseq checkpoint's
+configuration) gives it without building the model, through the same code that the bundle
+and the extractor use (:func:`layer_spec`), so the two cannot disagree.
 
 Which layer. ``layer=L`` is the output of transformer block ``L`` counted from 1, exactly
 what fairseq's ``model.extract_features(wav, output_layer=L)`` returns: fairseq's
@@ -147,12 +151,21 @@ class SSLModel:
     @property
     def contract(self) -> FrameContract:
         """The conv front end's framing, from the config's kernels and strides."""
-        config = self.model.config
-        window, hop = 1, 1
-        for kernel, stride in zip(config.conv_kernel, config.conv_stride, strict=True):
-            window += (kernel - 1) * hop
-            hop *= stride
-        return FrameContract(window, hop)
+        return conv_contract(self.model.config)
+
+    def spec(self, layer: int) -> FeatureSpec:
+        """The spec of block ``layer``'s output (see :func:`layer_spec`)."""
+        return layer_spec(
+            layer,
+            source=self.source,
+            path=self.path,
+            sha256=self.sha256,
+            architecture=self.architecture,
+            normalize_waveform=self.normalize_waveform,
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            contract=self.contract,
+        )
 
     @classmethod
     def from_transformers(
@@ -179,29 +192,21 @@ class SSLModel:
             ModelLoadError: Not one of the four families.
         """
         config = model.config
-        architecture = getattr(config, "model_type", None)
-        if architecture not in ARCHITECTURES:
-            raise ModelLoadError(
-                f"{path}: model_type {architecture!r} is not supported; "
-                f"use one of {sorted(ARCHITECTURES)}"
-            )
+        facts = _config_facts(config, path, normalize_waveform)
         if not hasattr(model, "encoder") or not hasattr(model.encoder, "layers"):
             raise ModelLoadError(
-                f"{path}: expected a bare {ARCHITECTURES[architecture]} (with .encoder.layers), "
-                f"got {type(model).__name__}"
+                f"{path}: expected a bare {ARCHITECTURES[facts['architecture']]} "
+                f"(with .encoder.layers), got {type(model).__name__}"
             )
-        norm = _front_end_norm(config)
-        if normalize_waveform is None:
-            normalize_waveform = norm == "layer"
         model.eval()
         align_weights(model)
         return cls(
             model=model,
-            architecture=architecture,
-            normalize_waveform=bool(normalize_waveform),
+            **facts,
+            # The module's blocks: a caller may have cut some (a loaded directory has the
+            # config's num_hidden_layers, which describe_config reads).
             num_layers=len(model.encoder.layers),
-            hidden_size=int(config.hidden_size),
-            group_norm=norm == "group",
+            group_norm=_front_end_norm(config) == "group",
             stable_layer_norm=bool(getattr(config, "do_stable_layer_norm", False)),
             path=str(path),
             sha256=sha256,
@@ -241,6 +246,127 @@ def align_weights(model: torch.nn.Module) -> int:
 def _front_end_norm(config: Any) -> str:
     # data2vec-audio configs have no feat_extract_norm: its front end is always layer norm.
     return str(getattr(config, "feat_extract_norm", "layer"))
+
+
+def _config_facts(
+    config: Any, path: str | os.PathLike, normalize_waveform: bool | None
+) -> dict[str, Any]:
+    """What a transformers config decides about a model's features: ``architecture``,
+    ``normalize_waveform`` and ``hidden_size``. The one place these are read, so a loaded
+    model (:meth:`SSLModel.from_transformers`) and a described one (:func:`describe_config`)
+    cannot disagree.
+
+    Args:
+        normalize_waveform: ``None``: as the model was trained, guessed from the front end
+            (layer-norm front ends were trained with ``normalize=True``).
+
+    Raises:
+        ModelLoadError: Not one of the four families.
+    """
+    architecture = getattr(config, "model_type", None)
+    if architecture not in ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: model_type {architecture!r} is not supported; "
+            f"use one of {sorted(ARCHITECTURES)}"
+        )
+    if normalize_waveform is None:
+        normalize_waveform = _front_end_norm(config) == "layer"
+    return {
+        "architecture": architecture,
+        "normalize_waveform": bool(normalize_waveform),
+        "hidden_size": int(config.hidden_size),
+    }
+
+
+def conv_contract(config: Any) -> FrameContract:
+    """The framing of the conv front end a transformers config describes (its kernels and
+    strides): receptive field and hop, in samples."""
+    window, hop = 1, 1
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride, strict=True):
+        window += (kernel - 1) * hop
+        hop *= stride
+    return FrameContract(window, hop)
+
+
+def layer_spec(
+    layer: int,
+    *,
+    source: str,
+    path: str,
+    sha256: str | None,
+    architecture: str,
+    normalize_waveform: bool,
+    num_layers: int,
+    hidden_size: int,
+    contract: FrameContract,
+) -> FeatureSpec:
+    """The spec of block ``layer``'s output of a model, checked: what
+    :class:`SSLExtractor` computes, and what :func:`describe_config` says it will.
+
+    Raises:
+        ValueError: ``layer`` not an int or out of ``1..num_layers``; a front end that is
+            not the 400/320 SSL framing.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise ValueError(f"layer={layer!r} should be an int (a block counted from 1)")
+    layer = int(layer)
+    if not 1 <= layer <= num_layers:
+        raise ValueError(
+            f"layer={layer!r} is out of range: {path} has transformer blocks "
+            f"1..{num_layers} (layer L is block L's output, counted from 1)"
+        )
+    if contract != SSL:
+        raise ValueError(
+            f"{path}: conv front end frames audio as {contract}, not the "
+            f"SSL contract {SSL} (receptive field 400, stride 320)"
+        )
+    return FeatureSpec(
+        extractor=source,
+        dim=hidden_size,
+        window=SSL.window,
+        hop=SSL.hop,
+        checkpoint=path,
+        checkpoint_sha256=sha256,
+        layer=layer,
+        normalize_waveform=normalize_waveform,
+        architecture=architecture,
+    )
+
+
+def describe_config(
+    config: Any,
+    layer: int,
+    *,
+    source: str,
+    path: str | os.PathLike,
+    sha256: str | None,
+    normalize_waveform: bool | None = None,
+) -> FeatureSpec:
+    """The spec of block ``layer`` of the model a transformers config describes, without
+    building the model: what :class:`SSLExtractor` on the loaded model would report.
+
+    Args:
+        config: A ``HubertConfig``, ``Wav2Vec2Config``, ``WavLMConfig`` or
+            ``Data2VecAudioConfig``.
+        layer: Transformer block, counted from 1.
+        source: ``hf`` or ``fairseq``.
+        path: The checkpoint path, as the loader is given it.
+        sha256: Digest of the weights (see :func:`weights_sha256`).
+        normalize_waveform: As :meth:`SSLModel.from_transformers` takes it.
+
+    Raises:
+        ModelLoadError: Not one of the four families.
+        ValueError: See :func:`layer_spec`.
+    """
+    return layer_spec(
+        layer,
+        source=source,
+        path=os.fspath(path),
+        sha256=sha256,
+        **_config_facts(config, path, normalize_waveform),
+        num_layers=int(config.num_hidden_layers),
+        contract=conv_contract(config),
+    )
 
 
 def layer_norm_waveform(wav: np.ndarray) -> np.ndarray:
@@ -315,6 +441,70 @@ def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu") -> SSLM
         ModelLoadError: Missing path, a file instead of a directory, no config or weights,
             an unsupported ``model_type``, weights that do not load or do not fit the config.
     """
+    directory, model_type, weights, do_normalize = _hf_directory(path)
+    config = _hf_config(directory)
+
+    import transformers
+
+    model_cls = getattr(transformers, ARCHITECTURES[model_type])
+    try:
+        model, info = model_cls.from_pretrained(
+            directory,
+            config=config,
+            local_files_only=True,
+            dtype=torch.float32,  # Not "auto": a half-precision file still runs in float32.
+            output_loading_info=True,
+        )
+    except Exception as e:  # Corrupt files surface as many types (OSError, SafetensorError...).
+        raise ModelLoadError(
+            f"{directory}: could not load weights ({type(e).__name__}: {e})"
+        ) from e
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith(_OPTIONAL_WEIGHTS)]
+    mismatched = list(info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        # transformers would leave these randomly initialised: features would be noise.
+        raise ModelLoadError(
+            f"{directory}: weights do not fit config.json "
+            f"(missing {missing[:5]}, mismatched {mismatched[:5]})"
+        )
+    model.to(device)
+    return SSLModel.from_transformers(
+        model, path=directory, sha256=weights_sha256(weights), normalize_waveform=do_normalize
+    )
+
+
+def describe_hf(path: str | os.PathLike, layer: int) -> FeatureSpec:
+    """The spec of block ``layer`` of a local Hugging Face model directory, from its
+    ``config.json`` (and ``preprocessor_config.json``) and its weights' sha256: what
+    ``SSLExtractor(load_hf(path), layer).spec`` is, without building the model or loading
+    its weights.
+
+    Raises:
+        ModelLoadError: What :func:`load_hf` raises before it loads weights.
+        ValueError: See :func:`layer_spec`.
+    """
+    directory, _, weights, do_normalize = _hf_directory(path)
+    spec = describe_config(
+        _hf_config(directory),
+        layer,
+        source="hf",
+        path=directory,
+        sha256=None,
+        normalize_waveform=do_normalize,
+    )
+    # Hashed last, so a bad layer fails without reading gigabytes of weights.
+    return dataclasses.replace(spec, checkpoint_sha256=weights_sha256(weights))
+
+
+def _hf_directory(path: str | os.PathLike) -> tuple[str, str, list[str], bool | None]:
+    """``(directory, model_type, weight files, do_normalize)`` of a model directory, checked
+    as far as it can be without transformers: it exists, has a supported ``config.json``
+    and weights.
+
+    Raises:
+        ModelLoadError: Missing path, a file instead of a directory, no or an unreadable
+            config, an unsupported ``model_type``, no weights.
+    """
     directory = os.fspath(path)
     if not os.path.exists(directory):
         raise ModelLoadError(f"model directory {directory} does not exist")
@@ -339,36 +529,20 @@ def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu") -> SSLM
     weights = _weight_files(directory)
     if not weights:
         raise ModelLoadError(f"{directory} has no weights (model.safetensors or pytorch_model.bin)")
-    do_normalize = _read_do_normalize(directory)
+    return directory, model_type, weights, _read_do_normalize(directory)
 
+
+def _hf_config(directory: str) -> Any:
+    """The transformers config of a checked model directory (a config object: no model code
+    runs and no weights are read)."""
     import transformers
 
-    model_cls = getattr(transformers, ARCHITECTURES[model_type])
     try:
-        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-        model, info = model_cls.from_pretrained(
-            directory,
-            config=config,
-            local_files_only=True,
-            dtype=torch.float32,  # Not "auto": a half-precision file still runs in float32.
-            output_loading_info=True,
-        )
-    except Exception as e:  # Corrupt files surface as many types (OSError, SafetensorError...).
+        return transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a bad one.
         raise ModelLoadError(
-            f"{directory}: could not load weights ({type(e).__name__}: {e})"
+            f"{directory}: could not read config.json ({type(e).__name__}: {e})"
         ) from e
-    missing = [k for k in info.get("missing_keys", ()) if not k.endswith(_OPTIONAL_WEIGHTS)]
-    mismatched = list(info.get("mismatched_keys", ()))
-    if missing or mismatched:
-        # transformers would leave these randomly initialised: features would be noise.
-        raise ModelLoadError(
-            f"{directory}: weights do not fit config.json "
-            f"(missing {missing[:5]}, mismatched {mismatched[:5]})"
-        )
-    model.to(device)
-    return SSLModel.from_transformers(
-        model, path=directory, sha256=weights_sha256(weights), normalize_waveform=do_normalize
-    )
 
 
 def from_fairseq(
@@ -508,19 +682,7 @@ class SSLExtractor:
         context_seconds: float = 5.0,
         threads: int | None = None,
     ):
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise ValueError(f"layer={layer!r} should be an int (a block counted from 1)")
-        layer = int(layer)
-        if not 1 <= layer <= model.num_layers:
-            raise ValueError(
-                f"layer={layer!r} is out of range: {model.path} has transformer blocks "
-                f"1..{model.num_layers} (layer L is block L's output, counted from 1)"
-            )
-        if model.contract != SSL:
-            raise ValueError(
-                f"{model.path}: conv front end frames audio as {model.contract}, not the "
-                f"SSL contract {SSL} (receptive field 400, stride 320)"
-            )
+        self.spec = model.spec(layer)  # Checks the layer and the frame contract.
         self.device = torch.device(device)
         if dtype is not None:
             if dtype not in _AUTOCAST_DTYPES:
@@ -537,24 +699,13 @@ class SSLExtractor:
             torch.set_num_threads(threads)
 
         self.model = model
-        self.layer = layer
+        self.layer = self.spec.layer
         self.dtype = dtype
         self.batch_samples = int(batch_seconds * SAMPLE_RATE)
         self.window_samples = None if window_seconds is None else int(window_seconds * SAMPLE_RATE)
         self.context_frames = int(context_seconds * SAMPLE_RATE) // SSL.hop
         self._module = model.model.to(self.device).eval()
-        self._block = self._module.encoder.layers[layer - 1]
-        self.spec = FeatureSpec(
-            extractor=model.source,
-            dim=model.hidden_size,
-            window=SSL.window,
-            hop=SSL.hop,
-            checkpoint=model.path,
-            checkpoint_sha256=model.sha256,
-            layer=layer,
-            normalize_waveform=model.normalize_waveform,
-            architecture=model.architecture,
-        )
+        self._block = self._module.encoder.layers[self.layer - 1]
 
     def __call__(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Features of each 16 kHz mono waveform.

@@ -26,6 +26,7 @@ import pyarrow as pa
 from shards.core import storage
 from shards.core.atomic import read_json, write_parquet_atomic
 from shards.core.outputs import ShardOutput, StageError
+from shards.core.placement import place
 from shards.root import RootLayout
 from units.features import extractors
 from units.features import store as feature_store
@@ -42,10 +43,23 @@ _MANIFEST_COLUMNS = ["key", "shard", "offset", "size", "num_samples", "speaker",
 
 class FeatureWorker:
     """Builds one extractor and writes feature shards with it (a worker of
-    :func:`units.stage.run_pass`)."""
+    :func:`units.stage.run_pass`).
 
-    def __init__(self, options: ExtractorOptions, *, device: str):
+    Args:
+        options: The extractor, and how it runs.
+        spec: The spec the plan recorded (:func:`units.features.extractors.describe` on the
+            driver); the extractor built here must have it, or nothing is written (another
+            file at the checkpoint's path on this node, say).
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, options: ExtractorOptions, spec: FeatureSpec | None = None, *, device: str):
         self.extractor = extractors.build(dataclasses.replace(options, device=device))
+        if spec is not None and self.extractor.spec != spec:
+            raise StageError(
+                f"the extractor built on this worker computes {self.extractor.spec}, "
+                f"not the planned {spec}"
+            )
         self.batch_seconds = options.batch_seconds
 
     def write_shard(self, out: ShardOutput, batches) -> dict:
@@ -101,13 +115,15 @@ def run(
     """Extracts the features of a seeded sample of ``root`` into ``ROOT/features/NAME``.
 
     Ray must be initialised. Everything that can be checked (the extractor, its checkpoint
-    and layer, the manifests, the sample) is checked before any work.
+    and layer, the manifests, the sample) is checked before any work. The driver reads the
+    extractor's spec (:func:`units.features.extractors.describe`) but loads no model; each
+    worker builds the extractor and checks that it has that spec.
 
     Args:
         gpus_per_worker: GPUs per actor; ``None`` takes one per actor when the cluster has
             GPUs (see :func:`shards.core.placement.place`); 0 runs on CPUs.
-        spec: The spec of the extractor ``options`` name, when the caller already built it
-            (saves loading a model on the driver a second time).
+        spec: The spec of the extractor ``options`` name, when the caller already described
+            it (saves hashing the checkpoint on the driver a second time).
 
     Returns:
         The store's ``meta.json`` content plus this run's ``shards_written``,
@@ -120,15 +136,27 @@ def run(
     started = time.monotonic()
     if spec is None:
         try:
-            spec = extractors.build(options).spec  # Fails early on a bad checkpoint or layer.
+            spec = extractors.describe(options)  # Fails early on a bad checkpoint or layer.
         except extractors.ExtractorError as e:
             raise StageError(str(e)) from None
+    if options.dtype is not None and place(None, gpus_per_worker).device != "cuda":
+        # Each worker would refuse it when it builds its extractor: say so before any work.
+        raise StageError(
+            f"dtype={options.dtype!r} is autocast on CUDA only, and the workers run on CPUs: "
+            "drop it or give the workers GPUs (gpus_per_worker)"
+        )
     root = RootLayout(root).root
     sample = _plan(root, name, spec, request)
     store = store_layout(root, name)
     by_shard = rows_by_shard(sample)
     done = run_pass(
-        store, FeatureWorker, by_shard, options, gpus_per_worker=gpus_per_worker, progress=progress
+        store,
+        FeatureWorker,
+        by_shard,
+        options,
+        spec,
+        gpus_per_worker=gpus_per_worker,
+        progress=progress,
     )
     meta = read_json(store.path("meta.json")) if done.shards_written == 0 else None
     if meta is not None:

@@ -25,7 +25,6 @@ from shards.core import storage
 from shards.core.atomic import read_json
 from shards.core.outputs import OutputLayout, StageError
 from units.features.extractor import FeatureSpec
-from units.features.extractors import ExtractorOptions
 from units.kmeans.parts import Assigner
 
 
@@ -51,28 +50,22 @@ def dedup(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return units[starts], np.diff(np.r_[starts, len(units)]).astype(np.int32)
 
 
-def extractor_options(spec: FeatureSpec, device: str = "cpu") -> ExtractorOptions:
-    """The extractor options that rebuild the features a k-means was fitted on."""
-    if spec.extractor in ("mfcc", "fbank"):
-        return ExtractorOptions(spec.extractor, device=device)
-    return ExtractorOptions(f"{spec.extractor}:{spec.checkpoint}", layer=spec.layer, device=device)
-
-
 # The checkpoint path may move; its sha256 says whether it is the same model.
 _SPEC_FIELDS = [f.name for f in dataclasses.fields(FeatureSpec) if f.name != "checkpoint"]
 
 
-def check_spec(kmeans: str, recorded: FeatureSpec, built: FeatureSpec) -> None:
-    """Raises :class:`StageError` unless ``built`` computes the features ``recorded`` names.
+def check_spec(kmeans: str, recorded: FeatureSpec, extractor: FeatureSpec) -> None:
+    """Raises :class:`StageError` unless ``extractor`` (a described or built extractor's
+    spec) computes the features ``recorded`` names.
 
     Every field that decides a feature vector must agree (extractor, dimension, frame
     contract, checkpoint sha256, layer, waveform normalisation); only the checkpoint's path
     may differ, so a moved model still labels.
     """
     diffs = [
-        f"{name}: k-means {getattr(recorded, name)!r}, extractor {getattr(built, name)!r}"
+        f"{name}: k-means {getattr(recorded, name)!r}, extractor {getattr(extractor, name)!r}"
         for name in _SPEC_FIELDS
-        if getattr(recorded, name) != getattr(built, name)
+        if getattr(recorded, name) != getattr(extractor, name)
     ]
     if diffs:
         raise StageError(

@@ -31,13 +31,7 @@ from units import project_version
 from units.features import extractors
 from units.features.extractors import ExtractorOptions
 from units.features.fairseq_checkpoint import sha256_file
-from units.labels.model import (
-    KMeansModel,
-    check_spec,
-    dedup,
-    extractor_options,
-    label_layout,
-)
+from units.labels.model import KMeansModel, check_spec, dedup, label_layout
 from units.schemas import LABELS, LABELS_DEDUP
 from units.stage import check_frames, claim, rows_by_shard, run_pass
 
@@ -71,7 +65,7 @@ class Labeller:
     ):
         self.model = KMeansModel.load(root, kmeans)
         if extractor is None:
-            extractor = extractor_options(self.model.spec)
+            extractor = ExtractorOptions.from_spec(self.model.spec)
         self.extractor = extractors.build(dataclasses.replace(extractor, device=device))
         self.batch_seconds = extractor.batch_seconds  # Audio per batch of the stage's worker.
         check_spec(kmeans, self.model.spec, self.extractor.spec)
@@ -173,13 +167,14 @@ def run(
     root = RootLayout(root).root
     model = KMeansModel.load(root, kmeans)
     if extractor is None:
-        extractor = extractor_options(model.spec)
+        extractor = ExtractorOptions.from_spec(model.spec)
     try:
-        built = extractors.build(extractor)
+        # The spec alone, with no model loaded on the driver; each worker builds the
+        # extractor and checks its spec again (Labeller).
+        described = extractors.describe(extractor)
     except extractors.ExtractorError as e:
         raise StageError(f"k-means {kmeans!r}: its features cannot be rebuilt: {e}") from None
-    check_spec(kmeans, model.spec, built.spec)
-    del built
+    check_spec(kmeans, model.spec, described)
     manifest = RootLayout(root).manifest("utterances.parquet")
     if not storage.exists(manifest):
         raise StageError(f"no utterances manifest under {root}: run pipelines.shard first")

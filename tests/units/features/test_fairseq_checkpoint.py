@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import math
+import os
 import re
 import sys
 import types
@@ -35,6 +36,7 @@ from units.features.fairseq_checkpoint import (
     CheckpointError,
     FairseqDictionaryPlaceholder,
     UnsafeCheckpointError,
+    describe_fairseq,
     load_checkpoint_state,
     load_fairseq,
     parse_conv_feature_layers,
@@ -442,6 +444,31 @@ def test_legacy_serialization_format(tmp_path):
     assert_same_outputs(reference, fm.model, audio())
 
 
+def _mapped_ranges(path) -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from ``path`` (Linux's /proc/self/maps)."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == str(path):
+                start, stop = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, stop))
+    return ranges
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
+def test_mmap_maps_the_tensors_instead_of_reading_them(tmp_path):
+    path = save(cfg_checkpoint(tiny_model("hubert", "base"), "hubert", False), tmp_path / "h.pt")
+    state = load_checkpoint_state(path, mmap=True)
+    ranges = _mapped_ranges(path)
+    tensors = list(state["model"].values())
+    assert ranges and all(any(a <= t.data_ptr() < b for a, b in ranges) for t in tensors)
+    read = load_checkpoint_state(path)
+    assert all(torch.equal(read["model"][k], t) for k, t in state["model"].items())
+    legacy = save(args_checkpoint(tiny_model("wav2vec2", "base"), False), tmp_path / "old.pt", True)
+    assert load_checkpoint_state(legacy, mmap=True).keys() == load_checkpoint_state(legacy).keys()
+
+
 @pytest.mark.parametrize("architecture", ["hubert", "wav2vec2"])
 def test_ctc_finetuned_checkpoint(tmp_path, architecture):
     reference = tiny_model(architecture, "large", seed=13)
@@ -705,6 +732,10 @@ def test_object_outside_allow_list_is_refused_and_never_runs(
     assert refused in message and "weights_only=False" in message  # how to convert
     with pytest.raises(UnsafeCheckpointError):
         load_checkpoint_state(path)
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint_state(path, mmap=True)
+    with pytest.raises(UnsafeCheckpointError):
+        describe_fairseq(path, 1)  # Reading the config alone is as safe as loading.
     assert not marker.exists()
 
     # The trap is armed: an unsafe load of the same file would have run the payload.

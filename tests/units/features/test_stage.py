@@ -121,6 +121,35 @@ def test_a_tiny_hubert_from_a_local_directory_gives_its_layer(root, tmp_path):
         assert_within(feats, alone, float16_bound(alone, SSL_FEATURE_BOUND), key)
 
 
+def test_the_driver_plans_with_the_described_spec_and_builds_no_extractor(
+    root, tmp_path, monkeypatch
+):
+    from units.features import extractors
+
+    directory = save_tiny(tmp_path / "hubert")
+    options = ExtractorOptions(f"hf:{directory}", layer=3)
+    spec = extractors.describe(options)
+
+    def refuse(options):
+        raise AssertionError("the driver built an extractor")
+
+    # The workers are other processes: only the driver's build is refused.
+    monkeypatch.setattr(extractors, "build", refuse)
+    meta = extract(str(root), "hubert3", options, SampleRequest(percent=25, seed=0))
+    assert meta["spec"] == spec.to_json() and meta["rows"] > 0
+    plan = json.loads((root / "features" / "hubert3" / "plan.json").read_text())
+    assert plan["spec"] == spec.to_json()
+
+
+def test_a_worker_whose_extractor_is_not_the_planned_one_writes_nothing():
+    from units.features.extractor import FBANK_SPEC, MFCC_SPEC
+    from units.features.stage import FeatureWorker
+
+    assert FeatureWorker(MFCC_OPTS, MFCC_SPEC, device="cpu").extractor.spec == MFCC_SPEC
+    with pytest.raises(StageError, match="not the planned"):
+        FeatureWorker(MFCC_OPTS, FBANK_SPEC, device="cpu")
+
+
 def test_a_corrupt_audio_member_becomes_a_reject_and_the_stage_goes_on(root, tmp_path):
     import shutil
 
@@ -150,6 +179,7 @@ def test_a_corrupt_audio_member_becomes_a_reject_and_the_stage_goes_on(root, tmp
         ),
         (ExtractorOptions("hf:/no/such/model"), SampleRequest(percent=10), "give --layer"),
         (MFCC_OPTS, SampleRequest(hours=100), "more than the corpus holds"),
+        (ExtractorOptions("mfcc", dtype="bf16"), SampleRequest(percent=10), "CUDA only"),
     ],
 )
 def test_bad_requests_fail_before_any_work(root, options, request_, message):

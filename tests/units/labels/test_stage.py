@@ -333,3 +333,27 @@ def test_an_extractor_with_other_features_is_refused_and_a_moved_one_is_not(root
         for n in ("h4", "moved")
     )
     assert a.column("units").equals(b.column("units"))
+
+
+def test_the_driver_checks_the_recorded_spec_without_building_an_extractor(
+    root, hubert, monkeypatch
+):
+    from units.features import extractors
+
+    def refuse(options):
+        raise AssertionError("the driver built an extractor")
+
+    # The workers are other processes: only the driver's build is refused.
+    monkeypatch.setattr(extractors, "build", refuse)
+    with pytest.raises(StageError, match=r"layer: k-means 2, extractor 3"):
+        label(str(root), "h4", "refused", extractor=ExtractorOptions(f"hf:{hubert}", layer=3))
+    with pytest.raises(StageError, match=r"its features cannot be rebuilt: .*does not exist"):
+        label(str(root), "h4", "gone", extractor=ExtractorOptions("hf:/no/such/model", layer=2))
+    meta = label(str(root), "h4", "rebuilt")  # From the recorded spec's own fields.
+    assert meta["spec"] == KMeansModel.load(str(root), "h4").spec.to_json()
+    label(str(root), "h4", "h4")  # Done already when the tests run in order.
+    a, b = (
+        ds.dataset(str(root / "labels" / n / "units")).to_table().sort_by("key")
+        for n in ("h4", "rebuilt")
+    )
+    assert a.column("units").equals(b.column("units"))
