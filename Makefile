@@ -18,6 +18,7 @@ export RAY_AUTH_MODE := disabled
 # CPU's kernels fails here too. OpenBLAS's Haswell kernels need AVX2: set only where it is.
 NUMERIC_TESTS := tests/units/features/test_kaldi.py tests/units/features/test_ssl.py \
 	tests/units/kmeans/test_estimator.py tests/units/kmeans/test_stage.py tests/units/kmeans/test_pca.py \
+	tests/units/kmeans/test_transport.py tests/units/kmeans/test_parts.py \
 	tests/units/features/test_stage.py::test_mfcc_store_holds_the_sample_with_exact_frame_counts \
 	tests/units/features/test_stage.py::test_a_tiny_hubert_from_a_local_directory_gives_its_layer \
 	tests/units/labels/test_stage.py::test_every_utterance_gets_the_units_of_its_exact_features \

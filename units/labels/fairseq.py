@@ -62,8 +62,8 @@ def assign_splits(rows: list[dict], percents: dict[str, float], by: str, seed: i
 #: What to do with labels on object storage that fairseq should train on.
 REMOTE_ROOT_HINT = (
     "copy the root to a local disk (`aws s3 sync {root} /data/root`) and run the export "
-    "there: `unitpipe label --root /data/root --name NAME --fairseq-splits ...` labels "
-    "nothing again (every shard is committed) and writes the fairseq files"
+    "there: `unitpipe label --root /data/root --kmeans KMEANS --name NAME --fairseq-splits "
+    "...` labels nothing again (every shard is committed) and writes the fairseq files"
 )
 
 
