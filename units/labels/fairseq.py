@@ -13,15 +13,18 @@ key or speaker, so they do not depend on order; all of them use the same k-means
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+from collections.abc import Callable, Iterator
 
+import pyarrow.parquet as pq
 import soundfile as sf
 
 from shards.core import storage
-from shards.core.atomic import read_json, write_atomic
+from shards.core.atomic import publish, read_json, temp_path, write_atomic
 from shards.core.outputs import StageError
 from shards.root import RootLayout
 from units.labels.model import label_layout
@@ -32,11 +35,12 @@ def _unit_interval(seed: int, value: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def assign_splits(rows: list[dict], percents: dict[str, float], by: str, seed: int) -> dict:
-    """Rows per split name, in manifest order; ``percents`` must add up to 100.
+def splitter(percents: dict[str, float], by: str, seed: int) -> Callable[[dict], str]:
+    """The split of a row (``key``, and ``speaker`` when ``by="speaker"``): a hash of the seed
+    and the key or speaker, so it depends on no other row and no order.
 
     Raises:
-        StageError: Percents that do not add up, an unknown ``by``, or an empty split.
+        StageError: Percents that do not add up to 100, or an unknown ``by``.
     """
     if by not in ("utterance", "speaker"):
         raise StageError(f"split by {by!r}: use utterance or speaker")
@@ -46,16 +50,35 @@ def assign_splits(rows: list[dict], percents: dict[str, float], by: str, seed: i
     for name, percent in percents.items():
         total += percent / 100
         edges.append((total, name))
+    field = "speaker" if by == "speaker" else "key"
+
+    def split_of(row: dict) -> str:
+        u = _unit_interval(seed, row[field])
+        return next((n for edge, n in edges if u < edge), edges[-1][1])
+
+    return split_of
+
+
+def _empty_split(name: str, percents: dict[str, float], rows: int, by: str) -> StageError:
+    return StageError(
+        f"split {name!r} ({percents[name]}%) would be empty with {rows} "
+        f"utterances split by {by}; give it more percent or use more data"
+    )
+
+
+def assign_splits(rows: list[dict], percents: dict[str, float], by: str, seed: int) -> dict:
+    """Rows per split name, in manifest order; ``percents`` must add up to 100.
+
+    Raises:
+        StageError: Percents that do not add up, an unknown ``by``, or an empty split.
+    """
+    split_of = splitter(percents, by, seed)
     out: dict[str, list[dict]] = {name: [] for name in percents}
     for row in rows:
-        u = _unit_interval(seed, row["speaker"] if by == "speaker" else row["key"])
-        out[next((n for edge, n in edges if u < edge), edges[-1][1])].append(row)
+        out[split_of(row)].append(row)
     for name, members in out.items():
         if not members:
-            raise StageError(
-                f"split {name!r} ({percents[name]}%) would be empty with {len(rows)} "
-                f"utterances split by {by}; give it more percent or use more data"
-            )
+            raise _empty_split(name, percents, len(rows), by)
     return out
 
 
@@ -93,28 +116,45 @@ def export(
     meta = read_json(layout.path("meta.json"))
     if meta is None:
         raise StageError(f"no finished labels {labels!r} under {root}: run pipelines.label first")
-    units = {
-        r["key"]: r["units"]
-        for r in storage.dataset(layout.path("units"))
-        .to_table(columns=["key", "units"])
-        .to_pylist()
-    }
-    manifest = storage.read_parquet(
-        RootLayout(root).manifest("utterances.parquet"),
-        columns=_EXPORT_COLUMNS,
-    ).to_pylist()
-    rows = [r for r in manifest if r["key"] in units]
-    splits = assign_splits(rows, percents, by, seed)
+    split_of = splitter(percents, by, seed)
+    manifest = RootLayout(root).manifest("utterances.parquet")
+    sources = set()
+    if audio == "source":
+        columns = ["key", "source", "start", "original_sample_rate", "original_channels"]
+        sources = _whole_sources(storage.read_parquet(manifest, columns=columns).to_pylist())
     out = layout.path("fairseq")
-    audio_dir = link_audio(root, out, rows)
-    sources = _whole_sources(manifest) if audio == "source" else set()
-    counts = {}
-    for name, members in splits.items():
-        km = [" ".join(str(u) for u in units[r["key"]]) for r in members]
-        text = tsv_text(audio_dir, members, sources)
-        write_atomic(os.path.join(out, f"{name}.tsv"), text.encode())
-        write_atomic(os.path.join(out, f"{name}.km"), ("\n".join(km) + "\n").encode())
-        counts[name] = len(members)
+    storage.makedirs(out)
+    audio_dir = os.path.join(out, "audio")
+    top = "/" if sources else audio_dir  # See tsv_text.
+    files = {name: _SplitFiles(out, name, top) for name in percents}
+    total = labelled = 0
+    try:
+        # Shard by shard, in manifest order: memory holds one shard's units and rows, never
+        # the corpus's (at Libri-light scale that would be hundreds of GB on the driver).
+        for shard, rows in _manifest_by_shard(manifest):
+            total += len(rows)
+            units_path = layout.shard_path("units", shard)
+            units = {
+                r["key"]: r["units"]
+                for r in storage.read_parquet(units_path, columns=["key", "units"]).to_pylist()
+            }
+            members = [r for r in rows if r["key"] in units]
+            if not members:
+                continue
+            link_audio(root, out, members)
+            for row, line in zip(members, _tsv_lines(audio_dir, members, sources), strict=True):
+                km = " ".join(str(u) for u in units[row["key"]])
+                files[split_of(row)].add(line[len(top) :].lstrip("/"), km)
+            labelled += len(members)
+        for name, split in files.items():
+            if split.count == 0:
+                raise _empty_split(name, percents, labelled, by)
+        for split in files.values():
+            split.publish()
+    finally:
+        for split in files.values():
+            split.discard()
+    counts = {name: split.count for name, split in files.items()}
     write_atomic(
         os.path.join(out, "dict.km.txt"), "".join(f"{i} 1\n" for i in range(meta["k"])).encode()
     )
@@ -128,7 +168,7 @@ def export(
         "split_by": by,
         "seed": seed,
         "audio": audio,
-        "unlabelled": len(manifest) - len(rows),
+        "unlabelled": total - labelled,
     }
     write_atomic(os.path.join(out, "export.json"), json.dumps(record, indent=1).encode())
     return record
@@ -174,6 +214,57 @@ def _whole_sources(manifest: list[dict]) -> set[str]:
     }
 
 
+class _SplitFiles:
+    """One split's ``.tsv`` and ``.km``, streamed line by line into temporary files and
+    published together when the export is whole."""
+
+    def __init__(self, directory: str, name: str, top: str):
+        self.count = 0
+        self._finals = [os.path.join(directory, f"{name}.{ext}") for ext in ("tsv", "km")]
+        self._temps = [temp_path(final) for final in self._finals]
+        self._tsv, self._km = (open(t, "w", encoding="utf-8") for t in self._temps)
+        self._tsv.write(top + "\n")
+
+    def add(self, tsv_line: str, km_line: str) -> None:
+        self._tsv.write(tsv_line + "\n")
+        self._km.write(km_line + "\n")
+        self.count += 1
+
+    def publish(self) -> None:
+        for f, temp, final in zip((self._tsv, self._km), self._temps, self._finals, strict=True):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            publish(temp, final)
+
+    def discard(self) -> None:
+        """Closes and removes what was not published; never raises."""
+        for f, temp in zip((self._tsv, self._km), self._temps, strict=True):
+            with contextlib.suppress(OSError):
+                f.close()
+            with contextlib.suppress(OSError):
+                os.remove(temp)
+
+
+def _manifest_by_shard(path: str) -> Iterator[tuple[str, list[dict]]]:
+    """The manifest's rows, one audio shard at a time, in manifest order (the manifest holds
+    each shard's rows together, in shard order: :func:`shards.manifest.finalize`)."""
+    shard, rows, seen = None, [], set()
+    parquet = pq.ParquetFile(storage.open_input(path))
+    for batch in parquet.iter_batches(batch_size=65_536, columns=_EXPORT_COLUMNS):
+        for row in batch.to_pylist():
+            if row["shard"] != shard:
+                if shard is not None:
+                    yield shard, rows
+                if row["shard"] in seen:
+                    raise RuntimeError(f"{path}: the rows of shard {row['shard']} are not together")
+                shard, rows = row["shard"], []
+                seen.add(shard)
+            rows.append(row)
+    if shard is not None:
+        yield shard, rows
+
+
 def tsv_text(audio: str, rows: list[dict], sources: set[str] = frozenset()) -> str:
     """A fairseq audio tsv, each line read back and decoded first.
 
@@ -181,18 +272,32 @@ def tsv_text(audio: str, rows: list[dict], sources: set[str] = frozenset()) -> s
     lines are ``NNNNNN.zip:OFFSET:SIZE<TAB>SAMPLES`` into the shard tars, or the source
     file's path for keys in ``sources`` that read back as the manifest's samples.
     """
-    lines = []
-    for row in rows:
-        if row["key"] in sources and _source_reads_back(row):
-            lines.append(f"{row['source']}\t{row['num_samples']}")
-            continue
-        suffix = ".tar" if storage.is_url(audio) else ".zip"  # See link_audio.
-        line = f"{row['shard']}{suffix}:{row['offset']}:{row['size']}\t{row['num_samples']}"
-        _check_reads_back(audio, line, row)
-        lines.append(os.path.join(audio, line))
     # fairseq joins the first line with each path: one root that holds both kinds.
     top = "/" if sources else audio
-    return "\n".join([top] + [line[len(top) :].lstrip("/") for line in lines]) + "\n"
+    lines = [line[len(top) :].lstrip("/") for line in _tsv_lines(audio, rows, sources)]
+    return "\n".join([top] + lines) + "\n"
+
+
+def _tsv_lines(audio: str, rows: list[dict], sources: set[str] = frozenset()) -> list[str]:
+    """Each row's tsv line with its full path, read back the way fairseq reads it. Rows of
+    one shard share one open file (rows come shard by shard)."""
+    lines = []
+    suffix = ".tar" if storage.is_url(audio) else ".zip"  # See link_audio.
+    with contextlib.ExitStack() as stack:
+        open_path, handle = None, None
+        for row in rows:
+            if row["key"] in sources and _source_reads_back(row):
+                lines.append(f"{row['source']}\t{row['num_samples']}")
+                continue
+            member = f"{row['shard']}{suffix}"
+            if member != open_path:
+                stack.close()
+                open_path = member
+                handle = stack.enter_context(storage.open_input(os.path.join(audio, member)))
+            line = f"{member}:{row['offset']}:{row['size']}\t{row['num_samples']}"
+            _check_reads_back(handle, line, row)
+            lines.append(os.path.join(audio, line))
+    return lines
 
 
 def _source_reads_back(row: dict) -> bool:
@@ -203,12 +308,11 @@ def _source_reads_back(row: dict) -> bool:
     return (info.frames, info.samplerate, info.channels) == (row["num_samples"], 16000, 1)
 
 
-def _check_reads_back(audio_root: str, line: str, row: dict) -> None:
+def _check_reads_back(handle, line: str, row: dict) -> None:
     """Reads a tsv line the way fairseq does (seek, read, decode) and checks the length."""
-    path, offset, length = line.split("\t")[0].rsplit(":", 2)
-    with storage.open_input(os.path.join(audio_root, path)) as f:
-        f.seek(int(offset))
-        data = f.read(int(length))
+    _, offset, length = line.split("\t")[0].rsplit(":", 2)
+    handle.seek(int(offset))
+    data = handle.read(int(length))
     frames = sf.info(io.BytesIO(data)).frames
     if frames != row["num_samples"]:
         raise RuntimeError(

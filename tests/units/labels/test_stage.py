@@ -145,6 +145,35 @@ def test_fairseq_export_lines_read_back_as_their_audio_with_aligned_units(root, 
     assert sorted(seen) == sorted(labels)  # Every labelled utterance once, in one split.
 
 
+def test_the_export_streams_shard_by_shard_and_an_empty_split_leaves_no_file(root, monkeypatch):
+    """The export reads one shard's units at a time (never the whole label set: at
+    Libri-light scale that is hundreds of GB), and a split that ends up empty fails the export
+    with nothing of it published or left behind."""
+    label(str(root), "km8", "stream")
+    out = root / "labels" / "stream" / "fairseq"
+    read = []
+    real = fairseq_export.storage.read_parquet
+
+    def recording(path, *args, **kwargs):
+        read.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(fairseq_export.storage, "read_parquet", recording)
+    record = fairseq_export.export(str(root), "stream", {"train": 70, "valid": 30}, seed=1)
+    unit_files = [p for p in read if "/labels/stream/units/" in p]
+    shards = {
+        r["shard"] for r in pq.read_table(root / "manifest" / "utterances.parquet").to_pylist()
+    }
+    assert sorted(unit_files) == sorted(
+        str(root / "labels" / "stream" / "units" / f"{s}.parquet") for s in shards
+    )  # One read per shard file, none of the directory as a whole.
+    assert sum(record["splits"].values()) == 10
+    before = sorted(os.listdir(out))
+    with pytest.raises(StageError, match="would be empty"):
+        fairseq_export.export(str(root), "stream", {"a": 99.999, "b": 0.001}, seed=1)
+    assert sorted(os.listdir(out)) == before  # No a/b files, no temporary files.
+
+
 def test_splits_are_seeded_and_never_empty():
     rows = [{"key": f"k{i}", "speaker": f"s{i % 3}"} for i in range(30)]
     a = fairseq_export.assign_splits(rows, {"a": 50, "b": 50}, "utterance", 0)
