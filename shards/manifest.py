@@ -7,14 +7,15 @@ memory does not grow with the corpus.
 from __future__ import annotations
 
 import collections
-import io
+import contextlib
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .core import storage
-from .core.atomic import read_json, write_atomic, write_parquet_atomic
+from .core.atomic import publish, read_json, temp_path, write_atomic, write_parquet_atomic
 from .root import RootLayout
 from .schemas import REJECTS, SHARDS, UTTERANCES
 
@@ -23,11 +24,15 @@ ROW_GROUP = 65_536
 
 
 class _StreamingParquet:
-    """Appends tables to one Parquet file in fixed-size row groups (deterministic layout)."""
+    """Appends tables to one Parquet file in fixed-size row groups (deterministic layout),
+    streamed into a temporary file (local, or scratch space for an object store) and
+    published whole by :meth:`close`: the driver holds one row group, not the manifest."""
 
-    def __init__(self, schema: pa.Schema):
-        self.buffer = io.BytesIO()
-        self._writer = pq.ParquetWriter(self.buffer, schema)
+    def __init__(self, schema: pa.Schema, final: str):
+        self.final = final
+        self.temp = temp_path(final)
+        self._file = open(self.temp, "wb")  # Closed by close() or discard().
+        self._writer = pq.ParquetWriter(self._file, schema)
         self._pending: list[pa.Table] = []
         self._rows = 0
 
@@ -40,11 +45,24 @@ class _StreamingParquet:
             rest = whole.slice(ROW_GROUP)
             self._pending, self._rows = [rest], rest.num_rows
 
-    def close(self) -> bytes:
+    def close(self) -> None:
+        """Writes the last row group and the footer, fsyncs and publishes the file."""
         if self._rows:
             self._writer.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP)
         self._writer.close()
-        return self.buffer.getvalue()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        publish(self.temp, self.final)
+
+    def discard(self) -> None:
+        """Drops the temporary file; never raises."""
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            os.remove(self.temp)
 
 
 def finalize(
@@ -62,8 +80,18 @@ def finalize(
     Returns:
         The summary.
     """
-    utterances = _StreamingParquet(UTTERANCES)
-    rejects = _StreamingParquet(REJECTS)
+    utterances = _StreamingParquet(UTTERANCES, layout.manifest("utterances.parquet"))
+    rejects = _StreamingParquet(REJECTS, layout.manifest("rejects.parquet"))
+    try:
+        return _join(layout, num_shards, plan_rejects, meta, run, utterances, rejects)
+    except BaseException:
+        utterances.discard()
+        rejects.discard()
+        raise
+
+
+def _join(layout, num_shards, plan_rejects, meta, run, utterances, rejects) -> dict:
+    """:func:`finalize`'s work, streaming the parts into ``utterances`` and ``rejects``."""
     rejects.write(pa.Table.from_pylist(plan_rejects, schema=REJECTS))
     shard_rows = []
     speakers: set[str] = set()
@@ -84,8 +112,8 @@ def finalize(
         by_reason.update(part_rejects.column("reason").to_pylist())
     shards = pa.Table.from_pylist(shard_rows, schema=SHARDS)
     seconds = float(sum(r["seconds"] for r in shard_rows))
-    write_atomic(layout.manifest("utterances.parquet"), utterances.close())
-    write_atomic(layout.manifest("rejects.parquet"), rejects.close())
+    utterances.close()
+    rejects.close()
     write_parquet_atomic(layout.manifest("shards.parquet"), shards)
     summary = {
         "layout": meta.get("layout"),
