@@ -9,10 +9,16 @@ Steps so far (the others of issue 15 join this table as they are made flat):
 
 * ``discover``: reading an input list (``list.csv`` of N rows: path, key, speaker) into
   sources, as ``pipelines.shard`` does before any audio is touched. No audio is needed.
+* ``worker``: a feature worker's peak RSS while it writes one shard of 0.1 and of 1 audio
+  hour (generated demo speech, one shard each; ``VmHWM`` reset after the worker's set-up),
+  against the same measurement at ``--baseline-rev`` (a git revision with the same
+  ``units.stage`` engine, checked out into a temporary worktree): the worker's memory should
+  not grow with the shard.
 
 Example:
     python bench/scale.py                       # N = 1e3, 1e4, 1e5, 1e6
     python bench/scale.py --sizes 1000 10000000 # up to Libri-light's 7M segments and beyond
+    python bench/scale.py --steps worker --baseline-rev bc7b0af  # before lazy decoding
 """
 
 from __future__ import annotations
@@ -65,6 +71,79 @@ def child(step: str, n: int, directory: str) -> None:
     print(json.dumps({"wall": wall, "cpu": cpu, "rss": _peak_rss_mb(), "base_rss": base_rss}))
 
 
+_WORKER_CHILD = """
+import json, os, sys
+import pyarrow.parquet as pq
+from units.features.extractors import ExtractorOptions
+from units.features.stage import FeatureWorker
+from units.features.store import store_layout
+from units.stage import ShardActor
+import units.stage
+
+root, name = sys.argv[1], sys.argv[2]
+# A revision without this layout would fall through to the installed checkout's modules.
+assert units.stage.__file__.startswith(os.getcwd()), units.stage.__file__
+rows = pq.read_table(os.path.join(root, "manifest", "utterances.parquet")).to_pylist()
+layout = store_layout(root, name)
+layout.make_dirs()
+actor = ShardActor(layout, FeatureWorker, (ExtractorOptions("mfcc"),), {}, "cpu")
+
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+
+setup = peak_mb()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # Resets VmHWM to the current RSS: what follows is the shard's work alone.
+actor.process_shard(rows[0]["shard"], rows)
+print(json.dumps({"setup_mb": setup, "peak_mb": peak_mb()}))
+"""
+
+
+def worker_memory(baseline_rev: str | None) -> None:
+    """RESULT lines of a feature worker's peak RSS on a 0.1 h and a 1 h shard."""
+    import ray
+
+    from pipelines.demo.corpus import write_demo_corpus
+    from shards.plan import ShardingOptions, parse_size
+    from shards.ray_sharding import run as shard
+
+    with tempfile.TemporaryDirectory() as directory:
+        roots = {}
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        for minutes in (6, 60):
+            corpus = os.path.join(directory, f"corpus{minutes}")
+            write_demo_corpus(corpus, minutes=minutes, seed=0)
+            roots[minutes] = os.path.join(directory, f"root{minutes}")
+            one_shard = ShardingOptions(shard_bytes=parse_size("4GiB"), max_samples=1_000_000)
+            shard([corpus], roots[minutes], one_shard)
+        ray.shutdown()
+        trees = {"ours": REPO}
+        if baseline_rev:
+            trees["baseline"] = os.path.join(directory, "baseline")
+            subprocess.run(["git", "worktree", "add", "--detach", trees["baseline"], baseline_rev],
+                           cwd=REPO, check=True, capture_output=True)  # fmt: skip
+        try:
+            for who, tree in trees.items():
+                peaks = {}
+                for minutes, root in roots.items():
+                    out = subprocess.run(
+                        [sys.executable, "-c", _WORKER_CHILD, root, f"{who}{minutes}"],
+                        capture_output=True, text=True, check=True, cwd=tree,
+                        env=dict(os.environ, PYTHONPATH=tree),
+                    )  # fmt: skip
+                    peaks[minutes] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+                    print(f"RESULT scale.worker.{who} shard_hours={minutes / 60:.1f} "
+                          f"peak_rss_mb={peaks[minutes]:.0f}", flush=True)  # fmt: skip
+                print(f"RESULT scale.worker.{who} peak_1h_over_0.1h={peaks[60] / peaks[6]:.3f} "
+                      "target<=1.10", flush=True)  # fmt: skip
+        finally:
+            if baseline_rev:
+                subprocess.run(["git", "worktree", "remove", "--force", trees["baseline"]],
+                               cwd=REPO, capture_output=True)  # fmt: skip
+
+
 def exponent(points: list[tuple[int, float]]) -> float:
     """The least-squares slope of log(value) against log(N)."""
     xs = [math.log(n) for n, _ in points]
@@ -79,12 +158,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", nargs="+", default=["discover"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[1_000, 10_000, 100_000, 1_000_000])
+    parser.add_argument("--baseline-rev", help="git revision to measure beside (worker step)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), args.child[2])
         return 0
+    prepare()
     for step in args.steps:
+        if step == "worker":
+            worker_memory(args.baseline_rev)
+            continue
         points = []
         for n in args.sizes:
             with tempfile.TemporaryDirectory() as directory:

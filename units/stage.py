@@ -42,7 +42,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import ray
@@ -57,24 +57,27 @@ from units.features.extractor import FeatureSpec
 log = logging.getLogger(__name__)
 
 
-def decode_rows(root: str, rows: list[dict]) -> list[tuple[np.ndarray | None, str | None]]:
-    """Decodes the audio of ``rows``: (waveform, None) or (None, error message) each."""
-    out = []
+def decode_rows(root: str, rows: list[dict]) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    """Decodes the audio of ``rows`` one at a time, as it is asked for: (waveform, None) or
+    (None, error message) each. Lazily, so a worker holds one batch of audio, never a whole
+    shard's (a 1 GiB shard is about 15 h of audio, 3 GB of float32)."""
     for row in rows:
         try:
             wav, rate = read_audio(root, row["shard"], row["offset"], row["size"])
         except Exception as e:  # A bad member is that utterance's reject, not the shard's end.
-            out.append((None, f"{type(e).__name__}: {e}"))
+            yield None, f"{type(e).__name__}: {e}"
             continue
         if rate != 16_000 or wav.ndim != 1:
-            out.append((None, f"expected 16 kHz mono, got {rate} Hz, shape {wav.shape}"))
+            yield None, f"expected 16 kHz mono, got {rate} Hz, shape {wav.shape}"
         else:
-            out.append((wav, None))
-    return out
+            yield wav, None
 
 
 def batches(
-    rows: list[dict], decoded: list, batch_seconds: float, reject: Callable[[dict, str], None]
+    rows: list[dict],
+    decoded: Iterable[tuple[np.ndarray | None, str | None]],
+    batch_seconds: float,
+    reject: Callable[[dict, str], None],
 ) -> Iterator[list[tuple[dict, np.ndarray]]]:
     """Decoded rows in batches of about ``batch_seconds`` of audio, in order; a row that
     failed to decode goes to ``reject(row, message)`` instead."""
@@ -165,7 +168,9 @@ class ShardActor:
 
 @ray.remote(num_cpus=1)
 def _decode_task(root: str, rows: list[dict]) -> list:
-    return decode_rows(root, rows)
+    # A GPU actor's audio comes decoded, whole shard at once, from a CPU task: the GPU never
+    # waits on FLAC decoding (GPU nodes carry the memory for it).
+    return list(decode_rows(root, rows))
 
 
 @dataclasses.dataclass(frozen=True)
