@@ -9,13 +9,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .core import storage
-from .core.atomic import publish, read_json, temp_path, write_atomic, write_parquet_atomic
+from .core.atomic import PendingFile, read_json, write_atomic, write_parquet_atomic
 from .root import RootLayout
 from .schemas import REJECTS, SHARDS, UTTERANCES
 
@@ -25,44 +24,40 @@ ROW_GROUP = 65_536
 
 class _StreamingParquet:
     """Appends tables to one Parquet file in fixed-size row groups (deterministic layout),
-    streamed into a temporary file (local, or scratch space for an object store) and
-    published whole by :meth:`close`: the driver holds one row group, not the manifest."""
+    streamed into a :class:`~shards.core.atomic.PendingFile` and published whole by
+    :meth:`close`: the driver holds one row group, not the manifest. As a context manager it
+    removes the file unless it was published."""
 
     def __init__(self, schema: pa.Schema, final: str):
-        self.final = final
-        self.temp = temp_path(final)
-        self._file = open(self.temp, "wb")  # Closed by close() or discard().
-        self._writer = pq.ParquetWriter(self._file, schema)
-        self._pending: list[pa.Table] = []
+        self._pending = PendingFile(final)
+        self._writer = pq.ParquetWriter(self._pending.file, schema)
+        self._tables: list[pa.Table] = []
         self._rows = 0
 
     def write(self, table: pa.Table) -> None:
-        self._pending.append(table)
+        self._tables.append(table)
         self._rows += table.num_rows
         while self._rows >= ROW_GROUP:
-            whole = pa.concat_tables(self._pending)
+            whole = pa.concat_tables(self._tables)
             self._writer.write_table(whole.slice(0, ROW_GROUP), row_group_size=ROW_GROUP)
             rest = whole.slice(ROW_GROUP)
-            self._pending, self._rows = [rest], rest.num_rows
+            self._tables, self._rows = [rest], rest.num_rows
 
     def close(self) -> None:
-        """Writes the last row group and the footer, fsyncs and publishes the file."""
+        """Writes the last row group and the footer, and publishes the file."""
         if self._rows:
-            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP)
+            self._writer.write_table(pa.concat_tables(self._tables), row_group_size=ROW_GROUP)
         self._writer.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        publish(self.temp, self.final)
+        self._pending.publish()
 
-    def discard(self) -> None:
-        """Drops the temporary file; never raises."""
-        with contextlib.suppress(Exception):
-            self._writer.close()
-        with contextlib.suppress(OSError):
-            self._file.close()
-        with contextlib.suppress(OSError):
-            os.remove(self.temp)
+    def __enter__(self) -> _StreamingParquet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._pending.published:
+            with contextlib.suppress(Exception):  # The error that got here is the one to see.
+                self._writer.close()
+        self._pending.discard()
 
 
 def finalize(
@@ -80,40 +75,33 @@ def finalize(
     Returns:
         The summary.
     """
-    utterances = _StreamingParquet(UTTERANCES, layout.manifest("utterances.parquet"))
-    rejects = _StreamingParquet(REJECTS, layout.manifest("rejects.parquet"))
-    try:
-        return _join(layout, num_shards, plan_rejects, meta, run, utterances, rejects)
-    except BaseException:
-        utterances.discard()
-        rejects.discard()
-        raise
-
-
-def _join(layout, num_shards, plan_rejects, meta, run, utterances, rejects) -> dict:
-    """:func:`finalize`'s work, streaming the parts into ``utterances`` and ``rejects``."""
-    rejects.write(pa.Table.from_pylist(plan_rejects, schema=REJECTS))
-    shard_rows = []
-    speakers: set[str] = set()
-    by_reason: collections.Counter[str] = collections.Counter()
-    by_reason.update(r["reason"] for r in plan_rejects)
-    sources_taken: set[str] = set()
-    for i in range(num_shards):
-        record = layout.read_commit(i)
-        if record is None:
-            raise RuntimeError(f"shard {layout.shard_name(i)} is not committed; rerun to finish it")
-        shard_rows.append({k: record[k] for k in SHARDS.names})
-        table = storage.read_parquet(layout.utterances_part(i), schema=UTTERANCES)
-        utterances.write(table)
-        speakers.update(s for s in table.column("speaker").to_pylist() if s is not None)
-        sources_taken.update(table.column("source").to_pylist())
-        part_rejects = storage.read_parquet(layout.rejects_part(i), schema=REJECTS)
-        rejects.write(part_rejects)
-        by_reason.update(part_rejects.column("reason").to_pylist())
-    shards = pa.Table.from_pylist(shard_rows, schema=SHARDS)
-    seconds = float(sum(r["seconds"] for r in shard_rows))
-    utterances.close()
-    rejects.close()
+    with (
+        _StreamingParquet(UTTERANCES, layout.manifest("utterances.parquet")) as utterances,
+        _StreamingParquet(REJECTS, layout.manifest("rejects.parquet")) as rejects,
+    ):
+        rejects.write(pa.Table.from_pylist(plan_rejects, schema=REJECTS))
+        shard_rows = []
+        speakers: set[str] = set()
+        by_reason: collections.Counter[str] = collections.Counter()
+        by_reason.update(r["reason"] for r in plan_rejects)
+        sources_taken: set[str] = set()
+        for i in range(num_shards):
+            record = layout.read_commit(i)
+            if record is None:
+                name = layout.shard_name(i)
+                raise RuntimeError(f"shard {name} is not committed; rerun to finish it")
+            shard_rows.append({k: record[k] for k in SHARDS.names})
+            table = storage.read_parquet(layout.utterances_part(i), schema=UTTERANCES)
+            utterances.write(table)
+            speakers.update(s for s in table.column("speaker").to_pylist() if s is not None)
+            sources_taken.update(table.column("source").to_pylist())
+            part_rejects = storage.read_parquet(layout.rejects_part(i), schema=REJECTS)
+            rejects.write(part_rejects)
+            by_reason.update(part_rejects.column("reason").to_pylist())
+        shards = pa.Table.from_pylist(shard_rows, schema=SHARDS)
+        seconds = float(sum(r["seconds"] for r in shard_rows))
+        utterances.close()
+        rejects.close()
     write_parquet_atomic(layout.manifest("shards.parquet"), shards)
     summary = {
         "layout": meta.get("layout"),

@@ -116,8 +116,10 @@ def claim(
         layout: The stage output.
         plan: What decides the output's content (never how it runs).
         conflict: What a different saved plan means, for the error.
-        prepare: Writes the files the plan stands for (a drawn sample, say) before the plan
-            is written, so that a saved plan always has them.
+        prepare: Makes the files the plan stands for (a drawn sample, say) before the plan
+            is written, so that a saved plan always has them. It runs before anything of
+            the output exists, so one that fails (a sample that cannot be drawn) leaves
+            nothing; the output's directories are made once it returns.
 
     Raises:
         StageError: The output was started with another plan.
@@ -127,9 +129,9 @@ def claim(
         if saved != plan:
             raise StageError(f"{layout.kind} {layout.name!r} {conflict}; use another --name")
         return saved
-    layout.make_dirs()
     if prepare is not None:
         prepare()
+    layout.make_dirs()
     write_atomic(layout.path("plan.json"), json.dumps(plan, indent=1, sort_keys=True).encode())
     return None
 

@@ -14,6 +14,7 @@ or a data object that a retry is rewriting, is never taken for a committed unit.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -68,6 +69,53 @@ def publish(temp: str, final_path: str, sync_dir: bool = True) -> None:
     os.replace(temp, final_path)
     if sync_dir:
         fsync_dir(os.path.dirname(final_path))
+
+
+class PendingFile:
+    """A file streamed under a temporary name (:func:`temp_path`) and published whole.
+
+    :meth:`publish` fsyncs, closes and renames it into place; :meth:`discard` removes it and
+    does nothing once it is published. As a context manager it discards on the way out, so
+    an error between opening and publishing leaves nothing behind.
+
+    Args:
+        final: The path the file is published as.
+        mode: ``open``'s mode (and any other ``open`` argument as keywords).
+
+    Example:
+        >>> with PendingFile("/tmp/doc-pending.txt", "w") as f:  # doctest: +SKIP
+        ...     f.file.write("whole or not at all\\n")
+        ...     f.publish()
+    """
+
+    def __init__(self, final: str, mode: str = "wb", **open_args):
+        self.final = final
+        self.temp = temp_path(final)
+        self.file = open(self.temp, mode, **open_args)  # Closed by publish() or discard().
+        self.published = False
+
+    def publish(self, sync_dir: bool = True) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        publish(self.temp, self.final, sync_dir=sync_dir)
+        self.published = True
+
+    def discard(self) -> None:
+        """Closes and removes the temporary file unless it was published; never raises (it
+        runs while another error is raised, and on a full disk closing fails to flush)."""
+        if self.published:
+            return
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            os.remove(self.temp)
+
+    def __enter__(self) -> PendingFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
 
 
 def remove_temps(final_path: str) -> None:

@@ -26,12 +26,11 @@ import pyarrow as pa
 
 from . import storage
 from .atomic import (
+    PendingFile,
     fsync_dir,
-    publish,
     read_commit,
     remove_all_temps,
     remove_temps,
-    temp_path,
     unpublish,
     write_atomic,
     write_npy_atomic,
@@ -166,23 +165,25 @@ class ShardOutput:
         """
         try:
             for stream in self._streams:
-                stream.close()
-                publish(stream.temp, stream.final, sync_dir=False)
+                stream.publish(sync_dir=False)
                 self._published.append(stream.final)
             self._streams = []
             self._publish(self.layout.rejects_path(self.shard), write_parquet_atomic,
                           self.rejects, REJECTS)  # fmt: skip
             for directory in dict.fromkeys(os.path.dirname(p) for p in self._published):
                 fsync_dir(directory)
+            sizes = {path: storage.file_size(path) for path in self._published}
             first = self.path(next(iter(self.layout.data)))
-            record = dict(counts, shard=self.shard, rejects=len(self.rejects))
-            record["bytes"] = storage.file_size(first)
+            if first not in sizes:
+                raise RuntimeError(f"shard {self.shard}: its worker did not write {first}")
+            record = dict(counts, shard=self.shard, rejects=len(self.rejects), bytes=sizes[first])
             data = json.dumps(record, sort_keys=True).encode()
             write_atomic(self.layout.commit_path(self.shard), data)
         except BaseException:
             self.abort()
             raise
-        self.bytes_written += sum(storage.file_size(p) for p in self._published) + len(data)
+        self.bytes_written += sum(sizes.values()) + len(data)
+        self._published = []  # Committed: nothing of it is this attempt's to remove any more.
         return record
 
     def abort(self) -> None:
@@ -205,17 +206,16 @@ _HEADER = 128
 
 class NpyStream:
     """Rows appended to a temporary ``.npy`` as they come, so memory does not grow with the
-    shard: its header is reserved up front and written with the final row count at
-    :meth:`close`. The file is fsynced; publishing it is the caller's (:class:`ShardOutput`).
+    shard: its header is reserved up front and written with the final row count when it is
+    published (by :class:`ShardOutput`).
     """
 
     def __init__(self, final: str, dim: int, dtype: np.dtype):
         self.final, self.dim, self.dtype = final, dim, np.dtype(dtype)
-        self.temp = temp_path(final)
         self.rows = 0
-        self._f = open(self.temp, "wb")  # Closed by close() or discard().
+        self._pending = PendingFile(final)
         with self._naming_errors():
-            self._f.write(self._header(0))
+            self._pending.file.write(self._header(0))
 
     def append(self, rows: np.ndarray) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.dim or rows.dtype != self.dtype:
@@ -223,24 +223,19 @@ class NpyStream:
                 f"rows {rows.shape} {rows.dtype}, expected (n, {self.dim}) {self.dtype}"
             )
         with self._naming_errors():
-            self._f.write(np.ascontiguousarray(rows).tobytes())
+            self._pending.file.write(np.ascontiguousarray(rows).tobytes())
         self.rows += len(rows)
 
-    def close(self) -> None:
-        """Writes the real header and fsyncs."""
+    def publish(self, sync_dir: bool = True) -> None:
+        """Writes the real header, fsyncs and renames the file into place."""
         with self._naming_errors():
-            self._f.seek(0)
-            self._f.write(self._header(self.rows))
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+            self._pending.file.seek(0)
+            self._pending.file.write(self._header(self.rows))
+            self._pending.publish(sync_dir=sync_dir)
 
     def discard(self) -> None:
-        """Drops the temporary file; never raises."""
-        with contextlib.suppress(OSError):
-            self._f.close()
-        with contextlib.suppress(OSError):
-            storage.remove(self.temp)
+        """Drops the temporary file unless it was published; never raises."""
+        self._pending.discard()
 
     def _header(self, rows: int) -> bytes:
         header = repr({"descr": self.dtype.str, "fortran_order": False, "shape": (rows, self.dim)})
@@ -258,5 +253,5 @@ class NpyStream:
             yield
         except OSError as e:
             if e.filename is None:
-                e.filename = self.temp
+                e.filename = self._pending.temp
             raise

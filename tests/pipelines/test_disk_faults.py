@@ -382,7 +382,8 @@ def test_writers_remove_their_temporary_file_when_closing_it_fails_too(tmp_path)
     layout = store_layout(str(tmp_path), "f")
     layout.make_dirs()
     features = FeatureShardWriter(ShardOutput(layout, "000000"), dim=2)
-    features._array._f = _FullFile(features._array._f, room=0)
+    pending = features._array._pending  # The streamed .npy's temporary file.
+    pending.file = _FullFile(pending.file, room=0)
     with pytest.raises(OSError) as failed:
         features.add("utt", np.zeros((3, 2), np.float32))
     assert failed.value.errno == errno.ENOSPC

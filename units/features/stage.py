@@ -73,8 +73,11 @@ class FeatureWorker:
         return writer.finish()
 
 
-def _plan(root: str, name: str, spec: FeatureSpec, request: SampleRequest) -> list[dict]:
-    """The sample: drawn and saved with the plan on the first run, read back after."""
+def _plan(
+    root: str, name: str, spec: FeatureSpec, request: SampleRequest
+) -> tuple[dict, list[dict]]:
+    """The store's plan and its sample: drawn and saved with the plan on the first run, read
+    back after."""
     layout = RootLayout(root)
     manifest = layout.manifest("utterances.parquet")
     if not storage.exists(manifest):
@@ -85,21 +88,20 @@ def _plan(root: str, name: str, spec: FeatureSpec, request: SampleRequest) -> li
     store = store_layout(layout.root, name)
     plan = {"spec": spec.to_json(), "request": dataclasses.asdict(request)}
     plan["fingerprint"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
-    conflict = "was started with another extractor or sample"
-    if read_json(store.path("plan.json")) is not None:
-        claim(store, plan, conflict)  # Raises unless the saved plan is this one.
-        return storage.read_parquet(store.path("sample.parquet")).to_pylist()
-    rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
-    try:
-        sample = draw(rows, request)
-    except ValueError as e:
-        raise StageError(str(e)) from None
+    sample: list[dict] = []
 
-    def write_sample() -> None:
+    def draw_sample() -> None:
+        rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
+        try:
+            sample.extend(draw(rows, request))
+        except ValueError as e:
+            raise StageError(str(e)) from None
+        storage.makedirs(store.directory)
         write_parquet_atomic(store.path("sample.parquet"), pa.Table.from_pylist(sample))
 
-    claim(store, plan, conflict, prepare=write_sample)
-    return sample
+    if claim(store, plan, "was started with another extractor or sample", draw_sample) is None:
+        return plan, sample
+    return plan, storage.read_parquet(store.path("sample.parquet")).to_pylist()
 
 
 def run(
@@ -146,7 +148,7 @@ def run(
             "drop it or give the workers GPUs (gpus_per_worker)"
         )
     root = RootLayout(root).root
-    sample = _plan(root, name, spec, request)
+    plan, sample = _plan(root, name, spec, request)
     store = store_layout(root, name)
     by_shard = rows_by_shard(sample)
     done = run_pass(
@@ -162,7 +164,6 @@ def run(
     if meta is not None:
         log.info("nothing to do: feature store %s is complete", name)
         return done.result(meta, "hours_extracted", started)
-    plan = read_json(store.path("plan.json"))
     meta = feature_store.finalize(
         store,
         sorted(by_shard),

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 
 from shards.core import storage
-from shards.core.atomic import publish, read_json, temp_path, write_atomic
+from shards.core.atomic import PendingFile, read_json, write_atomic
 from shards.core.outputs import StageError
 from shards.root import RootLayout
 from units.labels.model import label_layout
@@ -215,35 +215,30 @@ def _whole_sources(manifest: list[dict]) -> set[str]:
 
 
 class _SplitFiles:
-    """One split's ``.tsv`` and ``.km``, streamed line by line into temporary files and
+    """One split's ``.tsv`` and ``.km``, streamed line by line into pending files and
     published together when the export is whole."""
 
     def __init__(self, directory: str, name: str, top: str):
         self.count = 0
-        self._finals = [os.path.join(directory, f"{name}.{ext}") for ext in ("tsv", "km")]
-        self._temps = [temp_path(final) for final in self._finals]
-        self._tsv, self._km = (open(t, "w", encoding="utf-8") for t in self._temps)
-        self._tsv.write(top + "\n")
+        self._tsv, self._km = (
+            PendingFile(os.path.join(directory, f"{name}.{ext}"), "w", encoding="utf-8")
+            for ext in ("tsv", "km")
+        )
+        self._tsv.file.write(top + "\n")
 
     def add(self, tsv_line: str, km_line: str) -> None:
-        self._tsv.write(tsv_line + "\n")
-        self._km.write(km_line + "\n")
+        self._tsv.file.write(tsv_line + "\n")
+        self._km.file.write(km_line + "\n")
         self.count += 1
 
     def publish(self) -> None:
-        for f, temp, final in zip((self._tsv, self._km), self._temps, self._finals, strict=True):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            publish(temp, final)
+        self._tsv.publish()
+        self._km.publish()
 
     def discard(self) -> None:
-        """Closes and removes what was not published; never raises."""
-        for f, temp in zip((self._tsv, self._km), self._temps, strict=True):
-            with contextlib.suppress(OSError):
-                f.close()
-            with contextlib.suppress(OSError):
-                os.remove(temp)
+        """Removes what was not published; never raises."""
+        self._tsv.discard()
+        self._km.discard()
 
 
 def _manifest_by_shard(path: str) -> Iterator[tuple[str, list[dict]]]:
