@@ -33,7 +33,7 @@ Config keys (defaults in brackets; each is the stage's flag of the same name):
     kmeans.name [mfcc100]   kmeans.k [100]  kmeans.pca  kmeans.whiten [false]
     kmeans.init [k-means||] kmeans.algorithm [lloyd]  kmeans.max_iter [100]
     kmeans.tol [1e-4]       kmeans.seed [0]  kmeans.batch_size [10000]
-    kmeans.stream [false]   kmeans.workers   kmeans.gpus_per_worker [0]
+    kmeans.rows [auto]      kmeans.stream [false]  kmeans.workers  kmeans.gpus_per_worker [0]
     kmeans.fairseq_export [false]
     label.name [it1]        label.workers    label.gpus_per_worker (one per actor with GPUs)
     label.extractor         label.layer      label.dedup [false]
@@ -281,8 +281,20 @@ def run(args) -> dict:
         print(label.describe_export(lab, out["fairseq"]))
         print(f"== fairseq: done in {_cli.timed(began)}", flush=True)
     out["report"] = _stage("report", stages["report"], report.run)
+    out["shards_redone"] = redone(out)
     out["wall_seconds"] = time.monotonic() - started
     return out
+
+
+#: The stages whose unit of work is a shard, and which count the shards they wrote again.
+SHARD_STAGES = ("shard", "features", "label")
+
+
+def redone(result: dict) -> int:
+    """Shards written again in this run because the worker or node writing them was lost
+    (each stage's ``shards_redone``): the work a lost node cost. Committed shards are never
+    written again, so a rerun after a crash does not count here."""
+    return sum(result[name].get("shards_redone", 0) for name in SHARD_STAGES if name in result)
 
 
 def _stage(name: str, args: argparse.Namespace, call) -> dict:
@@ -304,6 +316,11 @@ def summarize(args, result: dict) -> str:
         f"hubert: iteration {result['config']['label']['name']} in "
         f"{result['wall_seconds']:.1f} s: ran {', '.join(ran)}"
         + (f"; already complete: {', '.join(complete)}" if complete else "")
+        + (
+            f"; {result['shards_redone']} shard(s) written again after lost workers"
+            if result.get("shards_redone")
+            else ""
+        )
         + f"; report {result['report']['paths']['report']}"
     )
 

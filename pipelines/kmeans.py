@@ -7,6 +7,16 @@ Example:
     python -m pipelines.kmeans --root /data/ll --features w2v14 --k 128 --name w2vu \\
         --pca 512 --init k-means++ --address auto
 
+Rows: each Ray worker holds its share of the store's frames in memory (float32, read once)
+or streams them from the store on every pass (bounded memory, a read per pass). --rows auto
+(the default) says which before any work, from the store's size (its frames and dimension)
+and the memory Ray offers each worker: it holds when the largest share takes at most 70% of
+what a worker can get, and streams otherwise. The decision and its numbers are logged at
+INFO and kept in kmeans.json and the run record ("rows_decision"). --rows hold where holding
+would not fit is obeyed with a warning, not refused: the estimate is conservative, Ray's
+memory is what nodes had when Ray started there, and an autoscaling cluster may grow into
+it. --stream is --rows stream, as before.
+
 Outputs go to ROOT/kmeans/NAME: centroids.npy, kmeans.json, iterations.parquet (and pca/,
 kmeans.joblib). Iteration 0 is the initial centroids; iteration i, the centroids after i
 updates; kmeans.json's "iterations" is the last. Rerunning the same command resumes from
@@ -25,6 +35,8 @@ from ._schema import REQUIRED, Bool, Choice, Float, Int, Option, Optional, add_o
 #: imports no numerics; tests/pipelines/test_cli.py checks that they agree.
 INITS = ("k-means||", "k-means++", "random")
 ALGORITHMS = ("lloyd", "minibatch")
+#: units.kmeans.memory.ROWS, spelled here for the same reason.
+ROWS = ("auto", "hold", "stream")
 
 #: The k-means options: the flags below, and the ``kmeans`` section of the hubert config.
 #: Their ranges beyond the type (k fits uint16 units, ...) are the estimator's own checks
@@ -40,9 +52,14 @@ OPTIONS = {
     "tol": Option(Float(), 1e-4, "stop when the inertia improves by less than this fraction"),
     "seed": Option(Int(), 0, "seed of everything random"),
     "batch_size": Option(Int(), 10_000, "mini-batch rows", "ROWS"),
-    "stream": Option(
-        Bool(), False, "workers read rows from the store on every pass instead of holding them"
+    "rows": Option(
+        Choice(ROWS),
+        "auto",
+        "workers hold their rows in memory (float32, read once) or stream them from the store "
+        "on every pass (bounded memory); auto holds when the largest worker's share takes at "
+        "most 70%% of the memory Ray offers a worker, and streams otherwise",
     ),
+    "stream": Option(Bool(), False, "the same as --rows stream (kept for existing scripts)"),
     "workers": _args.WORKERS,
     "gpus_per_worker": _args.gpus_per_worker(0),
     "fairseq_export": Option(
@@ -87,8 +104,26 @@ def estimator(args):
     return km
 
 
+def rows(args) -> str:
+    """What ``--rows`` and ``--stream`` ask for together: ``auto``, ``hold`` or ``stream``.
+    The hubert config has no ``rows`` key: ``kmeans.stream`` alone decides there.
+
+    Raises:
+        UsageError: ``--stream`` with ``--rows hold``.
+    """
+    chosen = getattr(args, "rows", None) or "auto"
+    if getattr(args, "stream", False):
+        if chosen == "hold":
+            raise _cli.UsageError(
+                "--stream is --rows stream, and --rows hold says the opposite: give one of them"
+            )
+        return "stream"
+    return chosen
+
+
 def check(args) -> None:
     estimator(args)
+    rows(args)
 
 
 def prepare(args) -> None:
@@ -114,7 +149,7 @@ def run(args) -> dict:
         whiten=args.whiten,
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,
-        hold=not args.stream,
+        rows=rows(args),
         fairseq_export=args.fairseq_export,
         progress=args.progress,
     )
@@ -128,8 +163,10 @@ def summarize(args, result: dict) -> str:
     hours = result.get("throughput", {}).get("hours_clustered")
     audio = f" ({hours:.3f} h of audio)" if hours is not None else ""
     stop = "converged" if result.get("converged") else "stopped at --max-iter"
+    decision = result.get("rows_decision") or {}
+    held = f", rows {decision['rows']}" if decision.get("rows") else ""
     what = (
-        f"k={result['k']} on {result['rows']} frames of {result['features']}{audio}, "
+        f"k={result['k']} on {result['rows']} frames of {result['features']}{audio}{held}, "
         f"{result['iterations']} iterations ({stop}), inertia "
         f"{result['inertia_per_frame']:.4g} per frame, in {args.root}/kmeans/{args.name}"
     )

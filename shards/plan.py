@@ -7,6 +7,7 @@ never assign an input to a different shard than the interrupted run did.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import hashlib
 import json
@@ -14,6 +15,8 @@ import math
 import re
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import vad
 from .core import storage
@@ -111,17 +114,54 @@ class ShardingOptions:
         return d
 
 
-@dataclasses.dataclass
 class Plan:
-    """A saved plan: per-shard rows, plus what discovery and probing turned away."""
+    """A saved plan: one Arrow table of input rows ordered by shard, plus what discovery and
+    probing turned away.
 
-    shards: list[list[dict]]
-    rejects: list[dict]
-    meta: dict
+    The rows stay columnar on the driver (a few hundred bytes per input: 10 million inputs
+    fit in a few GB, where a dict per row took 2.3 KB); :attr:`shards` hands out one shard's
+    rows at a time.
+
+    Attributes:
+        table: Rows of :data:`shards.schemas.PLAN`, shard by shard, in shard order.
+        rejects: Reject rows from discovery, probing and planning.
+        meta: What the plan was made from (``plan.json``).
+    """
+
+    def __init__(self, table: pa.Table, rejects: list[dict], meta: dict):
+        self.table = table
+        self.rejects = rejects
+        self.meta = meta
+        shard = table.column("shard").to_numpy()
+        count = meta.get("shards", int(shard[-1]) + 1 if len(shard) else 0)
+        # Row offsets of each shard (rows are grouped by shard, in order).
+        self._offsets = np.searchsorted(shard, np.arange(count + 1), side="left")
 
     @property
     def num_files(self) -> int:
         return self.meta["files"]
+
+    @property
+    def shards(self) -> _Shards:
+        """``shards[i]``: shard ``i``'s rows as their own small table; ``len(shards)``."""
+        return _Shards(self)
+
+
+class _Shards(collections.abc.Sequence):
+    def __init__(self, plan: Plan):
+        self._plan = plan
+
+    def __len__(self) -> int:
+        return len(self._plan._offsets) - 1
+
+    def __getitem__(self, i: int) -> pa.Table:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        lo, hi = self._plan._offsets[i], self._plan._offsets[i + 1]
+        # take() copies the rows out: a slice would drag (and pickle, when it is sent to a
+        # task) the buffers of the whole plan.
+        return self._plan.table.take(np.arange(lo, hi))
 
 
 def estimate(p: Probe, opts: ShardingOptions) -> tuple[int, int]:
@@ -142,71 +182,88 @@ def estimate(p: Probe, opts: ShardingOptions) -> tuple[int, int]:
     return nbytes + samples * _SAMPLE_OVERHEAD, samples
 
 
-def make_plan(probes: list[Probe], rejects: list[dict], opts: ShardingOptions, meta: dict) -> Plan:
+#: :data:`shards.schemas.PLAN` without the shard column: a probed input's row.
+PROBED = pa.schema([f for f in PLAN if f.name != "shard"])
+
+
+def probed_rows(probes: list[Probe], opts: ShardingOptions) -> pa.Table:
+    """The plan rows of probed inputs, with their size estimates (no shard yet).
+
+    Runs where the probes were made (a probe task), so that what the driver receives is a
+    table, and a file's voice activity never travels.
+    """
+    cols: dict[str, list] = {name: [] for name in PROBED.names}
+    for p in probes:
+        s = p.source
+        nbytes, nsamples = estimate(p, opts)
+        values = (
+            s.key, s.path, s.sidecar, s.speaker, s.group, s.text, p.frames, p.sample_rate,
+            p.channels, p.format, p.subtype, p.file_bytes, p.passthrough, nbytes, nsamples,
+        )  # fmt: skip
+        for name, value in zip(PROBED.names, values, strict=True):
+            cols[name].append(value)
+    return pa.table(cols, schema=PROBED)
+
+
+def make_plan(rows: pa.Table, rejects: list[dict], opts: ShardingOptions, meta: dict) -> Plan:
     """Dedupes keys, orders the inputs and packs them into shards.
 
     The first source (in path order) of a key is kept; every other one is rejected with
-    ``duplicate_key``: a collision never overwrites.
+    ``duplicate_key``: a collision never overwrites. Sorting and deduping are Arrow kernels;
+    only the packing walks the inputs, over two integer columns.
+
+    Args:
+        rows: Probed rows (:data:`PROBED`, from :func:`probed_rows`), in any order.
+        rejects: Rejects so far (discovery, probing).
+        opts: The sharding options.
+        meta: What the plan is made from; ``shards`` and ``planned`` are added.
     """
     rejects = list(rejects)
-    kept: dict[str, Probe] = {}
-    for p in sorted(probes, key=lambda p: (p.source.key, p.source.path)):
-        first = kept.get(p.source.key)
-        if first is None:
-            kept[p.source.key] = p
-        else:
+    rows = rows.select(PROBED.names).cast(PROBED)
+    rows = rows.take(pc.sort_indices(rows, [("key", "ascending"), ("source", "ascending")]))
+    key = rows.column("key")
+    repeated = np.zeros(len(rows), dtype=bool)
+    if len(rows) > 1:
+        repeated[1:] = pc.equal(key.slice(1), key.slice(0, len(rows) - 1)).to_numpy()
+    if repeated.any():
+        # The kept row of each run of one key is where the run starts.
+        first = np.maximum.accumulate(np.where(repeated, 0, np.arange(len(rows))))
+        sources = rows.column("source")
+        for i in np.flatnonzero(repeated).tolist():
             rejects.append(
                 reject_row(
-                    p.source.path,
+                    sources[i].as_py(),
                     Stage.PLAN,
                     Reason.DUPLICATE_KEY,
-                    f"key {p.source.key!r} is already taken by {first.source.path}",
-                    p.source.key,
+                    f"key {key[i].as_py()!r} is already taken by {sources[int(first[i])].as_py()}",
+                    key[i].as_py(),
                 )
             )
-    ordered = list(kept.values())
+        rows = rows.filter(pa.array(~repeated))
     if opts.seed is not None:
-        ordered = [ordered[i] for i in np.random.default_rng(opts.seed).permutation(len(ordered))]
-    shards: list[list[dict]] = []
+        rows = rows.take(np.random.default_rng(opts.seed).permutation(len(rows)))
+    shard = _pack(rows.column("est_bytes").to_numpy(), rows.column("est_samples").to_numpy(), opts)
+    table = rows.add_column(0, PLAN.field("shard"), pa.array(shard, pa.int32()))
+    meta = dict(meta, shards=int(shard[-1]) + 1 if len(shard) else 0, planned=len(rows))
+    return Plan(table, sorted(rejects, key=lambda r: (r["source"], r["reason"])), meta)
+
+
+def _pack(nbytes: np.ndarray, nsamples: np.ndarray, opts: ShardingOptions) -> np.ndarray:
+    """Each input's shard: a shard is closed before its size or sample count would pass the
+    limits (an input larger than the limits gets a shard of its own)."""
+    shard = np.empty(len(nbytes), dtype=np.int32)
+    index = -1
     size = count = 0
-    for p in ordered:
-        nbytes, nsamples = estimate(p, opts)
-        if (
-            shards
-            and shards[-1]
-            and (size + nbytes > opts.shard_bytes or count + nsamples > opts.max_samples)
-        ):
-            shards.append([])
+    limit_bytes, limit_samples = opts.shard_bytes, opts.max_samples
+    # Sequential by nature; plain ints in a list walk cost about 0.1 us per input.
+    for i, (b, n) in enumerate(zip(nbytes.tolist(), nsamples.tolist(), strict=True)):
+        if index < 0 or (count and (size + b > limit_bytes or count + n > limit_samples)):
+            index += 1
             size = count = 0
-        if not shards:
-            shards.append([])
-        shards[-1].append(_row(len(shards) - 1, p, nbytes, nsamples))
-        size += nbytes
-        count += nsamples
-    meta = dict(meta, shards=len(shards), planned=len(ordered))
-    return Plan(shards, sorted(rejects, key=lambda r: (r["source"], r["reason"])), meta)
-
-
-def _row(shard: int, p: Probe, nbytes: int, nsamples: int) -> dict:
-    s = p.source
-    return {
-        "shard": shard,
-        "key": s.key,
-        "source": s.path,
-        "sidecar": s.sidecar,
-        "speaker": s.speaker,
-        "group": s.group,
-        "text": s.text,
-        "frames": p.frames,
-        "sample_rate": p.sample_rate,
-        "channels": p.channels,
-        "format": p.format,
-        "subtype": p.subtype,
-        "file_bytes": p.file_bytes,
-        "passthrough": p.passthrough,
-        "est_bytes": nbytes,
-        "est_samples": nsamples,
-    }
+        shard[i] = index
+        size += b
+        count += n
+    return shard
 
 
 def fingerprint(inputs: list[str], opts: ShardingOptions) -> str:
@@ -218,8 +275,7 @@ def fingerprint(inputs: list[str], opts: ShardingOptions) -> str:
 
 def save(layout: RootLayout, plan: Plan) -> None:
     """Writes the plan; ``plan.json`` goes last and is what marks the plan as complete."""
-    rows = [row for shard in plan.shards for row in shard]
-    write_parquet_atomic(layout.plan_path("plan.parquet"), rows, PLAN)
+    write_parquet_atomic(layout.plan_path("plan.parquet"), plan.table.cast(PLAN))
     write_parquet_atomic(layout.plan_path("rejects.parquet"), plan.rejects, REJECTS)
     write_atomic(
         layout.plan_path("plan.json"), json.dumps(plan.meta, sort_keys=True, indent=1).encode()
@@ -231,9 +287,6 @@ def load(layout: RootLayout) -> Plan | None:
     meta = read_json(layout.plan_path("plan.json"))
     if meta is None:
         return None
-    rows = storage.read_parquet(layout.plan_path("plan.parquet")).to_pylist()
-    shards: list[list[dict]] = [[] for _ in range(meta["shards"])]
-    for row in rows:
-        shards[row["shard"]].append(row)
+    table = storage.read_parquet(layout.plan_path("plan.parquet"), schema=PLAN)
     rejects = storage.read_parquet(layout.plan_path("rejects.parquet")).to_pylist()
-    return Plan(shards, rejects, meta)
+    return Plan(table, rejects, meta)

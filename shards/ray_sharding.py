@@ -1,7 +1,8 @@
 """The shard stage on Ray: probe in parallel, one task per shard, resume from commits.
 
-The driver lists inputs and makes the plan (small metadata only); Ray tasks probe headers in
-batches and write shards. A worker that dies mid-shard is retried by Ray; its temporary file
+The driver lists inputs and makes the plan (columns, a few hundred bytes per input); Ray tasks
+probe headers in batches and write shards. A shard whose worker dies mid-shard is sent again
+by the driver, which so counts the work done twice (``shards_redone``); its temporary file
 never becomes visible. A driver that dies leaves committed shards in place, and the next run
 writes only the rest.
 """
@@ -14,15 +15,20 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from . import discover
 from . import plan as planning
 from .core import storage, throughput
+from .discover import Source
 from .manifest import finalize, read_summary
 from .plan import ShardingOptions
-from .probe import Probe, probe_many
+from .probe import probe_many
 from .root import RootLayout
 from .shard_job import write_shard
 
@@ -37,13 +43,17 @@ class UsageError(ValueError):
 
 
 @ray.remote(num_cpus=1)
-def _probe_task(sources, segment):
-    return probe_many(sources, segment=segment)
+def _probe_task(sources: pa.Table, opts: ShardingOptions) -> tuple[pa.Table, list[dict]]:
+    probes, rejects = probe_many(
+        [Source(**row) for row in sources.to_pylist()], segment=opts.segment
+    )
+    return planning.probed_rows(probes, opts), rejects
 
 
-# max_retries covers worker and node deaths (system failures); a shard's own bad inputs
-# never raise, so application errors are not retried.
-@ray.remote(num_cpus=1, max_retries=5)
+# No retries by Ray: a task lost with its worker or node is sent again by the driver
+# (_write_all), which so knows how much work was done twice; Ray's own retries would be
+# invisible to it. A shard's own bad inputs never raise: application errors are final.
+@ray.remote(num_cpus=1, max_retries=0)
 def _shard_task(root, index, rows, opts):
     return write_shard(root, index, rows, opts)
 
@@ -95,13 +105,12 @@ def _plan(inputs: list[str], layout: RootLayout, opts: ShardingOptions) -> plann
             )
         log.info("reusing the saved plan: %d shards", len(saved.shards))
         return saved
-    sources, rejects, layouts = [], [], []
-    for path in inputs:
-        found = discover.discover(path, opts.layout, opts.extensions)
-        sources.extend(found.sources)
-        rejects.extend(found.rejects)
-        layouts.append(found.layout)
-    if not sources and not rejects:
+    found = [discover.discover(path, opts.layout, opts.extensions) for path in inputs]
+    sources = pa.concat_tables([f.table for f in found])
+    rejects = [r for f in found for r in f.rejects]
+    layouts = [f.layout for f in found]
+    del found
+    if not len(sources) and not rejects:
         raise UsageError(
             f"found no audio in {', '.join(inputs)} (layout {opts.layout}, extensions "
             f"{','.join(opts.extensions)}); check the path, --layout and --extensions"
@@ -110,22 +119,29 @@ def _plan(inputs: list[str], layout: RootLayout, opts: ShardingOptions) -> plann
     per_task = max(
         PROBE_BATCH, -(-len(sources) // (4 * int(ray.cluster_resources().get("CPU", 1))))
     )
-    batches = [sources[i : i + per_task] for i in range(0, len(sources), per_task)]
-    probes: list[Probe] = []
-    for found_probes, found_rejects in ray.get(
-        [_probe_task.remote(b, opts.segment) for b in batches]
-    ):
-        probes.extend(found_probes)
+    # Each batch is copied out of the table (take): a slice would send the whole table.
+    refs = [
+        _probe_task.remote(sources.take(np.arange(i, min(i + per_task, len(sources)))), opts)
+        for i in range(0, len(sources), per_task)
+    ]
+    num_sources = len(sources)
+    del sources  # The probe tasks hold their batches now.
+    probed = []
+    for rows, found_rejects in ray.get(refs):
+        probed.append(rows)
         rejects.extend(found_rejects)
+    del refs
     meta = {
         "version": planning.PLAN_VERSION,
         "fingerprint": fingerprint,
         "inputs": inputs,
         "options": opts.to_json(),
         "layout": ",".join(sorted(set(layouts))),
-        "files": len(sources) + sum(1 for r in rejects if r["stage"] == "discover"),
+        "files": num_sources + sum(1 for r in rejects if r["stage"] == "discover"),
     }
-    made = planning.make_plan(probes, rejects, opts, meta)
+    made = planning.make_plan(
+        pa.concat_tables(probed) if probed else planning.PROBED.empty_table(), rejects, opts, meta
+    )
     planning.save(layout, made)
     return made
 
@@ -174,10 +190,10 @@ def run(
     summary = read_summary(layout)
     if not pending and summary is not None:
         log.info("nothing to do: all %d shards are committed", len(made.shards))
-        return dict(summary, shards_written=0, shards_skipped=skipped)
+        return dict(summary, shards_written=0, shards_skipped=skipped, shards_redone=0)
     if skipped:
         log.info("resuming: %d shards already committed, %d to write", skipped, len(pending))
-    hours_written, bytes_written, failures = _write_all(
+    hours_written, bytes_written, failures, redone = _write_all(
         layout, made, pending, opts, progress, on_shard
     )
     for leftover in layout.temp_files():  # All tasks are done: no writer is alive.
@@ -203,34 +219,53 @@ def run(
             bytes_written=bytes_written,
         ),
     )
-    return dict(summary, shards_written=len(pending), shards_skipped=skipped)
+    return dict(summary, shards_written=len(pending), shards_skipped=skipped, shards_redone=redone)
 
 
 def _source_bytes(made: planning.Plan, pending: list[int]) -> int:
-    """Bytes of the input files of ``pending`` shards (a file cut into segments once)."""
-    sizes = {r["source"]: r["file_bytes"] for i in pending for r in made.shards[i]}
-    return int(sum(sizes.values()))
+    """Bytes of the input files of ``pending`` shards (a file listed twice counted once)."""
+    rows = made.table.select(["shard", "source", "file_bytes"])
+    rows = rows.filter(pc.is_in(rows.column("shard"), value_set=pa.array(pending, pa.int32())))
+    per_file = rows.group_by("source").aggregate([("file_bytes", "max")])
+    return int(pc.sum(per_file.column("file_bytes_max")).as_py() or 0)
 
 
-#: A shard task lost with its worker, node or result, after Ray's own retries; sent again
-#: up to _RESUBMITS times before it counts as failed.
+#: A shard task lost with its worker or node (preempted, crashed, killed for memory by
+#: Ray's monitor) or its result; sent again up to _RESUBMITS times before it counts as
+#: failed, so that a shard that kills its worker every time cannot go round forever.
 _LOST = (
     ray.exceptions.WorkerCrashedError,
     ray.exceptions.NodeDiedError,
     ray.exceptions.ObjectLostError,
+    ray.exceptions.OutOfMemoryError,
 )
-_RESUBMITS = 3
+_RESUBMITS = 5
+
+
+class _Written(NamedTuple):
+    """What :func:`_write_all` did."""
+
+    hours: float
+    bytes_written: int
+    failures: list[tuple[str, BaseException]]
+    #: Times a shard was written again from the start because its task was lost (a task
+    #: sent again that found the shard committed redid nothing).
+    shards_redone: int
+
 
 #: Errors of the output's file system: every further shard would fail the same way.
 _OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-def _planned_hours(rows: list[dict]) -> float:
-    """Source audio hours of a shard's inputs, from their headers (for progress)."""
-    return sum(r["frames"] / r["sample_rate"] for r in rows) / 3600
+def _planned_hours(rows: pa.Table) -> float:
+    """Source audio hours of some inputs, from their headers (for progress)."""
+    frames = rows.column("frames").to_numpy()
+    return float((frames / rows.column("sample_rate").to_numpy()).sum() / 3600)
 
 
-def _write_all(layout, made, pending, opts, progress, on_shard):
+def _write_all(layout, made, pending, opts, progress, on_shard) -> _Written:
+    """Writes the ``pending`` shards, a window of tasks at a time; a lost task is sent
+    again. Returns the hours and bytes written, the failures, and ``shards_redone``."""
     resources = ray.cluster_resources()
     window = max(2, int(2 * resources.get("CPU", 1)))
     total_hours = sum(_planned_hours(made.shards[i]) for i in pending)
@@ -241,6 +276,7 @@ def _write_all(layout, made, pending, opts, progress, on_shard):
     nbytes = files = 0
     failures: list[tuple[str, BaseException]] = []
     lost: collections.Counter = collections.Counter()  # Shard -> times sent again.
+    redone = 0
     stop = False  # The output cannot be written: no further shard is started.
     while (queue and not stop) or in_flight:
         while queue and not stop and len(in_flight) < window:
@@ -254,8 +290,8 @@ def _write_all(layout, made, pending, opts, progress, on_shard):
                 record = ray.get(ref)
             except Exception as e:
                 if isinstance(e, _LOST) and lost[i] < _RESUBMITS and not stop:
-                    # Ray's own retries are spent (nodes kept dying under it). The lost task
-                    # is gone, and a shard is written from scratch, so send it once more.
+                    # The lost task is gone (its worker with it), and a shard is written
+                    # from scratch, so send it once more.
                     lost[i] += 1
                     log.warning("shard %s was lost (%s); writing it again", i, type(e).__name__)
                     queue.appendleft(i)
@@ -264,6 +300,9 @@ def _write_all(layout, made, pending, opts, progress, on_shard):
                 cause = getattr(e, "cause", e)  # A RayTaskError carries the task's error.
                 stop = stop or (isinstance(cause, OSError) and cause.errno in _OUTPUT_FULL)
                 continue
+            # Each lost task had started the shard in vain, unless it committed it before it
+            # was lost: then this last task found it done (written is False).
+            redone += max(0, lost[i] - (not record["written"]))
             hours += record["seconds"] / 3600
             nbytes += record["bytes"]
             files += len(made.shards[i])
@@ -274,4 +313,6 @@ def _write_all(layout, made, pending, opts, progress, on_shard):
             if on_shard is not None:
                 on_shard(record)
     bar.close()
-    return hours, nbytes, failures
+    if redone:
+        log.warning("%d shard(s) of %d written again: their task was lost", redone, len(pending))
+    return _Written(hours, nbytes, failures, redone)

@@ -62,6 +62,18 @@ REJECTS = pa.schema(
     ]
 )
 
+#: One row per discovered input file (:mod:`shards.discover`), before any audio is opened.
+SOURCES = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("speaker", pa.string()),
+        pa.field("group", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("sidecar", pa.string()),
+    ]
+)
+
 #: One row per planned input file: which shard it goes to and what its header said.
 PLAN = pa.schema(
     [

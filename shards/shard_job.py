@@ -13,6 +13,8 @@ import json
 import logging
 from collections.abc import Iterator
 
+import pyarrow as pa
+
 from . import audio, keys, vad
 from .audio import AudioError, EncodedFile
 from .core import storage
@@ -37,13 +39,13 @@ class _Output:
     stream: int
 
 
-def write_shard(root: str, index: int, rows: list[dict], opts: ShardingOptions) -> dict:
+def write_shard(root: str, index: int, rows: pa.Table | list[dict], opts: ShardingOptions) -> dict:
     """Writes shard ``index`` of the plan, unless it is already committed.
 
     Args:
         root: Dataset root.
         index: Shard number.
-        rows: The plan rows of this shard, in order.
+        rows: The plan rows of this shard, in order (``Plan.shards[index]``).
         opts: The options the plan was made with.
 
     Returns:
@@ -54,6 +56,8 @@ def write_shard(root: str, index: int, rows: list[dict], opts: ShardingOptions) 
     done = layout.read_commit(index)
     if done is not None:
         return dict(done, written=False)
+    if isinstance(rows, pa.Table):  # One shard's rows: a dict each is fine here.
+        rows = rows.to_pylist()
     # An earlier attempt at this shard died mid-write (Ray runs one attempt at a time).
     remove_temps(layout.shard_path(index))
     writer = ShardWriter(layout.shard_path(index))

@@ -34,3 +34,44 @@ def kill_ray_of(marker: str) -> None:
                 pass
         time.sleep(0.1)
     raise AssertionError(f"processes of {marker} survive SIGKILL")
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent PID of ``pid``, or ``None`` when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # "PID (NAME) STATE PPID ...": NAME may hold spaces and parentheses.
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def children_of(pid: int) -> list[int]:
+    """The PIDs whose parent is ``pid``."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and parent_of(int(e)) == pid]
+
+
+def raylet_pid(node) -> int:
+    """The raylet's PID of a node of ``ray.cluster_utils.Cluster``: its workers' parent."""
+    from ray._private import ray_constants
+
+    return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+
+def remove_whole_node(cluster, node) -> int:
+    """Removes ``node`` of a ``ray.cluster_utils.Cluster`` as a machine is lost (preempted):
+    its raylet and every worker at once; returns how many workers it had.
+
+    ``Cluster.remove_node`` kills the node's own processes; its workers (actors included,
+    which the driver calls directly) would live on until they notice their raylet is gone,
+    and might still answer a call or two, or commit a shard. They are the raylet's
+    children: killed by PID first. Main thread only (``remove_node`` uses signals).
+    """
+    workers = children_of(raylet_pid(node))
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    cluster.remove_node(node, allow_graceful=False)
+    return len(workers)

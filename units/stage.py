@@ -38,6 +38,7 @@ before ``units`` in the one-way flow. It commits through the same :mod:`shards.c
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -45,6 +46,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from shards.core import throughput
@@ -150,6 +153,7 @@ class ShardActor:
         done = self.layout.read_commit(shard)
         if done is not None:
             return dict(done, written=False, bytes_written=0)
+        rows = as_rows(rows)
         out = ShardOutput(self.layout, shard)
         try:
             if decoded is None:
@@ -169,21 +173,34 @@ class ShardActor:
 
 
 @ray.remote(num_cpus=1)
-def _decode_task(root: str, rows: list[dict]) -> list:
+def _decode_task(root: str, rows: pa.Table | list[dict]) -> list:
     # A GPU actor's audio comes decoded, whole shard at once, from a CPU task: the GPU never
     # waits on FLAC decoding (GPU nodes carry the memory for it).
-    return list(decode_rows(root, rows))
+    return list(decode_rows(root, as_rows(rows)))
 
 
 @dataclasses.dataclass(frozen=True)
 class Pass:
-    """What one run of :func:`run_pass` did."""
+    """What one run of :func:`run_pass` did.
+
+    Attributes:
+        shards_written: Shards this run wrote and committed.
+        hours: Their audio hours.
+        workers: Actors used.
+        bytes_read: Audio bytes of those shards.
+        bytes_written: Bytes of the files committed.
+        shards_redone: Times a shard was written again from the start because the call
+            that was writing it was lost with its actor (a node lost mid-shard): the work
+            recomputed. A shard lost twice counts twice; a call sent again that found the
+            shard committed (its lost call had committed it) redid nothing and does not.
+    """
 
     shards_written: int
     hours: float
     workers: int
     bytes_read: int
     bytes_written: int
+    shards_redone: int = 0
 
     def throughput(self, hours_field: str, started: float) -> dict:
         """The throughput record (:func:`shards.core.throughput.record`) of a run that started
@@ -199,11 +216,13 @@ class Pass:
 
     def result(self, meta: dict, hours_field: str, started: float) -> dict:
         """A stage's result, the same shape for every stage: ``meta`` (its ``meta.json``)
-        with this run's ``shards_written``, ``wall_seconds`` and ``throughput``."""
+        with this run's ``shards_written``, ``shards_redone``, ``wall_seconds`` and
+        ``throughput``."""
         record = self.throughput(hours_field, started)
         return dict(
             meta,
             shards_written=self.shards_written,
+            shards_redone=self.shards_redone,
             wall_seconds=record["wall_seconds"],
             throughput=record,
         )
@@ -237,8 +256,9 @@ def run_pass(
         progress: Show the audio hours done on the driver, live.
 
     Returns:
-        The shards written, their audio hours, the actors used and the bytes read and
-        written. The shard files are all committed then, and no temporary file is left.
+        The shards written, their audio hours, the actors used, the bytes read and
+        written, and the shards written again after a lost call (``shards_redone``). The
+        shard files are all committed then, and no temporary file is left.
 
     Raises:
         Exception: The first worker error, once every call in flight has returned.
@@ -254,33 +274,74 @@ def run_pass(
     pool = actor_pool(ShardActor, placement, len(pending), layout, worker, args, kwargs,
                       placement.device)  # fmt: skip
     decode_apart = placement.device == "cuda"
+    # Calls sent per shard: the pool calls submit again for a shard whose call it lost.
+    sent: collections.Counter = collections.Counter()
 
     def submit(actor, shard):
+        sent[shard] += 1
         rows = rows_by_shard[shard]
         decoded = _decode_task.remote(layout.root, rows) if decode_apart else None
         return actor.process_shard.remote(shard, rows, decoded)
 
-    hours = {s: sum(r["duration"] for r in rows_by_shard[s]) / 3600 for s in pending}
-    done_hours, bytes_written = 0.0, 0
+    hours = {s: column_total(rows_by_shard[s], "duration") / 3600 for s in pending}
+    done_hours, bytes_written, redone = 0.0, 0, 0
     with throughput.hours_bar(sum(hours.values()), layout.kind, progress) as bar:
         for record in map_until_failure(pool, submit, pending):  # The bar closes on errors.
+            # Every call but the one that wrote the shard was lost; each lost call before
+            # that one had started the shard in vain (one that committed it before it was
+            # lost leaves the last call nothing to do: written is False then).
+            redone += max(0, sent[record["shard"]] - 1 - (not record["written"]))
             done_hours += hours[record["shard"]]
             bytes_written += record["bytes_written"]
             bar.update(hours[record["shard"]])
             log.debug("%s shard %s", layout.kind, record)
     layout.remove_temps()  # Every writer is done: what a lost race left behind goes.
+    if redone:
+        total = len(pending)
+        log.warning(
+            "%s: %d shard(s) of %d written again: lost mid-shard", layout.kind, redone, total
+        )
     return Pass(
         shards_written=len(pending),
         hours=done_hours,
         workers=placement.actors(len(pending)),
-        bytes_read=sum(r["size"] for s in pending for r in rows_by_shard[s]),
+        bytes_read=int(sum(column_total(rows_by_shard[s], "size") for s in pending)),
         bytes_written=bytes_written,
+        shards_redone=redone,
     )
 
 
-def rows_by_shard(rows: list[dict]) -> dict[str, list[dict]]:
-    """Manifest rows grouped by their audio shard, in manifest order within each."""
+def rows_by_shard(rows: pa.Table | list[dict]) -> dict[str, pa.Table | list[dict]]:
+    """Manifest rows grouped by their audio shard, in manifest order within each.
+
+    A table stays columnar: each shard gets its own small table (a copy, so that sending it
+    to a worker sends its rows, not the whole manifest's buffers). The driver then holds
+    tens of bytes per utterance, where a dict per row took about a kilobyte.
+    """
+    if isinstance(rows, pa.Table):
+        order = pc.sort_indices(rows, [("shard", "ascending")])  # Stable: manifest order.
+        shard = rows.column("shard").take(order)
+        starts = np.flatnonzero(
+            np.concatenate([[True], pc.not_equal(shard[1:], shard[:-1]).to_numpy()])
+        ) if len(rows) else np.zeros(0, dtype=np.int64)  # fmt: skip
+        ends = np.append(starts[1:], len(rows))
+        names = shard.take(pa.array(starts)).to_pylist()
+        return {
+            name: rows.take(order[lo:hi]) for name, lo, hi in zip(names, starts, ends, strict=True)
+        }
     grouped: dict[str, list[dict]] = {}
     for row in rows:
         grouped.setdefault(row["shard"], []).append(row)
     return grouped
+
+
+def as_rows(rows: pa.Table | list[dict]) -> list[dict]:
+    """One shard's rows as dicts (on the worker that processes them)."""
+    return rows.to_pylist() if isinstance(rows, pa.Table) else rows
+
+
+def column_total(rows: pa.Table | list[dict], column: str) -> float:
+    """The sum of one column of some rows."""
+    if isinstance(rows, pa.Table):
+        return pc.sum(rows.column(column)).as_py() or 0
+    return sum(r[column] for r in rows)

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+import pyarrow.compute as pc
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -64,7 +65,10 @@ def place(workers: int | None = None, gpus_per_worker: float | None = None) -> P
 def actor_pool(cls, placement: Placement, needed: int, *args, **kwargs) -> ShardPool:
     """A pool of ``cls(*args, **kwargs)`` actors: as many as placed, no more than needed."""
     remote = ray.remote(**placement.options)(cls)
-    return ShardPool([remote.remote(*args, **kwargs) for _ in range(placement.actors(needed))])
+    return ShardPool(
+        [remote.remote(*args, **kwargs) for _ in range(placement.actors(needed))],
+        replace=lambda: remote.remote(*args, **kwargs),
+    )
 
 
 class ShardPool:
@@ -81,8 +85,11 @@ class ShardPool:
     - A shard goes only to an actor known to be alive (its ``__ray_ready__`` returned), so an
       actor that is restarting, or that cannot be placed (for a moment after a node dies,
       Ray still counts its CPUs), never holds a shard that the others could write.
-    - An actor gone for good (its restarts spent) leaves the pool; when none is left, the
-      shards still queued fail with the last error.
+    - An actor gone for good (its restarts spent) is replaced by a fresh one (``replace``)
+      when it had returned a call: its restarts went on lost nodes or workers, and on a
+      cluster of preemptible nodes every actor of a long stage would go that way. One whose
+      constructor raised, or that never returned a call (it may be unable to start at all),
+      leaves the pool; when none is left, the shards still queued fail with the last error.
     - A shard that loses its actor more than ``attempts`` times fails: one that kills its
       worker every time (out of memory, say) must not go round forever.
 
@@ -90,6 +97,8 @@ class ShardPool:
         actors: Ray actor handles, all able to take any shard.
         attempts: Times a shard may lose its actor before it fails.
         backoff_seconds: Wait before asking a restarting actor again whether it is back.
+        replace: Starts a new actor like the others, to take the place of one gone for
+            good (``None``: the pool only shrinks).
 
     Example:
         >>> pool = ShardPool([Writer.remote() for _ in range(4)])  # doctest: +SKIP
@@ -97,9 +106,18 @@ class ShardPool:
         ...     print(record["shard"])  # doctest: +SKIP
     """
 
-    def __init__(self, actors: list, *, attempts: int = 5, backoff_seconds: float = 0.5):
+    def __init__(
+        self,
+        actors: list,
+        *,
+        attempts: int = 5,
+        backoff_seconds: float = 0.5,
+        replace: Callable[[], object] | None = None,
+    ):
         self.actors = list(actors)
         self.attempts, self.backoff_seconds = attempts, backoff_seconds
+        self._replace = replace
+        self._worked: set = set()  # Actors that returned a call since they were started.
         self._queue: collections.deque = collections.deque()  # (submit, value, losses)
         self._running: dict = {}  # call ref -> (actor, submit, value, losses)
         self._idle: collections.deque = collections.deque()  # Alive, with nothing to do.
@@ -171,8 +189,10 @@ class ShardPool:
                     self._queue.appendleft((fn, value, losses + 1))
                     continue
                 except Exception:
+                    self._worked.add(actor)
                     self._idle.append(actor)
                     raise
+                self._worked.add(actor)
                 self._idle.append(actor)
                 return result
 
@@ -198,7 +218,14 @@ class ShardPool:
         except RayActorError as e:  # Dead for good: restarts spent, or its constructor failed.
             _forget_traceback(e)
             self._last_error = f"{type(e).__name__}: {e}"  # In full: a constructor's traceback.
-            log.warning("an actor of the pool is gone: %s", _brief(e))
+            if self._replace is None or e.actor_init_failed or actor not in self._worked:
+                log.warning("an actor of the pool is gone: %s", _brief(e))
+                return
+            self._worked.discard(actor)
+            fresh = self._replace()
+            self.actors[self.actors.index(actor)] = fresh
+            log.warning("an actor of the pool is gone (%s); starting another", _brief(e))
+            self._probe(fresh)
         else:
             self._idle.append(actor)
 
@@ -245,7 +272,13 @@ def map_until_failure(pool: ShardPool, submit: Callable, items: Iterable) -> Ite
         raise error
 
 
-def longest_first(shards: list[str], rows_by_shard: dict[str, list[dict]]) -> list[str]:
+def longest_first(shards: list[str], rows_by_shard: dict) -> list[str]:
     """Shards ordered by audio duration, longest first, so that the last ones handed out
     are short and no actor finishes long after the others (outputs do not depend on it)."""
-    return sorted(shards, key=lambda s: -sum(r["duration"] for r in rows_by_shard[s]))
+
+    def seconds(rows) -> float:
+        if isinstance(rows, list):
+            return sum(r["duration"] for r in rows)
+        return pc.sum(rows.column("duration")).as_py() or 0.0
+
+    return sorted(shards, key=lambda s: -seconds(rows_by_shard[s]))

@@ -355,8 +355,10 @@ def test_a_full_disk_fails_the_shard_and_never_rejects_its_inputs(corpus, tmp_pa
 
     opts = ShardingOptions(max_samples=2)
     probes, rejects = probe_many(discover.discover(str(corpus)).sources)
-    made = planning.make_plan(probes, rejects, opts, {})
-    assert made.shards[0][0]["passthrough"]  # Copied as it is: the path that reads a file.
+    made = planning.make_plan(planning.probed_rows(probes, opts), rejects, opts, {})
+    assert (
+        made.shards[0].column("passthrough")[0].as_py()
+    )  # Copied as it is: the path that reads a file.
     layout = RootLayout(str(tmp_path / "root"))
     layout.make_dirs()
     monkeypatch.setattr(shard_job, "ShardWriter", FillingWriter)

@@ -1,4 +1,5 @@
-"""``python -m pipelines.kmeans`` as a user runs it, including a driver killed mid-fit."""
+"""``python -m pipelines.kmeans`` as a user runs it, including a driver killed mid-fit, and
+whether its workers hold their rows or stream them."""
 
 from __future__ import annotations
 
@@ -43,6 +44,14 @@ def test_help_shows_examples(capsys):
         (["--k", "5", "--tol", "-1"], "tol=-1.0 must be >= 0"),
         (["--k", "5", "--workers", "0"], "argument --workers: must be >= 1, got 0"),
         (["--k", "5"], "no finished feature store 'mfcc'"),
+        (
+            ["--k", "5", "--rows", "keep"],
+            "argument --rows: expected one of auto, hold, stream, got 'keep'",
+        ),
+        (
+            ["--k", "5", "--stream", "--rows", "hold"],
+            "--stream is --rows stream, and --rows hold says the opposite: give one of them",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_before_starting_ray(tmp_path, capsys, args, message):
@@ -151,3 +160,60 @@ def test_a_driver_killed_mid_fit_resumes_to_the_uninterrupted_centroids(tmp_path
     finally:
         kill_ray_of(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_rows_help_agrees_with_the_library():
+    """--help imports no numerics, so it spells the choices and the margin itself."""
+    from units.kmeans import memory
+
+    assert kmeans.ROWS == memory.ROWS
+    margin = f"{memory.MEMORY_MARGIN:.0%}"
+    assert f"at most {margin} of the memory" in kmeans.OPTIONS["rows"].help.replace("%%", "%")
+    assert f"takes at most {margin} of" in kmeans.__doc__
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rows")
+    write_store(root, "mfcc")  # 2,000 frames of 39-d.
+    return root
+
+
+def _fit(root, name: str, *flags: str) -> dict:
+    argv = [
+        "--root", str(root), "--features", "mfcc", "--name", name, "--k", "12",
+        "--max-iter", "3", "--workers", "2", "--no-progress", *flags,
+    ]  # fmt: skip
+    assert kmeans.main(argv) == 0
+    return json.loads((root / "runs" / f"kmeans-{name}.json").read_text())
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_rows_auto_holds_a_small_store_and_the_record_says_why(tiny_root, capsys):
+    record = _fit(tiny_root, "auto", "--rows", "auto")
+    decision = record["rows_decision"]
+    assert decision["rows"] == "hold" and decision["requested"] == "auto"
+    assert decision["fits"] is True and decision["frames"] == 2000 and decision["dim"] == 39
+    assert decision["hold_bytes"] == 2000 * (4 * 39 + 12)
+    assert 0 < decision["hold_bytes_per_worker"] <= decision["budget"]
+    assert decision["memory_per_worker"] > 0 and decision["cluster_memory"] > 0
+    done = capsys.readouterr()
+    assert "rows hold" in done.out
+    logged = re.search(
+        r" INFO units\.kmeans\.stage: k-means rows: hold \(decided\): (.*)", done.err
+    )
+    assert logged and "within 70% of the" in logged.group(1), done.err
+    assert done.err.index(logged.group(0)) < done.err.index("k-means||:")  # Before any work.
+    assert " WARNING " not in done.err
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_stream_still_streams(tiny_root, capsys):
+    record = _fit(tiny_root, "stream", "--stream")
+    assert record["rows_decision"]["rows"] == record["rows_decision"]["requested"] == "stream"
+    done = capsys.readouterr()
+    assert "k-means rows: stream (asked for)" in done.err and "rows stream" in done.out
+    held = _fit(tiny_root, "hold", "--rows", "hold")
+    assert held["rows_decision"]["rows"] == "hold"
+    # The same rows, the same fit, held or streamed.
+    assert held["inertia"] == record["inertia"]

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from shards import synthetic
+from shards import keys, synthetic
 from shards.discover import detect_layout, discover
 from tests.conftest import tone
 
@@ -120,3 +120,50 @@ def test_file_names_that_are_not_utf8_are_rejected_not_crashed_on(tmp_path):
     assert [(r["reason"], r["source"].endswith("caf\ufffd.wav")) for r in found.rejects] == [
         ("bad_name", True)
     ]
+
+
+def test_list_keys_are_sanitized_alike_whether_plain_or_odd(tmp_path):
+    given = ["plain-key_1", "_edge_", "with.dot", "ünï côdé", "a/b", "", None, "x" * 3]
+    lst = tmp_path / "list.parquet"
+    paths = [f"d/{i}.flac" for i in range(len(given))]
+    pq.write_table(pa.table({"path": paths, "key": given}), lst)
+    found = discover(str(lst))
+    expected = [keys.sanitize(k) if k else f"d_{i}" for i, k in enumerate(given)]
+    assert found.table.column("key").to_pylist() == expected
+
+
+def test_keys_from_paths_match_the_parts_rule_for_plain_and_odd_paths(tmp_path):
+    rels = ["spk/book/utt1.flac", "spk/book/utt.v2.flac", "a b/c (1).wav", "_x_/y.flac"]
+    lst = tmp_path / "list.csv"
+    lst.write_text("path,speaker\n" + "".join(f"{r},7\n" for r in rels) + "/abs/dir/z.flac,\n")
+    found = discover(str(lst))
+    assert found.table.column("key").to_pylist() == [
+        "spk_book_utt1",
+        "spk_book_utt_v2",
+        "a_b_c_1",
+        "x_y",
+        "z",  # Outside the list's folder: its file name.
+    ]
+    assert found.table.column("speaker").to_pylist() == ["7"] * 4 + [None]  # As str(7).
+    assert found.table.column("path").to_pylist()[0] == str(tmp_path / rels[0])
+
+
+def test_listed_files_find_their_sidecars_with_one_listing_per_folder(tmp_path, monkeypatch):
+    from shards.core import storage
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for i in range(3):
+            sf.write(tmp_path / folder / f"u{i}.flac", tone(0.1, 16000), 16000)
+        (tmp_path / folder / "u1.json").write_text("{}")
+    lst = tmp_path / "list.csv"
+    lst.write_text("path\n" + "".join(f"{f}/u{i}.flac\n" for f in "ab" for i in range(3)))
+    listed = []
+    real_listdir = storage.listdir
+    monkeypatch.setattr(storage, "listdir", lambda p: listed.append(p) or real_listdir(p))
+    monkeypatch.setattr(storage, "exists", lambda p: pytest.fail(f"per-file check of {p}"))
+    found = discover(str(lst))
+    assert sorted(listed) == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert found.table.column("sidecar").to_pylist() == [
+        None, str(tmp_path / "a" / "u1.json"), None, None, str(tmp_path / "b" / "u1.json"), None
+    ]  # fmt: skip

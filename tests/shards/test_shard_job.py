@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 
 from shards.discover import Source
-from shards.plan import ShardingOptions, make_plan
+from shards.plan import ShardingOptions, make_plan, probed_rows
 from shards.probe import probe
 from shards.root import RootLayout
 from shards.shard_job import write_shard
@@ -18,7 +18,8 @@ def _rows(tmp_path, names):
     for name in names:
         sf.write(tmp_path / name, tone(0.5, 16000), 16000)
         probes.append(probe(Source(str(tmp_path / name), name.split(".")[0])))
-    return make_plan(probes, [], ShardingOptions(), {"files": len(names)}).shards[0]
+    opts = ShardingOptions()
+    return make_plan(probed_rows(probes, opts), [], opts, {"files": len(names)}).shards[0]
 
 
 def test_a_committed_shard_is_not_written_again(tmp_path):
@@ -40,7 +41,7 @@ def test_a_committed_shard_is_not_written_again(tmp_path):
 
 
 def test_an_input_that_makes_the_writer_raise_anything_becomes_a_reject(tmp_path):
-    rows = _rows(tmp_path, ["a.flac", "b.wav", "c.wav"])
+    rows = _rows(tmp_path, ["a.flac", "b.wav", "c.wav"]).to_pylist()
     rows[1] = dict(rows[1], sample_rate=0)  # A plan row no probe would make: 0 Hz.
     RootLayout(str(tmp_path / "root")).make_dirs()
     record = write_shard(str(tmp_path / "root"), 0, rows, ShardingOptions())

@@ -8,10 +8,13 @@ fraction of its audio that ``hours`` asks of the whole corpus.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 class SampleError(ValueError):
@@ -49,51 +52,99 @@ def priority(seed: int, key: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def draw(rows: list[dict], request: SampleRequest) -> list[dict]:
+def priorities(seed: int, keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """:func:`priority` of every key, as float64 (keys are converted a chunk at a time)."""
+    out = np.empty(len(keys), dtype=np.float64)
+    at = 0
+    for start in range(0, len(keys), _CHUNK):
+        chunk = keys.slice(start, _CHUNK).to_pylist()
+        out[at : at + len(chunk)] = [priority(seed, k) for k in chunk]
+        at += len(chunk)
+    return out
+
+
+#: Keys turned into Python strings at a time (their memory is transient).
+_CHUNK = 65_536
+
+
+def draw(rows: pa.Table | list[dict], request: SampleRequest) -> pa.Table | list[dict]:
     """Selects rows (``key``, ``shard``, ``speaker``, ``duration``) for the sample.
 
+    The work is columnar (numpy over the table's columns): the driver holds a few numbers
+    per utterance, not a Python object, so a 7-million-utterance manifest samples in
+    seconds. Sums of durations run in row order (``numpy.cumsum``, sequential), so the
+    sample is the same on every machine and Python version.
+
     Args:
-        rows: One per utterance.
+        rows: One per utterance, as a table (or a list of dicts, for small inputs).
         request: Percent of utterances or hours of audio, and the seed.
 
     Returns:
-        The selected rows, in the order they were given.
+        The selected rows, in the order they were given, of the type given.
 
     Raises:
         SampleError: For a request larger than the corpus or one that selects nothing.
     """
     request.validate()
-    if not rows:
+    given_list = isinstance(rows, list)
+    table = pa.Table.from_pylist(rows) if given_list else rows
+    n = table.num_rows
+    if not n:
         raise SampleError("the corpus has no utterances to sample from")
-    strata: dict[tuple, list[dict]] = collections.defaultdict(list)
-    for row in rows:
-        strata[(row["shard"], row.get("speaker"))].append(row)
-    total_hours = sum(r["duration"] for r in rows) / 3600
+    duration = table.column("duration").to_numpy().astype(np.float64)
+    stratum, names = _strata(table)
+    counts = np.bincount(stratum, minlength=len(names))
+    prio = priorities(request.seed, table.column("key"))
+    total_hours = float(np.cumsum(duration)[-1]) / 3600
     if request.hours is not None and request.hours > total_hours * (1 + 1e-9):
         raise SampleError(
             f"--hours {request.hours} asks for more than the corpus holds ({total_hours:.3f} h)"
         )
     fraction = request.percent / 100 if request.percent is not None else request.hours / total_hours
-    chosen: set[str] = set()
+    # Each stratum's members by priority (ties in row order: lexsort is stable).
+    order = np.lexsort((prio, stratum))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    chosen_in_order = np.zeros(n, dtype=bool)
     if request.percent is not None:
         quotas = _largest_remainder(
-            {s: len(v) * fraction for s, v in strata.items()}, round(len(rows) * fraction)
+            {name: int(c) * fraction for name, c in zip(names, counts, strict=True)},
+            round(n * fraction),
         )
-        for stratum, members in strata.items():
-            ranked = sorted(members, key=lambda r: priority(request.seed, r["key"]))
-            chosen.update(r["key"] for r in ranked[: quotas[stratum]])
+        quota = np.array([quotas[name] for name in names], dtype=np.int64)
+        rank = np.arange(n) - starts[stratum[order]]
+        chosen_in_order = rank < quota[stratum[order]]
     else:
-        for members in strata.values():
-            want = sum(r["duration"] for r in members) * fraction
-            got = 0.0
-            for r in sorted(members, key=lambda r: priority(request.seed, r["key"])):
-                if got >= want - 1e-9:
-                    break
-                chosen.add(r["key"])
-                got += r["duration"]
-    if not chosen:
+        in_row_order = np.argsort(stratum, kind="stable")
+        for lo, c in zip(starts.tolist(), counts.tolist(), strict=True):
+            want = float(np.cumsum(duration[in_row_order[lo : lo + c]])[-1]) * fraction
+            by_priority = duration[order[lo : lo + c]]
+            got_before = np.concatenate([[0.0], np.cumsum(by_priority)[:-1]])
+            # Members are taken by priority until the stratum has what it wants.
+            chosen_in_order[lo : lo + c] = got_before < want - 1e-9
+    chosen = np.zeros(n, dtype=bool)
+    chosen[order] = chosen_in_order
+    if not chosen.any():
         raise SampleError("the sample is empty; ask for a larger --percent or --hours")
-    return [r for r in rows if r["key"] in chosen]
+    picked = table.filter(pa.array(chosen))
+    return picked.to_pylist() if given_list else picked
+
+
+def _strata(table: pa.Table) -> tuple[np.ndarray, list[tuple]]:
+    """Each row's stratum number, and the strata, ``(shard, speaker)``, by number."""
+    shard = table.column("shard").combine_chunks().dictionary_encode()
+    speaker = (
+        table.column("speaker").combine_chunks().cast(pa.string())
+        if "speaker" in table.column_names
+        else pa.nulls(table.num_rows, pa.string())
+    ).dictionary_encode()
+    width = len(speaker.dictionary) + 1  # 0: no speaker.
+    code = shard.indices.to_numpy().astype(np.int64) * width + (
+        pc.fill_null(speaker.indices, -1).to_numpy().astype(np.int64) + 1
+    )
+    unique, stratum = np.unique(code, return_inverse=True)
+    shards, speakers = shard.dictionary.to_pylist(), speaker.dictionary.to_pylist()
+    names = [(shards[u // width], speakers[u % width - 1] if u % width else None) for u in unique]
+    return stratum.astype(np.int64), names
 
 
 def _largest_remainder(shares: dict, total: int) -> dict:

@@ -21,6 +21,7 @@ import json
 import logging
 import time
 
+import numpy as np
 import pyarrow as pa
 
 from shards.core import storage
@@ -28,6 +29,7 @@ from shards.core.atomic import read_json, write_parquet_atomic
 from shards.core.outputs import ShardOutput, StageError
 from shards.core.placement import place
 from shards.root import RootLayout
+from shards.schemas import UTTERANCES
 from units.features import extractors
 from units.features import store as feature_store
 from units.features.extractor import FeatureSpec
@@ -39,6 +41,10 @@ from units.stage import check_frames, claim, rows_by_shard, run_pass
 log = logging.getLogger(__name__)
 
 _MANIFEST_COLUMNS = ["key", "shard", "offset", "size", "num_samples", "speaker", "duration"]
+
+#: ``sample.parquet``: the manifest's columns above, each nullable (as the store has always
+#: written them).
+SAMPLE = pa.schema([UTTERANCES.field(c).with_nullable(True) for c in _MANIFEST_COLUMNS])
 
 
 class FeatureWorker:
@@ -73,11 +79,10 @@ class FeatureWorker:
         return writer.finish()
 
 
-def _plan(
-    root: str, name: str, spec: FeatureSpec, request: SampleRequest
-) -> tuple[dict, list[dict]]:
+def _plan(root: str, name: str, spec: FeatureSpec, request: SampleRequest) -> tuple[dict, pa.Table]:
     """The store's plan and its sample: drawn and saved with the plan on the first run, read
-    back after."""
+    back after. The manifest and the sample stay Arrow tables (columns of the manifest's
+    utterances, never a Python object each)."""
     layout = RootLayout(root)
     manifest = layout.manifest("utterances.parquet")
     if not storage.exists(manifest):
@@ -88,20 +93,20 @@ def _plan(
     store = store_layout(layout.root, name)
     plan = {"spec": spec.to_json(), "request": dataclasses.asdict(request)}
     plan["fingerprint"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
-    sample: list[dict] = []
+    sample: list[pa.Table] = []
 
     def draw_sample() -> None:
-        rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
+        rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS)
         try:
-            sample.extend(draw(rows, request))
+            sample.append(draw(rows, request).cast(SAMPLE))
         except ValueError as e:
             raise StageError(str(e)) from None
         storage.makedirs(store.directory)
-        write_parquet_atomic(store.path("sample.parquet"), pa.Table.from_pylist(sample))
+        write_parquet_atomic(store.path("sample.parquet"), sample[0])
 
     if claim(store, plan, "was started with another extractor or sample", draw_sample) is None:
-        return plan, sample
-    return plan, storage.read_parquet(store.path("sample.parquet")).to_pylist()
+        return plan, sample[0]
+    return plan, storage.read_parquet(store.path("sample.parquet"), schema=SAMPLE)
 
 
 def run(
@@ -171,8 +176,9 @@ def run(
             "spec": plan["spec"],
             "request": plan["request"],
             "sample": {
-                "utterances": len(sample),
-                "hours": sum(r["duration"] for r in sample) / 3600,
+                "utterances": sample.num_rows,
+                # Sequential, in sample order: the same bits on every machine.
+                "hours": float(np.cumsum(sample.column("duration").to_numpy())[-1]) / 3600,
             },
         },
     )

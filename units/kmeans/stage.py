@@ -1,7 +1,9 @@
 """The k-means stage: fits a :class:`~units.kmeans.estimator.KMeans` on a feature store into
 ``ROOT/kmeans/NAME``, resumably, on parts spread over Ray actors.
 
-It checks the store and the options before anything is written, spreads the store's rows
+It checks the store and the options before anything is written, decides whether the workers
+hold their rows or stream them from the store (:func:`rows_decision`, from the store's size
+and the memory Ray offers each worker), spreads the store's rows
 (:func:`units.kmeans.transport.distribute`), optionally fits and applies a PCA first
 (:func:`units.kmeans.pca.fit_pca`), and commits ``centroids.npy``, ``iterations.parquet``,
 the fairseq export if asked (:mod:`units.kmeans.fairseq`) and ``kmeans.json`` last.
@@ -33,7 +35,8 @@ from units import project_version
 from units.features.store import FeatureStore
 from units.kmeans import fairseq
 from units.kmeans.estimator import CheckpointMismatchError, KMeans, check_finite
-from units.kmeans.parts import DataError, Part, StoreSource
+from units.kmeans.memory import ROWS, RowsDecision, decide, format_bytes
+from units.kmeans.parts import Blocks, DataError, Part, StoreSource
 from units.kmeans.pca import fit_pca
 from units.kmeans.transport import distribute
 
@@ -49,7 +52,10 @@ class StageOptions:
         whiten: Whiten the PCA projection.
         workers: Ray actors (default: one per CPU, or per ``gpus_per_worker`` GPUs).
         gpus_per_worker: GPUs per actor.
-        hold: Actors keep their rows in memory (``False``: stream from the store).
+        rows: ``hold``: actors keep their rows in memory (float32, read once);
+            ``stream``: they read them from the store on every pass (bounded memory);
+            ``auto``: hold when the rows fit in what Ray offers each actor
+            (:func:`rows_decision`), else stream.
         fairseq_export: Also write ``kmeans.joblib`` for fairseq's ``dump_km_label.py``.
         progress: Show the iterations on the driver, live, with the audio hours the
             features cover.
@@ -59,7 +65,7 @@ class StageOptions:
     whiten: bool = False
     workers: int | None = None
     gpus_per_worker: float = 0
-    hold: bool = True
+    rows: str = "auto"
     fairseq_export: bool = False
     progress: bool = False
 
@@ -95,13 +101,16 @@ def run(
         Its ``throughput`` is that of the run that finished the fit: ``hours_clustered``
         (the audio the store's frames cover), wall time, audio hours per second overall and
         per worker, the feature bytes read (the store's shard files, counted once, though
-        ``hold=False`` reads them again on every pass) and the bytes of the output files,
-        ``kmeans.json`` aside.
+        streaming reads them again on every pass) and the bytes of the output files,
+        ``kmeans.json`` aside. Its ``rows_decision`` is the run's
+        :meth:`~units.kmeans.memory.RowsDecision.to_json`: hold or stream, asked for or
+        decided, and the bytes and memory that decided it.
 
     Raises:
         StageError: A missing or empty store, k or a PCA size that does not fit the
             data, NaN/Inf features (named by shard and key), an output started with another
-            config. Nothing is written in those cases.
+            config, ``rows`` not one of auto, hold, stream. Nothing is written in those
+            cases.
     """
     started = time.monotonic()
     root = RootLayout(root).root
@@ -131,12 +140,30 @@ def run(
         )
     if options.pca is not None and not 1 <= options.pca <= dim:
         raise StageError(f"--pca {options.pca} must be between 1 and the dimension {dim}")
+    if options.rows not in ROWS:
+        raise StageError(f"rows must be one of {', '.join(ROWS)}, got {options.rows!r}")
 
+    # Before any actor starts: what the workers will do with the rows, and why, where the
+    # user sees it (and kmeans.json keeps it).
+    rows_choice = rows_decision(store, km, options)
+    log.info(
+        "k-means rows: %s (%s): %s; holding every row takes %s (%s frames of %d-d) of the "
+        "cluster's %s",
+        rows_choice.rows,
+        "decided" if rows_choice.requested == "auto" else "asked for",
+        rows_choice.reason,
+        format_bytes(rows_choice.hold_bytes),
+        f"{rows_choice.frames:,}",
+        rows_choice.dim,
+        format_bytes(rows_choice.cluster_memory),
+    )
+    if rows_choice.warning:
+        log.warning("k-means rows: %s", rows_choice.warning)
     parts = distribute(
         store,
         workers=options.workers,
         gpus_per_worker=options.gpus_per_worker,
-        hold=options.hold,
+        hold=rows_choice.hold,
         block_rows=km.block_rows,
     )
     try:
@@ -183,7 +210,93 @@ def run(
         workers = len(parts.actors)
         parts.shutdown()
     return _commit(
-        out, store, config, km, options, pca_meta, rows, dim, started, workers=workers, hours=hours
+        out,
+        store,
+        config,
+        km,
+        options,
+        pca_meta,
+        rows,
+        dim,
+        started,
+        workers=workers,
+        hours=hours,
+        rows_choice=rows_choice,
+    )
+
+
+def worker_memory(
+    workers: int | None, gpus_per_worker: float, max_actors: int | None = None
+) -> dict:
+    """What Ray offers each k-means actor: the actors ``distribute`` starts (counted as it
+    counts them) and the memory of one on the most crowded node. Ray must be up.
+
+    A node's ``memory`` resource (what Ray may give tasks and actors there: the node's memory
+    at start less the object store) is shared by the actors that land on it: at most as many
+    as its CPUs (or GPUs) hold at the actors' share, and never more than there are actors.
+    Ray places them where it likes, so the answer is the smallest such share over the live
+    nodes that can take an actor at all (a head node started with no CPUs takes none).
+
+    Args:
+        workers: Actors asked for (``None``: one per CPU, or per ``gpus_per_worker`` GPUs).
+        gpus_per_worker: GPUs per actor (0: CPU actors).
+        max_actors: At most this many actors start (the rows' blocks: each actor gets
+            at least one); default: ``workers``.
+
+    Returns:
+        ``workers`` (the actors asked for, resolved), ``cluster_memory`` (bytes: the
+        cluster's ``memory`` resource; ``None`` if Ray reports none) and
+        ``memory_per_worker`` (bytes; ``None`` if no node reports memory).
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    # The rules of units.kmeans.transport.distribute, which starts the actors.
+    use_gpu = gpus_per_worker > 0 and resources.get("GPU", 0) >= gpus_per_worker
+    if workers is None:
+        workers = (
+            int(resources["GPU"] // gpus_per_worker) if use_gpu else int(resources.get("CPU", 1))
+        )
+    workers = max(1, workers)
+    actors = max(1, min(workers, max_actors or workers))
+    if use_gpu:
+        unit, per_actor = "GPU", gpus_per_worker
+    else:
+        unit, per_actor = "CPU", min(1.0, resources.get("CPU", 1) / workers)
+    shares = []
+    for node in ray.nodes():
+        offered = node.get("Resources") or {}
+        memory = offered.get("memory")
+        # Resources are floats: 1e-9 keeps 2.0 CPUs / (2/3) per actor at 3 actors, not 2.
+        slots = int(offered.get(unit, 0) / per_actor + 1e-9) if per_actor > 0 else 0
+        if node.get("Alive") and memory and slots >= 1:
+            shares.append(memory / min(slots, actors))
+    cluster = resources.get("memory")
+    return {
+        "workers": workers,
+        "cluster_memory": int(cluster) if cluster else None,
+        "memory_per_worker": int(min(shares)) if shares else None,
+    }
+
+
+def rows_decision(store: FeatureStore, km: KMeans, options: StageOptions) -> RowsDecision:
+    """Whether the actors hold their rows or stream them (:func:`units.kmeans.memory.decide`),
+    from the store's size (its meta's frames and dimension: no feature is read) and the memory
+    Ray offers each actor (:func:`worker_memory`). Ray must be up."""
+    frames = int(store.meta["rows"])
+    # Fewer blocks than workers start fewer actors, which then share a node less.
+    blocks = Blocks(frames, km.block_rows).count
+    offered = worker_memory(options.workers, options.gpus_per_worker, blocks)
+    return decide(
+        frames,
+        store.dim,
+        offered["workers"],
+        offered["memory_per_worker"],
+        requested=options.rows,
+        block_rows=km.block_rows,
+        seeding=isinstance(km.init, str) and km.init == "k-means||",
+        url_source=storage.is_url(store.layout.root),
+        cluster_memory=offered["cluster_memory"],
     )
 
 
@@ -195,7 +308,19 @@ def _hours(store: FeatureStore) -> float:
 
 
 def _commit(
-    out, store, config, km: KMeans, options, pca_meta, rows, dim, started, *, workers, hours
+    out,
+    store,
+    config,
+    km: KMeans,
+    options,
+    pca_meta,
+    rows,
+    dim,
+    started,
+    *,
+    workers,
+    hours,
+    rows_choice: RowsDecision,
 ) -> dict:
     write_npy_atomic(os.path.join(out, "centroids.npy"), km.cluster_centers_.astype(np.float32))
     table = pa.Table.from_pylist([dataclasses.asdict(s) for s in km.iterations_])
@@ -221,6 +346,7 @@ def _commit(
         "imbalance": last.imbalance,
         "empty_clusters": int((km.counts_ == 0).sum()),
         "pca": pca_meta,
+        "rows_decision": rows_choice.to_json(),
         "fairseq_export": "kmeans.joblib" if options.fairseq_export else None,
         "wall_seconds": time.monotonic() - started,
         "version": project_version(),

@@ -45,8 +45,11 @@ log = logging.getLogger(__name__)
 
 # An actor that dies (a lost node) is restarted from its constructor arguments and the
 # call retried; every call is a pure function of the part's data, the state that earlier
-# calls set (which RayParts.map gives a restarted part back) and the arguments.
-_RETRIES = {"max_restarts": 3, "max_task_retries": 3}
+# calls set (which RayParts.map gives a restarted part back) and the arguments. Restarts
+# are unlimited: on spot nodes a long fit loses the same part's node again and again, and a
+# restart limit would fail the fit on the fourth loss. Each call's retries stay bounded
+# (max_task_retries, _RESTORE_ATTEMPTS), so a part that cannot come back still fails it.
+_RETRIES = {"max_restarts": -1, "max_task_retries": 3}
 
 #: Times RayParts.map gives a lost part its state back and calls it again before failing.
 _RESTORE_ATTEMPTS = 20

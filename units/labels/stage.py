@@ -193,7 +193,8 @@ def run(
         "dedup": dedup,
     }
     claim(layout, lineage, "were started with another k-means or manifest")
-    rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS).to_pylist()
+    # Columns, not a dict per utterance: the driver holds tens of bytes per utterance.
+    rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS)
     by_shard = rows_by_shard(rows)
     done = run_pass(
         layout,
@@ -218,6 +219,7 @@ def run(
             totals[key] += record[key]
     meta = dict(lineage, shards=shards, frame_rate=model.spec.frame_rate, **totals)
     meta["version"] = project_version()
-    meta["hours"] = sum(r["duration"] for r in rows) / 3600
+    # Sequential, in manifest order: the same bits on every machine.
+    meta["hours"] = float(np.cumsum(rows.column("duration").to_numpy())[-1]) / 3600
     write_atomic(layout.path("meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
     return done.result(meta, "hours_labelled", started)

@@ -12,8 +12,10 @@ manifests and rejects) and, given reference phones, the purity and PNMI measures
     corpus.png      utterance durations and hours per speaker
     rejects.png     rejects by stage and reason
 
-Label shards are read one at a time: only the units of utterances with references are
-kept, so the report's memory follows the reference set, not the corpus.
+The manifests, label shards and rejects are read in record batches and aggregated batch by
+batch with Arrow: only per-speaker hours, a fixed-bin duration histogram, per-unit counts
+and the units of utterances with references are kept, so the report's memory follows the
+speakers, the units and the reference set, never the number of utterances.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from shards.core import storage
 from shards.core.atomic import read_json, write_atomic
@@ -35,10 +39,72 @@ from shards.root import RootLayout
 from units.labels.model import label_layout
 from units.quality import metrics, phone_refs
 
+#: Rows per record batch aggregated at once. The driver holds one Parquet row group and
+#: one batch of it (a batch of manifest keys, durations and speakers is a few MB), so its
+#: memory is the same for ten thousand utterances and for ten million.
+BATCH_ROWS = 65_536
+
+#: The duration histogram's bin edges in seconds, fixed whatever the corpus, so that batches
+#: are counted as they come without a first pass to find the range: 100 bins per decade,
+#: equally wide on a log scale (each about 2.3% of its duration, finer than any figure
+#: shows), from 10 ms to 100,000 s (27.8 h). A log scale because durations span VAD
+#: segments of a fraction of a second to whole files of hours passed through unsegmented.
+DURATION_EDGES = np.logspace(-2, 5, 7 * 100 + 1)
+
+
+@dataclasses.dataclass
+class DurationHistogram:
+    """Utterance durations counted into the fixed :data:`DURATION_EDGES` bins.
+
+    The figure is drawn from these counts, so the report holds one count per bin instead of
+    one duration per utterance. A duration outside the edges counts in the first or last
+    bin: every utterance is counted exactly once.
+
+    Example:
+        >>> h = DurationHistogram()
+        >>> h.add(np.array([1.0, 2.5, 14.2]))
+        >>> h.utterances
+        3
+    """
+
+    counts: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros(len(DURATION_EDGES) - 1, np.int64)
+    )
+
+    @property
+    def edges(self) -> np.ndarray:
+        return DURATION_EDGES
+
+    @property
+    def utterances(self) -> int:
+        return int(self.counts.sum())
+
+    def add(self, durations: np.ndarray) -> None:
+        """Counts one batch of durations (seconds)."""
+        clipped = np.clip(np.asarray(durations, np.float64), DURATION_EDGES[0], DURATION_EDGES[-1])
+        self.counts += np.histogram(clipped, DURATION_EDGES)[0]
+
+    def shown(self, bars: int = 40) -> tuple[np.ndarray, np.ndarray]:
+        """``(counts, edges)`` for a figure: the bins from the first to the last one used,
+        merged by groups of adjacent bins into at most ``bars`` bars (the last group may be
+        narrower). Empty arrays when nothing was counted."""
+        used = np.flatnonzero(self.counts)
+        if len(used) == 0:
+            return np.zeros(0, np.int64), np.zeros(0)
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        group = -(-(hi - lo) // bars)  # ceil
+        starts = np.arange(lo, hi, group)
+        return np.add.reduceat(self.counts[:hi], starts), DURATION_EDGES[np.append(starts, hi)]
+
 
 @dataclasses.dataclass
 class Report:
-    """What a report shows: the numbers (``metrics``) and what the figures are drawn from."""
+    """What a report shows: the numbers (``metrics``) and what the figures are drawn from.
+
+    Nothing here grows with the number of utterances: durations are a fixed-bin histogram,
+    hours are per speaker, counts per unit and per reject reason, and the ``joint`` counts
+    per (phone, unit).
+    """
 
     name: str
     metrics: dict
@@ -46,13 +112,26 @@ class Report:
     unit_counts: list[int]
     inertia: list[float]
     iterations: list[int]
-    durations: list[float]
+    durations: DurationHistogram
     hours_by_speaker: dict[str, float]
     rejects: dict[str, int]
 
 
 def build(root: str, labels: str, phones: str | None = None) -> Report:
     """Gathers a label set's numbers, with PNMI and purities when ``phones`` is given.
+
+    Streams the utterances manifest, the label shards and the rejects in record batches of
+    at most :data:`BATCH_ROWS` rows, aggregating each batch with Arrow: the driver's memory
+    follows the speakers, the units and the reference utterances, never the corpus.
+
+    Args:
+        root: The dataset root (a local path or a URL).
+        labels: The label set's name (``ROOT/labels/NAME``).
+        phones: Reference phones (see :func:`phone_refs.read_references`), or None for
+            unit usage only.
+
+    Returns:
+        The report's numbers and figure data; :func:`write` renders them.
 
     Raises:
         StageError: No finished label set of that name.
@@ -65,27 +144,28 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
     meta = read_json(meta_path)
     if meta is None:
         raise StageError(f"no finished labels {labels!r} under {root}: run pipelines.label first")
-    manifest = storage.read_parquet(
-        RootLayout(root).manifest("utterances.parquet"), columns=["key", "duration", "speaker"]
-    ).to_pylist()
     refs = phone_refs.read_references(phones) if phones else None
+    # The reference keys as an Arrow set: each batch picks its reference rows with is_in,
+    # not with a Python lookup per row.
+    ref_keys = pa.array(list(refs), pa.string()) if refs is not None else None
+    corpus = _corpus_stats(RootLayout(root).manifest("utterances.parquet"), ref_keys)
     if refs is not None:
-        durations = {r["key"]: r["duration"] for r in manifest}
-        phone_refs.check_rate(refs, durations, phones)
+        phone_refs.check_rate(refs, corpus.ref_durations, phones)
 
     k, hyps = int(meta["k"]), {}
     usage = metrics.UnitUsage(k)
-    dataset = storage.dataset(layout.path("units"))
-    for batch in dataset.to_batches(columns=["key", "units"]):
+    for batch in _batches(layout.path("units"), ["key", "units"]):
         units = batch.column("units")
         # flatten() honours a sliced array, where .values would not.
         offsets = units.offsets.to_numpy() - units.offsets[0].as_py()
         values = units.flatten().to_numpy().astype(np.int64)
         usage.add_flat(values, offsets)
-        if refs is not None:
-            for i, key in enumerate(batch.column("key").to_pylist()):
-                if key in refs:
-                    hyps[key] = values[offsets[i] : offsets[i + 1]]
+        if ref_keys is not None:
+            keys = batch.column("key")
+            picked = pc.is_in(keys, value_set=ref_keys).to_numpy(zero_copy_only=False)
+            for i in np.flatnonzero(picked):
+                # A copy: a view would keep the whole batch's values alive with it.
+                hyps[keys[i].as_py()] = values[offsets[i] : offsets[i + 1]].copy()
     numbers = {
         "labels": labels,
         "kmeans": meta["kmeans"],
@@ -100,9 +180,6 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
         joint = metrics.joint_counts(refs, hyps, ref_rate=100.0, hyp_rate=meta["frame_rate"])
         numbers["phones"] = dict(metrics.quality(joint), references=phones)
     iterations, inertia = kmeans_iterations(root, meta["kmeans"])
-    speakers: dict[str, float] = collections.defaultdict(float)
-    for r in manifest:
-        speakers[r["speaker"] or "?"] += r["duration"] / 3600
     rejects = _rejects(root, layout)
     numbers["rejects"] = rejects
     return Report(
@@ -112,10 +189,67 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
         unit_counts=usage.counts.tolist(),
         inertia=inertia,
         iterations=iterations,
-        durations=[r["duration"] for r in manifest],
-        hours_by_speaker=dict(speakers),
+        durations=corpus.durations,
+        hours_by_speaker={s: seconds / 3600 for s, seconds in corpus.seconds_by_speaker.items()},
         rejects=rejects,
     )
+
+
+@dataclasses.dataclass
+class _CorpusStats:
+    durations: DurationHistogram
+    seconds_by_speaker: dict[str, float]
+    ref_durations: dict[str, float]
+
+
+def _corpus_stats(manifest: str, ref_keys: pa.Array | None) -> _CorpusStats:
+    """One pass over the utterances manifest: the duration histogram, the seconds per
+    speaker (``?`` for none) and the durations of the reference utterances."""
+    stats = _CorpusStats(DurationHistogram(), collections.defaultdict(float), {})
+    for batch in _batches(manifest, ["key", "duration", "speaker"]):
+        duration = batch.column("duration")
+        stats.durations.add(duration.to_numpy(zero_copy_only=False))
+        speaker = batch.column("speaker")
+        # No speaker and an empty name are both "?", as the figure has always shown them.
+        speaker = pc.if_else(pc.equal(speaker, ""), pa.scalar(None, speaker.type), speaker)
+        speaker = pc.fill_null(speaker, "?")
+        sums = (
+            pa.table({"speaker": speaker, "duration": duration})
+            .group_by("speaker", use_threads=False)  # One thread: the same sums every run.
+            .aggregate([("duration", "sum")])
+        )
+        for name, seconds in zip(
+            sums.column("speaker").to_pylist(), sums.column("duration_sum").to_pylist(), strict=True
+        ):
+            stats.seconds_by_speaker[name] += seconds
+        if ref_keys is not None:
+            hit = batch.filter(pc.is_in(batch.column("key"), value_set=ref_keys))
+            keys, seconds = hit.column("key").to_pylist(), hit.column("duration").to_pylist()
+            stats.ref_durations.update(zip(keys, seconds, strict=True))
+    stats.seconds_by_speaker = dict(stats.seconds_by_speaker)
+    return stats
+
+
+def _batches(path: str, columns: list[str]):
+    """Record batches of ``columns`` from a Parquet file or a directory of them (hidden and
+    temporary files skipped, as :func:`storage.dataset` does), at most :data:`BATCH_ROWS`
+    rows each, read one row group at a time.
+
+    One row group in memory, whatever the corpus: the manifests are written in fixed-size
+    row groups, a label shard is one shard's rows. pyarrow's dataset scanner is not used
+    for the reading itself: it pre-buffers a file's column chunks across its row groups
+    and, when the consumer is slower than the reader, decodes row groups ahead past its
+    readahead settings; measured on a 3M-utterance root, its memory grew with the corpus.
+    """
+    import pyarrow.parquet as pq
+
+    dataset = storage.dataset(path)
+    for file in dataset.files:
+        with dataset.filesystem.open_input_file(file) as stream:
+            parquet = pq.ParquetFile(stream)
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=columns)
+                yield from table.to_batches(max_chunksize=BATCH_ROWS)
 
 
 def kmeans_iterations(root: str, kmeans: str) -> tuple[list[int], list[float]]:
@@ -133,14 +267,28 @@ def _rejects(root: str, layout: OutputLayout) -> dict[str, int]:
     out: dict[str, int] = collections.Counter()
     shard_rejects = RootLayout(root).manifest("rejects.parquet")
     if storage.exists(shard_rejects):
-        for row in storage.read_parquet(shard_rejects, columns=["stage", "reason"]).to_pylist():
-            out[f"{row['stage']}: {row['reason']}"] += 1
+        for (stage, reason), n in _count(shard_rejects, ["stage", "reason"]).items():
+            out[f"{stage}: {reason}"] += n
     label_rejects = os.path.join(layout.directory, "rejects")
     if storage.glob(label_rejects, "*.parquet"):
-        table = storage.dataset(label_rejects).to_table(columns=["reason"])
-        for reason in table.column("reason").to_pylist():
-            out[f"label: {reason}"] += 1
+        for (reason,), n in _count(label_rejects, ["reason"]).items():
+            out[f"label: {reason}"] += n
     return dict(sorted(out.items()))
+
+
+def _count(path: str, columns: list[str]) -> collections.Counter:
+    """Rows per distinct value of ``columns`` (a tuple), counted batch by batch with Arrow."""
+    out: collections.Counter = collections.Counter()
+    for batch in _batches(path, columns):
+        counted = (
+            pa.Table.from_batches([batch])
+            .group_by(columns, use_threads=False)
+            .aggregate([(columns[0], "count", pc.CountOptions(mode="all"))])
+        )
+        names = zip(*(counted.column(c).to_pylist() for c in columns), strict=True)
+        for name, n in zip(names, counted.column(f"{columns[0]}_count").to_pylist(), strict=True):
+            out[name] += n
+    return out
 
 
 def headline(numbers: dict) -> str:
@@ -232,10 +380,22 @@ def _inertia_figure(plt, report: Report):
 
 
 def _corpus(plt, report: Report):
+    from matplotlib import ticker
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3))
-    left.hist(report.durations, bins=40, color="#55a868")
-    left.set_xlabel("utterance duration (s)")
-    left.set_ylabel("utterances")
+    counts, edges = report.durations.shown()
+    if len(counts):
+        # The bins are equally wide on a log scale: on a log axis, bar heights compare.
+        left.stairs(counts, edges, fill=True, color="#55a868")
+        left.set_xscale("log")
+        # Plain numbers (3, 10, 30) rather than matplotlib's default 3x10^0 on a log axis.
+        left.xaxis.set_major_formatter(ticker.LogFormatter())
+        left.xaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
+    else:
+        left.text(0.5, 0.5, "no utterances", ha="center", va="center")
+    left.set_xlabel("utterance duration (s, log scale)")
+    left.set_ylabel("utterances per bin")
+    left.set_title(f"{report.durations.utterances:,} utterances")
     speakers = sorted(report.hours_by_speaker.items(), key=lambda kv: -kv[1])[:40]
     right.bar(range(len(speakers)), [h for _, h in speakers], color="#c44e52")
     right.set_xticks(range(len(speakers)))
@@ -267,7 +427,7 @@ _CAPTIONS = {
     "unit set shows a staircase: each phone owns a few pure units.",
     "inertia": "k-means inertia (sum of squared distances) at the centroids of each "
     "iteration: 0 is the initial centroids, the last is the final ones.",
-    "corpus": "The corpus: utterance durations and audio hours per speaker.",
+    "corpus": "The corpus: utterance durations (on a log scale) and audio hours per speaker.",
     "rejects": "Inputs turned away, by stage and reason (details in the rejects tables).",
 }
 

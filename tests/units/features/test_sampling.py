@@ -1,8 +1,10 @@
 import collections
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
-from units.features.sampling import SampleError, SampleRequest, draw, priority
+from units.features.sampling import SampleError, SampleRequest, _largest_remainder, draw, priority
 
 
 def _corpus(shards=4, speakers=3, per=25):
@@ -72,3 +74,52 @@ def test_impossible_requests_are_clear_errors(request_, message):
 def test_a_sample_that_rounds_to_nothing_is_an_error():
     with pytest.raises(SampleError, match="empty"):
         draw(_corpus(shards=1, speakers=1, per=3), SampleRequest(percent=1))
+
+
+def _draw_row_by_row(rows, request):
+    """The sampling rule written plainly, a dict per row (how the stage drew it before it
+    went columnar): the columnar draw must pick exactly these rows."""
+    strata = collections.defaultdict(list)
+    for row in rows:
+        strata[(row["shard"], row.get("speaker"))].append(row)
+    total_hours = float(np.cumsum([r["duration"] for r in rows])[-1]) / 3600
+    fraction = request.percent / 100 if request.percent is not None else request.hours / total_hours
+    chosen = set()
+    if request.percent is not None:
+        quotas = _largest_remainder(
+            {s: len(v) * fraction for s, v in strata.items()}, round(len(rows) * fraction)
+        )
+        for stratum, members in strata.items():
+            ranked = sorted(members, key=lambda r: priority(request.seed, r["key"]))
+            chosen.update(r["key"] for r in ranked[: quotas[stratum]])
+    else:
+        for members in strata.values():
+            want = float(np.cumsum([r["duration"] for r in members])[-1]) * fraction
+            got = 0.0
+            for r in sorted(members, key=lambda r: priority(request.seed, r["key"])):
+                if got >= want - 1e-9:
+                    break
+                chosen.add(r["key"])
+                got += r["duration"]
+    return [r for r in rows if r["key"] in chosen]
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [SampleRequest(percent=7, seed=5), SampleRequest(percent=50), SampleRequest(hours=0.3, seed=2)],
+)
+def test_the_columnar_draw_picks_exactly_the_rows_of_the_row_by_row_rule(request_):
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "key": f"u{i:05d}",
+            "shard": f"{int(rng.integers(0, 9)):06d}",
+            # Speakers missing on some rows: None is a stratum of its own.
+            "speaker": None if i % 11 == 0 else f"p{int(rng.integers(0, 5))}",
+            "duration": float(rng.uniform(0.5, 20.0)),
+        }
+        for i in range(3000)
+    ]
+    table = pa.Table.from_pylist(rows)
+    assert draw(table, request_).to_pylist() == _draw_row_by_row(rows, request_)
+    assert draw(rows, request_) == _draw_row_by_row(rows, request_)

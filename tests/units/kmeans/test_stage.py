@@ -1,23 +1,27 @@
-"""The k-means stage on a feature store: its outputs, its PCA, its errors, a finished run kept."""
+"""The k-means stage on a feature store: its outputs, its PCA, its errors, a finished run kept,
+and whether its workers hold their rows or stream them."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import joblib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from shards.core.outputs import StageError
 from tests.numerics import clear_frames
 from tests.stores import K, write_store
 from units.features.extractor import MFCC_SPEC
 from units.features.store import FeatureStore
+from units.kmeans import stage
 from units.kmeans.estimator import KMeans
 from units.kmeans.pca import PCA
-from units.kmeans.stage import StageOptions, run
+from units.kmeans.stage import StageOptions, run, worker_memory
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -41,6 +45,13 @@ def test_stage_writes_centroids_stats_and_a_fairseq_export(root):
     assert saved["spec"] == MFCC_SPEC.to_json() and saved["seed"] == 0
     assert saved["inertia"] == km.inertia_ and saved["iterations"] == km.n_iter_
     assert saved["features_fingerprint"] and saved["fingerprint"]
+    # A 2,000-frame store fits any worker: auto holds, and says with what numbers.
+    decision = saved["rows_decision"]
+    assert decision == meta["rows_decision"]
+    assert decision["rows"] == "hold" and decision["requested"] == "auto" and decision["fits"]
+    assert decision["frames"] == len(rows) and decision["dim"] == 39 and decision["workers"] == 2
+    assert decision["hold_bytes"] == len(rows) * (4 * 39 + 12)
+    assert 0 < decision["hold_bytes_per_worker"] < decision["budget"]
     iterations = pq.read_table(out / "iterations.parquet").to_pylist()
     assert [r["iteration"] for r in iterations] == list(range(km.n_iter_ + 1))
     assert {"inertia", "seconds", "empty_clusters", "imbalance"} <= set(iterations[0])
@@ -129,7 +140,61 @@ def test_missing_empty_or_too_small_stores_are_clear_errors(tmp_path):
 def test_minibatch_streaming_from_the_store_holds_no_rows_and_fits(root):
     root, rows = root
     km = KMeans(K, algorithm="minibatch", batch_size=500, seed=0, block_rows=256)
-    meta = run(str(root), "mfcc", "mb", km, StageOptions(hold=False, workers=2))
+    meta = run(str(root), "mfcc", "mb", km, StageOptions(rows="stream", workers=2))
     assert meta["written"] and meta["config"]["algorithm"] == "minibatch"
+    assert meta["rows_decision"]["rows"] == meta["rows_decision"]["requested"] == "stream"
     lloyd = KMeans(K, seed=0, block_rows=256).fit(rows.astype(np.float32))
     assert meta["inertia"] <= lloyd.inertia_ * 1.05  # Close to the full-batch answer.
+
+
+def test_workers_get_a_share_of_their_node_s_memory():
+    memory = int(ray.cluster_resources()["memory"])  # One node of 2 CPUs (conftest).
+    one_per_cpu = worker_memory(None, 0)
+    assert one_per_cpu == {
+        "workers": 2,
+        "cluster_memory": memory,
+        "memory_per_worker": pytest.approx(memory // 2, abs=1),
+    }
+    # Four workers share the node's two CPUs, and its memory.
+    assert worker_memory(4, 0)["memory_per_worker"] == pytest.approx(memory // 4, abs=1)
+    # Rows of one block start one actor, whatever was asked for.
+    assert worker_memory(4, 0, max_actors=1)["memory_per_worker"] == pytest.approx(memory, abs=1)
+
+
+def test_auto_streams_what_would_not_fit_and_hold_is_obeyed_with_a_warning(
+    root, monkeypatch, caplog
+):
+    root, _ = root
+
+    def starved(workers, gpus_per_worker, max_actors=None):
+        return {"workers": workers or 2, "cluster_memory": 2000, "memory_per_worker": 1000}
+
+    monkeypatch.setattr(stage, "worker_memory", starved)
+    caplog.set_level(logging.INFO, logger="units.kmeans.stage")
+    km = KMeans(K, seed=0, max_iter=3, block_rows=256)
+    meta = run(str(root), "mfcc", "starved", km, StageOptions(workers=2))
+    decision = meta["rows_decision"]
+    assert decision["rows"] == "stream" and decision["requested"] == "auto"
+    assert decision["fits"] is False and decision["memory_per_worker"] == 1000
+    assert decision["cluster_memory"] == 2000
+    logged = [r for r in caplog.records if r.getMessage().startswith("k-means rows:")]
+    assert logged[0].levelno == logging.INFO
+    assert "k-means rows: stream (decided): holding takes" in logged[0].getMessage()
+    assert "more than 70% of the 1000 B a worker can get" in logged[0].getMessage()
+    # Streamed or held, the same centroids (the rows are the same float32s).
+    caplog.clear()
+    held = run(str(root), "mfcc", "forced", KMeans(K, seed=0, max_iter=3, block_rows=256),
+               StageOptions(workers=2, rows="hold"))  # fmt: skip
+    assert held["rows_decision"]["rows"] == "hold" and held["rows_decision"]["fits"] is False
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "workers may be killed for memory" in warned[0].getMessage()
+    assert held["inertia"] == meta["inertia"]
+    centroids = [np.load(root / "kmeans" / n / "centroids.npy") for n in ("starved", "forced")]
+    np.testing.assert_array_equal(*centroids)
+
+
+def test_rows_other_than_auto_hold_or_stream_are_refused_before_any_work(root):
+    root, _ = root
+    with pytest.raises(StageError, match="rows must be one of auto, hold, stream, got 'keep'"):
+        run(str(root), "mfcc", "keep", KMeans(K, block_rows=256), StageOptions(rows="keep"))
+    assert not (root / "kmeans" / "keep").exists()

@@ -1,0 +1,346 @@
+"""A preempted cluster: the whole HuBERT run while worker nodes come and go, and a driver
+killed mid-run and started again. Either way the outputs are the undisturbed run's, byte for
+byte, and no committed unit is written twice.
+
+One simulated cluster (``ray.cluster_utils.Cluster``: a head without CPUs and six one-CPU
+worker nodes) serves the module. The reference is one undisturbed ``pipelines.hubert`` run on
+it (shard -> features -> k-means -> labels -> fairseq export -> report, on a small generated
+corpus at a path that every run shares: tar shards record their source paths). Then:
+
+- The same run, in this process, while a chaos loop preempts worker nodes as spot instances
+  go: every few seconds a random worker node (a seeded choice) is lost whole, its raylet and
+  every worker killed at once, and a fresh node joins in its place. Most of a run this small
+  is workers starting, so a random moment often falls between shards; once in each shard
+  stage the loop also takes the node of a worker caught writing a shard (the temporary file
+  names the writer's PID), so that work is certainly lost and must be redone.
+- The same command as a driver process of its own, SIGKILLed once the shard stage has
+  committed some of its shards but not all, then run again to the end: it must write only
+  the shards that were not committed, and every later stage in full.
+
+Outputs are compared with ``scripts/output_digest.py``'s digests, which leave out what
+describes a run (timings, the root's own path); the run records under ``ROOT/runs`` describe
+how a run went and are left out. The chaos test prints ``RECOMPUTE redone/total``: the shards
+written again because the worker writing them was lost, as the stages count them
+(``shards_redone`` in their results), over the shards the shard stages wrote.
+
+The run goes in a thread (``Cluster.add_node``/``remove_node`` use signal handlers: main
+thread only, where the chaos loop runs).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from pipelines import hubert
+from pipelines.demo.corpus import write_demo_corpus
+from scripts.output_digest import SKIPPED, digest
+from tests.processes import kill_ray_of, parent_of, raylet_pid, remove_whole_node
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, "configs", "hubert-mfcc.yaml")
+WORKERS = 6
+NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+# A lost node is declared dead after about 3 s instead of Ray's default 15 s: its calls fail
+# and its actors restart that much sooner. Loose enough for a loaded machine.
+HEALTH = {
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 1000,
+    "health_check_failure_threshold": 3,
+}
+SHARDS = 12  # One utterance per shard (shard.max_samples=1), in each shard stage.
+#: The stages whose unit is a shard: where a shard being written has its temporary files,
+#: and where its commit record goes.
+WRITING = {"shard": "shards", "features": "features/*/shards", "label": "labels/*/*"}
+COMMITS = {
+    "shard": "manifest/parts/{}.commit.json",
+    "features": "features/*/shards/{}.commit.json",
+    "label": "labels/*/commits/{}.json",
+}
+#: Seconds between random preemptions (adding the replacement node takes about 3 s more).
+PERIOD = 4.0
+
+
+def _argv(corpus, root, *overrides: str) -> list[str]:
+    return [
+        "--config", CONFIG, f"root={root}", f"inputs=[{corpus}]", "shard.max_samples=1",
+        "features.percent=100", "kmeans.k=16", f"report.phones={corpus}/phones.tsv",
+        "label.fairseq_splits={train: 80, valid: 20}", *overrides, "--no-progress",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head with no CPU and six worker nodes of one CPU each, with the driver connected.
+
+    Its own RAY_TMPDIR keeps its address file away from the ``ray.init()`` of other modules,
+    and marks its processes (a removed node's workers, a killed driver) for the clean-up.
+    """
+    ray_tmp = tempfile.mkdtemp(prefix="up-ch-", dir="/tmp")  # Short: socket paths <= 107 B.
+    made = None
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", ray_tmp)
+        try:
+            made = Cluster(
+                initialize_head=True,
+                head_node_args=dict(
+                    NODE, num_cpus=0, include_dashboard=False, _system_config=HEALTH
+                ),
+            )
+            for _ in range(WORKERS):
+                made.add_node(**NODE)
+            ray.init(address=made.address, log_to_driver=False)
+            _wait_for_cpus(WORKERS)
+            yield made
+        finally:
+            try:
+                ray.shutdown()
+                if made is not None:
+                    made.shutdown()
+            finally:  # Even when a run left hanging in its thread upsets the shutdown.
+                kill_ray_of(ray_tmp)
+                shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _wait_for_cpus(cpus: int, timeout: float = 90) -> None:
+    """Waits until the cluster has ``cpus`` CPUs, all free: a node just added reports its
+    resources a moment after it registers, a lost one counts until it is declared dead, and
+    the actors of a finished run (or of a killed driver) go a moment after it."""
+    deadline = time.monotonic() + timeout
+    while (
+        not ray.cluster_resources().get("CPU", 0) == ray.available_resources().get("CPU", 0) == cpus
+    ):
+        assert time.monotonic() < deadline, f"the cluster has {ray.available_resources()} free"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """12 utterances of about 5 s, two speakers, with phone alignments for the report."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_demo_corpus(str(root), minutes=1.0, speakers=2, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, corpus, tmp_path_factory):
+    """The undisturbed run, on the same cluster."""
+    root = tmp_path_factory.mktemp("undisturbed") / "root"
+    assert hubert.main(_argv(corpus, root)) == 0
+    return root
+
+
+def _digests(root) -> dict[str, str]:
+    """``output_digest``'s digest of every output under ``root``; not the run records."""
+    root = os.path.abspath(root)
+    out = {}
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            relative = os.path.relpath(path, root)
+            if relative.startswith("runs" + os.sep) or name.endswith(SKIPPED):
+                continue
+            out[relative] = digest(path, root)
+    return out
+
+
+def _same_outputs(reference, root) -> None:
+    expected, got = _digests(reference), _digests(root)
+    assert not [f for f in got if ".tmp-" in f]  # No temporary file left visible.
+    assert sorted(got) == sorted(expected)
+    assert [f for f in sorted(got) if got[f] != expected[f]] == []
+    assert len(got) > 5 * SHARDS  # Tars, manifests, features, k-means, labels, exports.
+
+
+def _record(root) -> dict:
+    with open(os.path.join(root, "runs", "hubert-it1.json")) as f:
+        return json.load(f)
+
+
+class Chaos:
+    """Preempts worker nodes while a run goes on; each lost node is replaced at once.
+
+    Args:
+        cluster: The cluster.
+        root: The run's root, where a shard being written shows as a temporary file.
+        stage: Returns the stage running now (``None`` between stages).
+        seed: Seeds the choice of the random victims.
+    """
+
+    def __init__(self, cluster, root, stage, seed: int = 0):
+        self.cluster, self.root, self.stage = cluster, str(root), stage
+        self.rng = random.Random(seed)
+        self.kills: list[dict] = []  # Each: stage, how it was chosen, what it cost.
+
+    def run(self, thread: threading.Thread, timeout: float = 300) -> None:
+        """Preempts until ``thread`` ends: a random node every ``PERIOD`` seconds, and in each
+        shard stage, once, the node of a worker caught writing a shard."""
+        deadline = time.monotonic() + timeout
+        next_kill = time.monotonic() + PERIOD
+        caught: set[str] = set()
+        while thread.is_alive():
+            assert time.monotonic() < deadline, f"the run did not end; kills: {self.kills}"
+            stage = self.stage()
+            writing = self._writing(stage) if stage in WRITING and stage not in caught else None
+            if writing is not None:
+                node, shard = writing
+                caught.add(stage)
+                self._preempt(node, stage, shard=shard)
+                next_kill = time.monotonic() + PERIOD
+            elif time.monotonic() >= next_kill:
+                nodes = sorted(self.cluster.worker_nodes, key=lambda n: n.unique_id)
+                self._preempt(self.rng.choice(nodes), stage)
+                next_kill = time.monotonic() + PERIOD
+            else:
+                time.sleep(0.005)
+
+    def _writing(self, stage: str):
+        """(node, shard) of a worker writing a shard of ``stage`` now, if any."""
+        raylets = {raylet_pid(n): n for n in self.cluster.worker_nodes}
+        for temp in glob.glob(os.path.join(self.root, WRITING[stage], ".*.tmp-*")):
+            # ".NAME.tmp-PID-RANDOM", NAME the shard's and a suffix ("000003.tar").
+            name, _, rest = os.path.basename(temp)[1:].partition(".tmp-")
+            node = raylets.get(parent_of(int(rest.split("-")[0])))
+            if node is not None:  # Not a file the driver writes (a manifest, a plan).
+                return node, name.split(".")[0]
+        return None
+
+    def _preempt(self, node, stage, shard=None) -> None:
+        workers = remove_whole_node(self.cluster, node)
+        kill = {"stage": stage, "workers": workers, "shard": shard}
+        if shard is not None:
+            # Its writer is dead: a shard without its commit record now was lost mid-write,
+            # and must be written again (one committed just before is not).
+            commit = os.path.join(self.root, COMMITS[stage].format(shard))
+            kill["lost_mid_write"] = not glob.glob(commit)
+        self.kills.append(kill)
+        self.cluster.add_node(**NODE)
+
+
+def test_a_preempted_cluster_finishes_with_the_same_outputs(
+    cluster, corpus, reference, tmp_path, monkeypatch, caplog, capsys
+):
+    root = tmp_path / "preempted"
+    running: list[str | None] = [None]
+    real_stage = hubert._stage
+
+    def stage(name, args, call):
+        running[0] = name
+        try:
+            return real_stage(name, args, call)
+        finally:
+            running[0] = None
+
+    monkeypatch.setattr(hubert, "_stage", stage)
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["status"] = hubert.main(_argv(corpus, root))
+        except BaseException as e:  # Raised again in the test's thread.
+            outcome["error"] = e
+
+    chaos = Chaos(cluster, root, lambda: running[0], seed=15)
+    thread = threading.Thread(target=target, daemon=True)
+    with caplog.at_level(logging.WARNING, logger="units.kmeans.transport"):
+        thread.start()
+        chaos.run(thread)
+        thread.join()
+    _wait_for_cpus(WORKERS)  # The replacements are up for the next test.
+    if "error" in outcome:
+        raise outcome["error"]
+    assert outcome["status"] == 0, chaos.kills
+
+    record = _record(root)
+    redone = {name: record[name]["shards_redone"] for name in hubert.SHARD_STAGES}
+    total = sum(record[name]["shards_written"] for name in hubert.SHARD_STAGES)
+    assert total == 3 * SHARDS
+    restored = caplog.text.count("giving it its state back")
+    during = [k for k in chaos.kills if k["stage"] is not None]
+    with capsys.disabled():
+        print(
+            f"\nRECOMPUTE {sum(redone.values())}/{total} shards "
+            f"({', '.join(f'{n} {c}' for n, c in redone.items())}); "
+            f"{len(chaos.kills)} nodes lost, {len(during)} during a stage "
+            f"({', '.join(sorted({str(k['stage']) for k in during}))}); "
+            f"k-means parts restored {restored} time(s)"
+        )
+    _same_outputs(reference, root)
+    # The run was disturbed: nodes lost in the middle of its stages, shards lost mid-write.
+    assert len(during) >= 4, chaos.kills
+    lost_mid_write = [k for k in chaos.kills if k.get("lost_mid_write")]
+    assert lost_mid_write, chaos.kills
+    # Every shard lost mid-write was written again, and counted; a node (one CPU) holds one
+    # shard at a time, so it cannot cost more than one.
+    assert len(lost_mid_write) <= sum(redone.values()) <= len(chaos.kills)
+    for name in hubert.SHARD_STAGES:
+        assert redone[name] <= len([k for k in chaos.kills if k["stage"] == name])
+    assert record["shards_redone"] == sum(
+        record[name].get("shards_redone", 0) for name in hubert.SHARD_STAGES
+    )
+
+
+def test_a_driver_killed_mid_run_resumes_without_redoing_committed_work(
+    cluster, corpus, reference, tmp_path, capsys
+):
+    root = tmp_path / "resumed"
+    address = f"ray.address={cluster.address}"
+    cmd = [sys.executable, "-m", "pipelines.hubert", *_argv(corpus, root, address)]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as out:
+        driver = subprocess.Popen(
+            cmd, env=env, cwd=REPO, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
+    commits = str(root / "manifest" / "parts" / "*.commit.json")
+    deadline = time.monotonic() + 240
+    while not glob.glob(commits) and driver.poll() is None:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.005)
+    assert driver.poll() is None, log.read_text()[-3000:]
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    # Ray ends a dead driver's tasks; one may commit the shard it was writing first: fine.
+    _wait_for_cpus(WORKERS)
+    committed = sorted(glob.glob(commits))
+    assert 1 <= len(committed) < SHARDS, f"{len(committed)} shards committed"
+    assert not (root / "manifest" / "utterances.parquet").exists()
+    # The committed units: their commit records, tars and manifest parts.
+    names = [os.path.basename(c).split(".")[0] for c in committed]
+    kept = [p for n in names for p in glob.glob(str(root / "shards" / f"{n}.tar"))]
+    kept += [p for n in names for p in glob.glob(str(root / "manifest" / "parts" / f"{n}.*"))]
+    assert len(kept) >= 2 * len(committed)
+    stamps = {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in kept}
+
+    again = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    record = _record(root)
+    with capsys.disabled():
+        print(
+            f"\nRESUMED driver killed with {len(committed)}/{SHARDS} shards committed; the "
+            f"rerun skipped {record['shard']['shards_skipped']}, wrote "
+            f"{record['shard']['shards_written']}"
+        )
+    # Exactly the shards without a commit were written; none of the others.
+    assert record["shard"]["shards_skipped"] == len(committed)
+    assert record["shard"]["shards_written"] == SHARDS - len(committed)
+    assert record["features"]["shards_written"] == record["label"]["shards_written"] == SHARDS
+    assert record["shards_redone"] == 0  # No worker was lost.
+    assert {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in kept} == stamps
+    _same_outputs(reference, root)
