@@ -141,6 +141,18 @@ class Plan:
     def num_files(self) -> int:
         return self.meta["files"]
 
+    def shard_size(self, i: int) -> int:
+        """How many input rows shard ``i`` has."""
+        return int(self._offsets[i + 1] - self._offsets[i])
+
+    def shard_hours(self) -> np.ndarray:
+        """Source audio hours of each shard, from the inputs' headers (for progress)."""
+        frames = self.table.column("frames").to_numpy()
+        seconds = frames / self.table.column("sample_rate").to_numpy()
+        # Sequential sums from offsets: np.add.reduceat on an empty shard would give a row.
+        ends = np.concatenate([[0.0], np.cumsum(seconds)])
+        return (ends[self._offsets[1:]] - ends[self._offsets[:-1]]) / 3600
+
     @property
     def shards(self) -> _Shards:
         """``shards[i]``: shard ``i``'s rows as their own small table; ``len(shards)``."""

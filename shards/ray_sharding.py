@@ -257,19 +257,13 @@ class _Written(NamedTuple):
 _OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-def _planned_hours(rows: pa.Table) -> float:
-    """Source audio hours of some inputs, from their headers (for progress)."""
-    frames = rows.column("frames").to_numpy()
-    return float((frames / rows.column("sample_rate").to_numpy()).sum() / 3600)
-
-
 def _write_all(layout, made, pending, opts, progress, on_shard) -> _Written:
     """Writes the ``pending`` shards, a window of tasks at a time; a lost task is sent
     again. Returns the hours and bytes written, the failures, and ``shards_redone``."""
     resources = ray.cluster_resources()
     window = max(2, int(2 * resources.get("CPU", 1)))
-    total_hours = sum(_planned_hours(made.shards[i]) for i in pending)
-    bar = throughput.hours_bar(total_hours, "audio", progress)
+    planned_hours = made.shard_hours()  # One number per shard: no shard's rows are copied.
+    bar = throughput.hours_bar(float(planned_hours[pending].sum()), "audio", progress)
     in_flight: dict = {}
     queue = collections.deque(pending)
     hours = 0.0
@@ -305,8 +299,8 @@ def _write_all(layout, made, pending, opts, progress, on_shard) -> _Written:
             redone += max(0, lost[i] - (not record["written"]))
             hours += record["seconds"] / 3600
             nbytes += record["bytes"]
-            files += len(made.shards[i])
-            bar.update(_planned_hours(made.shards[i]))
+            files += made.shard_size(i)
+            bar.update(float(planned_hours[i]))
             bar.set_postfix(
                 files=files, shards=f"{len(pending) - len(queue) - len(in_flight)}/{len(pending)}"
             )

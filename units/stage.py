@@ -53,7 +53,13 @@ import ray
 from shards.core import throughput
 from shards.core.atomic import read_json, write_atomic
 from shards.core.outputs import OutputLayout, ShardOutput, StageError
-from shards.core.placement import actor_pool, longest_first, map_until_failure, place
+from shards.core.placement import (
+    actor_pool,
+    column_total,
+    longest_first,
+    map_until_failure,
+    place,
+)
 from shards.reader import read_audio
 from units.features.extractor import FeatureSpec
 
@@ -338,10 +344,3 @@ def rows_by_shard(rows: pa.Table | list[dict]) -> dict[str, pa.Table | list[dict
 def as_rows(rows: pa.Table | list[dict]) -> list[dict]:
     """One shard's rows as dicts (on the worker that processes them)."""
     return rows.to_pylist() if isinstance(rows, pa.Table) else rows
-
-
-def column_total(rows: pa.Table | list[dict], column: str) -> float:
-    """The sum of one column of some rows."""
-    if isinstance(rows, pa.Table):
-        return pc.sum(rows.column(column)).as_py() or 0
-    return sum(r[column] for r in rows)

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -275,10 +276,11 @@ def map_until_failure(pool: ShardPool, submit: Callable, items: Iterable) -> Ite
 def longest_first(shards: list[str], rows_by_shard: dict) -> list[str]:
     """Shards ordered by audio duration, longest first, so that the last ones handed out
     are short and no actor finishes long after the others (outputs do not depend on it)."""
+    return sorted(shards, key=lambda s: -column_total(rows_by_shard[s], "duration"))
 
-    def seconds(rows) -> float:
-        if isinstance(rows, list):
-            return sum(r["duration"] for r in rows)
-        return pc.sum(rows.column("duration")).as_py() or 0.0
 
-    return sorted(shards, key=lambda s: -seconds(rows_by_shard[s]))
+def column_total(rows: pa.Table | list[dict], column: str) -> float:
+    """The sum of one column of some manifest rows, a table or a list of dicts."""
+    if isinstance(rows, pa.Table):
+        return pc.sum(rows.column(column)).as_py() or 0
+    return sum(r[column] for r in rows)

@@ -34,36 +34,25 @@ import json
 import logging
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
 from pipelines import hubert
 from pipelines.demo.corpus import write_demo_corpus
 from scripts.output_digest import SKIPPED, digest
-from tests.processes import kill_ray_of, parent_of, raylet_pid, remove_whole_node
+from tests.clusters import NODE, simulated_cluster, wait_for_cpus
+from tests.processes import parent_of, raylet_pid, remove_whole_node
 
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "hubert-mfcc.yaml")
 WORKERS = 6
-NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
-# A lost node is declared dead after about 3 s instead of Ray's default 15 s: its calls fail
-# and its actors restart that much sooner. Loose enough for a loaded machine.
-HEALTH = {
-    "health_check_period_ms": 1000,
-    "health_check_timeout_ms": 1000,
-    "health_check_failure_threshold": 3,
-}
 SHARDS = 12  # One utterance per shard (shard.max_samples=1), in each shard stage.
 #: The stages whose unit is a shard: where a shard being written has its temporary files,
 #: and where its commit record goes.
@@ -87,47 +76,9 @@ def _argv(corpus, root, *overrides: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head with no CPU and six worker nodes of one CPU each, with the driver connected.
-
-    Its own RAY_TMPDIR keeps its address file away from the ``ray.init()`` of other modules,
-    and marks its processes (a removed node's workers, a killed driver) for the clean-up.
-    """
-    ray_tmp = tempfile.mkdtemp(prefix="up-ch-", dir="/tmp")  # Short: socket paths <= 107 B.
-    made = None
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_TMPDIR", ray_tmp)
-        try:
-            made = Cluster(
-                initialize_head=True,
-                head_node_args=dict(
-                    NODE, num_cpus=0, include_dashboard=False, _system_config=HEALTH
-                ),
-            )
-            for _ in range(WORKERS):
-                made.add_node(**NODE)
-            ray.init(address=made.address, log_to_driver=False)
-            _wait_for_cpus(WORKERS)
-            yield made
-        finally:
-            try:
-                ray.shutdown()
-                if made is not None:
-                    made.shutdown()
-            finally:  # Even when a run left hanging in its thread upsets the shutdown.
-                kill_ray_of(ray_tmp)
-                shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def _wait_for_cpus(cpus: int, timeout: float = 90) -> None:
-    """Waits until the cluster has ``cpus`` CPUs, all free: a node just added reports its
-    resources a moment after it registers, a lost one counts until it is declared dead, and
-    the actors of a finished run (or of a killed driver) go a moment after it."""
-    deadline = time.monotonic() + timeout
-    while (
-        not ray.cluster_resources().get("CPU", 0) == ray.available_resources().get("CPU", 0) == cpus
-    ):
-        assert time.monotonic() < deadline, f"the cluster has {ray.available_resources()} free"
-        time.sleep(0.1)
+    """A head with no CPU and six worker nodes of one CPU each, with the driver connected."""
+    with simulated_cluster("up-ch-", WORKERS) as made:
+        yield made
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +213,7 @@ def test_a_preempted_cluster_finishes_with_the_same_outputs(
         thread.start()
         chaos.run(thread)
         thread.join()
-    _wait_for_cpus(WORKERS)  # The replacements are up for the next test.
+    wait_for_cpus(WORKERS)  # The replacements are up for the next test.
     if "error" in outcome:
         raise outcome["error"]
     assert outcome["status"] == 0, chaos.kills
@@ -317,7 +268,7 @@ def test_a_driver_killed_mid_run_resumes_without_redoing_committed_work(
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     # Ray ends a dead driver's tasks; one may commit the shard it was writing first: fine.
-    _wait_for_cpus(WORKERS)
+    wait_for_cpus(WORKERS)
     committed = sorted(glob.glob(commits))
     assert 1 <= len(committed) < SHARDS, f"{len(committed)} shards committed"
     assert not (root / "manifest" / "utterances.parquet").exists()

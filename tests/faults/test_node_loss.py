@@ -14,14 +14,11 @@ committed, with the rest not yet handed out) while the node is removed.
 
 from __future__ import annotations
 
-import contextlib
 import filecmp
 import glob
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 
@@ -29,8 +26,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
-from ray._private import ray_constants
-from ray.cluster_utils import Cluster
 
 import units.kmeans.transport
 import units.stage
@@ -38,7 +33,8 @@ from shards import synthetic
 from shards.core.atomic import read_json
 from shards.plan import ShardingOptions
 from shards.ray_sharding import run as shard
-from tests.processes import kill_ray_of
+from tests.clusters import NODE, simulated_cluster, wait_for_cpus
+from tests.processes import remove_whole_node
 from tests.stores import frames
 from units.features.extractors import ExtractorOptions
 from units.features.sampling import SampleRequest
@@ -54,84 +50,14 @@ pytestmark = pytest.mark.slow
 
 OPTS = ShardingOptions(max_samples=2)  # 16 utterances: 8 shards.
 SHARDS = 8
-NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
-# A lost node is declared dead after about 3 s instead of Ray's default 15 s (a lost k-means
-# part waits for it: Ray restarts its actor only then). Loose enough for a loaded machine.
-HEALTH = {
-    "health_check_period_ms": 1000,
-    "health_check_timeout_ms": 1000,
-    "health_check_failure_threshold": 3,
-}
 KM = dict(seed=0, block_rows=512)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head with no CPU and two worker nodes of one CPU each, with the driver connected.
-
-    Its own RAY_TMPDIR keeps its address file (``ray_current_cluster``) away from the
-    ``ray.init()`` of other modules, and marks its processes for the final clean-up.
-    """
-    ray_tmp = tempfile.mkdtemp(prefix="up-nl-", dir="/tmp")  # Short: socket paths <= 107 B.
-    made = None
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_TMPDIR", ray_tmp)
-        try:
-            made = Cluster(
-                initialize_head=True,
-                head_node_args=dict(
-                    NODE, num_cpus=0, include_dashboard=False, _system_config=HEALTH
-                ),
-            )
-            for _ in range(2):
-                made.add_node(**NODE)
-            ray.init(address=made.address, log_to_driver=False)
-            _wait_for_cpus(2)
-            yield made
-        finally:
-            try:
-                ray.shutdown()
-                if made is not None:
-                    made.shutdown()
-            finally:  # Even when a stage left hanging in its thread upsets the shutdown.
-                kill_ray_of(ray_tmp)  # Workers of removed nodes, if any outlived their raylet.
-                shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def _wait_for_cpus(cpus: int, timeout: float = 60) -> None:
-    """Waits until the cluster has ``cpus`` CPUs, all free: a node just added reports its
-    resources a moment after it registers, a node just removed is counted until declared
-    dead, and the actors of a finished stage go a moment after their handles."""
-    deadline = time.monotonic() + timeout
-    while (
-        not ray.cluster_resources().get("CPU", 0) == ray.available_resources().get("CPU", 0) == cpus
-    ):
-        assert time.monotonic() < deadline, f"the cluster has {ray.available_resources()} free"
-        time.sleep(0.1)
-
-
-def _remove_whole_node(cluster, node) -> None:
-    """Removes ``node`` as a machine is lost: its raylet and every worker at once.
-
-    ``remove_node`` kills the node's own processes; its workers (actors included, which the
-    driver calls directly) would live on until they notice their raylet is gone, and might
-    still answer a call or two. They are the raylet's children: killed by PID.
-    """
-    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-    workers = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                # "PID (NAME) STATE PPID ...": NAME may hold spaces and parentheses.
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == raylet:
-                    workers.append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    assert workers, "the node has no worker to lose"
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    cluster.remove_node(node, allow_graceful=False)
+    """A head with no CPU and two worker nodes of one CPU each, with the driver connected."""
+    with simulated_cluster("up-nl-", 2) as made:
+        yield made
 
 
 class NodeLoss:
@@ -177,7 +103,7 @@ class NodeLoss:
         self.committed_at_loss = self.committed()
         victim = sorted(self.cluster.worker_nodes, key=lambda n: n.unique_id)[0]
         self.lost_node = victim.node_id
-        _remove_whole_node(self.cluster, victim)
+        assert remove_whole_node(self.cluster, victim), "the node has no worker to lose"
         self.resume.set()
         if self.replace_during:
             self.cluster.add_node(**NODE)
@@ -185,7 +111,7 @@ class NodeLoss:
         assert not thread.is_alive(), "the stage did not finish after the node was lost"
         if not self.replace_during:
             self.cluster.add_node(**NODE)
-        _wait_for_cpus(2)  # The next stage must see both nodes (and place an actor on each).
+        wait_for_cpus(2)  # The next stage must see both nodes (and place an actor on each).
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]

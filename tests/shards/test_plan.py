@@ -100,6 +100,19 @@ def test_a_shard_handed_to_a_task_carries_its_own_rows_not_the_plan(tmp_path):
     assert len(pickle.dumps(one)) < 0.6 * len(pickle.dumps(made.table))
 
 
+def test_each_shards_size_and_hours_are_read_from_the_plan_without_copying_its_rows():
+    rows = _rows([f"k{i:03d}" for i in range(10)])
+    frames = np.arange(1, 11) * 8000  # 0.5 s, 1.0 s, ... 5.0 s at 16 kHz.
+    rows = rows.set_column(rows.schema.get_field_index("frames"), "frames", pa.array(frames))
+    made = make_plan(rows, [], ShardingOptions(max_samples=4), {})
+    for i, shard in enumerate(made.shards):
+        assert made.shard_size(i) == len(shard)
+        seconds = [f / 16000 for f in shard.column("frames").to_pylist()]
+        # Sums of up to 4 halves of seconds: exact in binary floating point.
+        assert made.shard_hours()[i] == sum(seconds) / 3600
+    assert len(made.shard_hours()) == len(made.shards) == 3
+
+
 def test_a_saved_plan_loads_as_the_same_table_and_shards(tmp_path):
     layout = RootLayout(str(tmp_path))
     layout.make_dirs()
