@@ -18,9 +18,10 @@ Steps:
 * ``export``: the fairseq export (``.tsv``/``.km``, streamed shard by shard) of a label set
   of N utterances of 5 frames each, in shards of 2,000 (synthetic manifests and units, no
   audio). Up to 1e7.
-* ``stages``: the whole pipeline on N tiny utterances (0.1 s each, from a list of 100
-  generated FLAC files, shards of 500 as in the issue): shard, features (MFCC, 10%),
-  k-means (k=16, 5 iterations), label, fairseq export, report; each stage measured apart.
+* ``stages``: the whole pipeline on N tiny utterances (0.1 s each, ``--seconds`` for
+  others, e.g. 30 as Libri-light's segments; from a list of 100 generated FLAC files,
+  shards of 500 as in the issue): shard, features (MFCC, 10%), k-means (k=16,
+  5 iterations), label, fairseq export, report; each stage measured apart.
 * ``worker``: a feature worker's and a label worker's peak RSS while they write one shard
   of 0.1 GiB and of 1 GiB (generated demo speech, repeated under new keys; ``VmHWM`` reset
   after the worker's set-up), against the same measurement at ``--baseline-rev`` (a git
@@ -30,6 +31,7 @@ Steps:
 Example:
     python bench/scale.py --steps discover plan export --sizes 10000 100000 1000000 10000000
     python bench/scale.py --steps stages --sizes 10000 100000 1000000
+    python bench/scale.py --steps stages --sizes 1000 4000 --seconds 30
     python bench/scale.py --steps worker --baseline-rev bc7b0af  # before lazy decoding
 """
 
@@ -287,19 +289,19 @@ def _export_step(n: int, directory: str) -> None:
     assert sum(record[0]["splits"].values()) == n, record
 
 
-def _write_tiny_audio(directory: str, files: int) -> None:
+def _write_tiny_audio(directory: str, files: int, seconds: float) -> None:
     import numpy as np
     import soundfile as sf
 
     os.makedirs(os.path.join(directory, "audio"), exist_ok=True)
-    t = np.arange(1600) / 16000
+    t = np.arange(round(seconds * 16000)) / 16000
     rng = np.random.default_rng(0)
     for i in range(files):
-        wav = 0.3 * np.sin(2 * np.pi * (120 + 37 * i) * t) + 0.02 * rng.standard_normal(1600)
+        wav = 0.3 * np.sin(2 * np.pi * (120 + 37 * i) * t) + 0.02 * rng.standard_normal(len(t))
         sf.write(os.path.join(directory, "audio", f"a{i}.flac"), wav, 16000, subtype="PCM_16")
 
 
-def _stages_step(n: int, directory: str) -> None:
+def _stages_step(n: int, directory: str, seconds: float) -> None:
     import ray
 
     from shards.plan import ShardingOptions
@@ -314,7 +316,7 @@ def _stages_step(n: int, directory: str) -> None:
     from units.labels.stage import run as label
     from units.quality import report
 
-    _write_tiny_audio(directory, 100)
+    _write_tiny_audio(directory, 100, seconds)
     path = _write_list(directory, n, audio_files=100)
     root = os.path.join(directory, "root")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -340,10 +342,13 @@ STEPS = {
 }
 
 
-def child(step: str, n: int, directory: str) -> None:
+def child(step: str, n: int, directory: str, seconds: float) -> None:
     """One step at one N, in this fresh process; prints one JSON line per stage measured."""
     prepare()
-    STEPS[step](n, directory)
+    if step == "stages":
+        _stages_step(n, directory, seconds)
+    else:
+        STEPS[step](n, directory)
 
 
 _WORKER_CHILD = """
@@ -508,10 +513,16 @@ def main() -> int:
                         choices=[*STEPS, "worker"])  # fmt: skip
     parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--baseline-rev", help="git revision to measure beside (worker step)")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=0.1,
+        help="utterance length of the stages step (0.1; 30 for Libri-light's)",
+    )
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), args.child[2])
+        child(args.child[0], int(args.child[1]), args.child[2], float(args.child[3]))
         return 0
     prepare()
     for step in args.steps:
@@ -522,7 +533,8 @@ def main() -> int:
         for n in args.sizes:
             with tempfile.TemporaryDirectory() as directory:
                 out = subprocess.run(
-                    [sys.executable, __file__, "--child", step, str(n), directory],
+                    [sys.executable, __file__, "--child", step, str(n), directory,
+                     str(args.seconds)],
                     capture_output=True, text=True, cwd=REPO,
                 )  # fmt: skip
             if out.returncode:
@@ -531,6 +543,8 @@ def main() -> int:
             for line in out.stdout.splitlines():
                 if line.startswith("{"):
                     m = json.loads(line)
+                    if step == "stages" and args.seconds != 0.1:  # Apart from the tiny ones.
+                        m["stage"] += f"_{args.seconds:g}s"
                     points[m["stage"]].append((n, m))
                     _report(n, m)
         for stage, measured in points.items():

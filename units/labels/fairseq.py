@@ -20,6 +20,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -121,20 +122,21 @@ def export(
         raise StageError(f"no finished labels {labels!r} under {root}: run pipelines.label first")
     split_of = splitter(percents, by, seed)
     manifest = RootLayout(root).manifest("utterances.parquet")
-    sources = set()
-    if audio == "source":
-        columns = ["key", "source", "start", "original_sample_rate", "original_channels"]
-        sources = _whole_sources(storage.read_parquet(manifest, columns=columns).to_pylist())
+    whole = _whole_sources(manifest) if audio == "source" else None
     out = layout.path("fairseq")
     storage.makedirs(out)
     audio_dir = os.path.join(out, "audio")
-    top = "/" if sources else audio_dir  # See tsv_text.
+    top = "/" if whole is not None and whole.any() else audio_dir  # See tsv_text.
     files = {name: _SplitFiles(out, name, top) for name in percents}
     total = labelled = 0
     try:
         # Shard by shard, in manifest order: memory holds one shard's units and rows, never
         # the corpus's (at Libri-light scale that would be hundreds of GB on the driver).
         for shard, rows in _manifest_by_shard(manifest):
+            sources = set()
+            if whole is not None:
+                flags = whole[total : total + len(rows)]
+                sources = {r["key"] for r, own in zip(rows, flags, strict=True) if own}
             total += len(rows)
             units_path = layout.shard_path("units", shard)
             units = _km_lines(storage.read_parquet(units_path, columns=["key", "units"]))
@@ -205,20 +207,26 @@ _EXPORT_COLUMNS = [
 ]  # fmt: skip
 
 
-def _whole_sources(manifest: list[dict]) -> set[str]:
-    """Keys whose utterance is a whole local 16 kHz mono source file of its own."""
-    per_source: dict[str, int] = {}
-    for row in manifest:
-        per_source[row["source"]] = per_source.get(row["source"], 0) + 1
-    return {
-        r["key"]
-        for r in manifest
-        if per_source[r["source"]] == 1
-        and r["start"] == 0
-        and r["original_sample_rate"] == 16000
-        and r["original_channels"] == 1
-        and os.path.isabs(r["source"])
-    }
+def _whole_sources(manifest: str) -> np.ndarray:
+    """For each manifest row, in order: is its utterance a whole local 16 kHz mono source
+    file of its own? One byte per utterance on the driver, worked out by Arrow kernels."""
+    columns = ["source", "start", "original_sample_rate", "original_channels"]
+    table = storage.read_parquet(manifest, columns=columns)
+    source = table.column("source")
+    per_source = table.select(["source"]).group_by("source").aggregate([("source", "count")])
+    uses = per_source.column("source_count").take(
+        pc.index_in(source, value_set=per_source.column("source"))
+    )
+    whole = pc.and_(
+        pc.and_(pc.equal(uses, 1), pc.equal(table.column("start"), 0)),
+        pc.and_(
+            pc.equal(table.column("original_sample_rate"), 16000),
+            pc.equal(table.column("original_channels"), 1),
+        ),
+    )
+    # An absolute path on POSIX, as os.path.isabs says: it starts with "/".
+    whole = pc.and_(whole, pc.starts_with(source, "/"))
+    return pc.fill_null(whole, False).to_numpy(zero_copy_only=False)
 
 
 class _SplitFiles:

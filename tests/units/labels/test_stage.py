@@ -386,3 +386,20 @@ def test_the_driver_checks_the_recorded_spec_without_building_an_extractor(
         for n in ("h4", "rebuilt")
     )
     assert a.column("units").equals(b.column("units"))
+
+
+def test_only_a_whole_16khz_mono_absolute_source_of_its_own_is_exported_as_a_source(tmp_path):
+    rows = [  # source, start, original_sample_rate, original_channels, expected
+        ("/a.flac", 0, 16000, 1, True),
+        ("/b.flac", 0, 16000, 1, False),  # Two utterances of one file (segments, or listed
+        ("/b.flac", 0, 16000, 1, False),  # twice under two keys): neither is the whole file.
+        ("/c.flac", 800, 16000, 1, False),  # A segment that starts later.
+        ("/d.flac", 0, 8000, 1, False),  # Resampled from 8 kHz.
+        ("/e.flac", 0, 16000, 2, False),  # Downmixed.
+        ("e.flac", 0, 16000, 1, False),  # Relative: fairseq joins it with the tsv's root.
+        ("/f.flac", 0, None, 1, False),  # Unknown original rate.
+    ]
+    path = tmp_path / "utterances.parquet"
+    names = ["source", "start", "original_sample_rate", "original_channels"]
+    pq.write_table(pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)}), path)
+    assert fairseq_export._whole_sources(str(path)).tolist() == [r[-1] for r in rows]
