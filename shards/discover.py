@@ -8,7 +8,6 @@ parsed become reject rows, never exceptions.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import re
 from collections.abc import Iterable
@@ -225,16 +224,12 @@ def _discover_list(path: str) -> Discovery:
     lower = path.lower()
     if lower.endswith(".tsv"):
         return _fairseq_tsv(path)
-    data = storage.open_input(path).read()
-    if lower.endswith(".csv"):
-        table = pacsv.read_csv(io.BytesIO(data))
-    elif lower.endswith(".jsonl"):
-        table = pajson.read_json(io.BytesIO(data))
-    elif lower.endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(data))
-    else:
+    readers = {".csv": pacsv.read_csv, ".jsonl": pajson.read_json, ".parquet": pq.read_table}
+    read = next((r for ext, r in readers.items() if lower.endswith(ext)), None)
+    if read is None:
         raise ValueError(f"list {path!r}: unknown list format; use {', '.join(LIST_EXTENSIONS)}")
-    del data
+    with storage.open_input(path) as f:  # Read as a stream: the file's bytes are not held.
+        table = read(f)
     if "path" not in table.column_names:
         raise ValueError(
             f"list {path!r} has no 'path' column (columns: {', '.join(table.column_names)}); "
@@ -262,7 +257,13 @@ def _discover_list(path: str) -> Discovery:
         else pa.nulls(len(full), pa.string())
     )
     given = pc.if_else(pc.equal(given, ""), pa.scalar(None, pa.string()), given)
-    key = pc.coalesce(_sanitized(given), _keys_from_paths(full, base))
+    key = _sanitized(given)
+    if key.null_count:  # Keys from the paths of the rows without one (all, with no column).
+        if key.null_count == len(key):
+            key = _keys_from_paths(full, base)
+        else:
+            missing = np.flatnonzero(pc.is_null(key).to_numpy(zero_copy_only=False))
+            key = _replace_at(key, missing, _keys_from_paths(full.take(missing), base))
     optional = {
         c: _strings(table.column(c))
         if c in table.column_names
@@ -360,13 +361,14 @@ def _sidecars(full: pa.Array) -> pa.Array:
     object storage a listing returns a thousand names per request, where a per-file check
     is a round trip each (hours for Libri-light's 220k files).
     """
-    parts = pc.split_pattern(full, "/", max_splits=1, reverse=True)
-    folder = pc.list_element(parts, 0)
+    folder = pc.replace_substring_regex(full, r"/[^/]*$", "")
     wanted = pc.binary_join_element_wise(
         pc.replace_substring_regex(full, r"\.[^./]*$", ""), ".json", ""
     )
+    folders = pc.unique(folder).to_pylist()
+    del folder  # As long as every path: not kept while the folders are listed.
     present = []
-    for directory in pc.unique(folder).to_pylist():
+    for directory in folders:
         try:
             names = storage.listdir(directory)
         except OSError:  # An unreadable folder: its files' probes say why.
