@@ -360,7 +360,10 @@ import units.stage
 root, kind, name = sys.argv[1], sys.argv[2], sys.argv[3]
 # A revision without this layout would fall through to the installed checkout's modules.
 assert units.stage.__file__.startswith(os.getcwd()), units.stage.__file__
-rows = pq.read_table(os.path.join(root, "manifest", "utterances.parquet")).to_pylist()
+rows = pq.read_table(os.path.join(root, "manifest", "utterances.parquet"))
+shard = rows.column("shard")[0].as_py()
+if not hasattr(units.stage, "as_rows"):  # A revision whose actors take rows as dicts only.
+    rows = rows.to_pylist()
 if kind == "features":
     from units.features.extractors import ExtractorOptions
     from units.features.stage import FeatureWorker
@@ -382,7 +385,7 @@ def peak_mb():
 setup = peak_mb()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # Resets VmHWM to the current RSS: what follows is the shard's work alone.
-actor.process_shard(rows[0]["shard"], rows)
+actor.process_shard(shard, rows)
 print(json.dumps({"setup_mb": setup, "peak_mb": peak_mb()}))
 """
 

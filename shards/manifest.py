@@ -7,57 +7,17 @@ memory does not grow with the corpus.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .core import storage
-from .core.atomic import PendingFile, read_json, write_atomic, write_parquet_atomic
+from .core.atomic import ParquetStream, read_json, write_atomic, write_parquet_atomic
 from .root import RootLayout
 from .schemas import REJECTS, SHARDS, UTTERANCES
 
 #: Rows per Parquet row group in the joined manifests.
 ROW_GROUP = 65_536
-
-
-class _StreamingParquet:
-    """Appends tables to one Parquet file in fixed-size row groups (deterministic layout),
-    streamed into a :class:`~shards.core.atomic.PendingFile` and published whole by
-    :meth:`close`: the driver holds one row group, not the manifest. As a context manager it
-    removes the file unless it was published."""
-
-    def __init__(self, schema: pa.Schema, final: str):
-        self._pending = PendingFile(final)
-        self._writer = pq.ParquetWriter(self._pending.file, schema)
-        self._tables: list[pa.Table] = []
-        self._rows = 0
-
-    def write(self, table: pa.Table) -> None:
-        self._tables.append(table)
-        self._rows += table.num_rows
-        while self._rows >= ROW_GROUP:
-            whole = pa.concat_tables(self._tables)
-            self._writer.write_table(whole.slice(0, ROW_GROUP), row_group_size=ROW_GROUP)
-            rest = whole.slice(ROW_GROUP)
-            self._tables, self._rows = [rest], rest.num_rows
-
-    def close(self) -> None:
-        """Writes the last row group and the footer, and publishes the file."""
-        if self._rows:
-            self._writer.write_table(pa.concat_tables(self._tables), row_group_size=ROW_GROUP)
-        self._writer.close()
-        self._pending.publish()
-
-    def __enter__(self) -> _StreamingParquet:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self._pending.published:
-            with contextlib.suppress(Exception):  # The error that got here is the one to see.
-                self._writer.close()
-        self._pending.discard()
 
 
 def finalize(
@@ -76,8 +36,8 @@ def finalize(
         The summary.
     """
     with (
-        _StreamingParquet(UTTERANCES, layout.manifest("utterances.parquet")) as utterances,
-        _StreamingParquet(REJECTS, layout.manifest("rejects.parquet")) as rejects,
+        ParquetStream(layout.manifest("utterances.parquet"), UTTERANCES, ROW_GROUP) as utterances,
+        ParquetStream(layout.manifest("rejects.parquet"), REJECTS, ROW_GROUP) as rejects,
     ):
         rejects.write(pa.Table.from_pylist(plan_rejects, schema=REJECTS))
         shard_rows = []
@@ -100,8 +60,8 @@ def finalize(
             by_reason.update(part_rejects.column("reason").to_pylist())
         shards = pa.Table.from_pylist(shard_rows, schema=SHARDS)
         seconds = float(sum(r["seconds"] for r in shard_rows))
-        utterances.close()
-        rejects.close()
+        utterances.publish()
+        rejects.publish()
     write_parquet_atomic(layout.manifest("shards.parquet"), shards)
     summary = {
         "layout": meta.get("layout"),

@@ -52,6 +52,7 @@ import ray
 
 from shards.core import throughput
 from shards.core.atomic import read_json, write_atomic
+from shards.core.heap import release_free_memory
 from shards.core.outputs import OutputLayout, ShardOutput, StageError
 from shards.core.placement import (
     actor_pool,
@@ -66,7 +67,7 @@ from units.features.extractor import FeatureSpec
 log = logging.getLogger(__name__)
 
 
-def decode_rows(root: str, rows: list[dict]) -> Iterator[tuple[np.ndarray | None, str | None]]:
+def decode_rows(root: str, rows: Iterable[dict]) -> Iterator[tuple[np.ndarray | None, str | None]]:
     """Decodes the audio of ``rows`` one at a time, as it is asked for: (waveform, None) or
     (None, error message) each. Lazily, so a worker holds one batch of audio, never a whole
     shard's (a 1 GiB shard is about 15 h of audio, 3 GB of float32)."""
@@ -83,7 +84,7 @@ def decode_rows(root: str, rows: list[dict]) -> Iterator[tuple[np.ndarray | None
 
 
 def batches(
-    rows: list[dict],
+    rows: Iterable[dict],
     decoded: Iterable[tuple[np.ndarray | None, str | None]],
     batch_seconds: float,
     reject: Callable[[dict, str], None],
@@ -101,6 +102,7 @@ def batches(
         if seconds >= batch_seconds:
             yield batch
             batch, seconds = [], 0.0
+            release_free_memory()  # The last batch's arrays are freed: see shards.core.heap.
     if batch:
         yield batch
 
@@ -153,7 +155,9 @@ class ShardActor:
         self.layout = layout
         self.worker = worker(*args, device=device, **kwargs)
 
-    def process_shard(self, shard: str, rows: list[dict], decoded: list | None = None) -> dict:
+    def process_shard(
+        self, shard: str, rows: pa.Table | list[dict], decoded: list | None = None
+    ) -> dict:
         """Writes and commits ``shard``; returns its commit record, with ``written`` (False
         when it was already committed) and ``bytes_written``."""
         done = self.layout.read_commit(shard)
@@ -341,6 +345,21 @@ def rows_by_shard(rows: pa.Table | list[dict]) -> dict[str, pa.Table | list[dict
     return grouped
 
 
-def as_rows(rows: pa.Table | list[dict]) -> list[dict]:
-    """One shard's rows as dicts (on the worker that processes them)."""
-    return rows.to_pylist() if isinstance(rows, pa.Table) else rows
+def as_rows(rows: pa.Table | list[dict]) -> Iterable[dict]:
+    """One shard's rows as dicts (on the worker that processes them), made as they are
+    iterated: a 1 GiB shard of short utterances has tens of thousands, about 1 KB each."""
+    return _TableRows(rows) if isinstance(rows, pa.Table) else rows
+
+
+class _TableRows:
+    """A table's rows as dicts, a record batch at a time, each time it is iterated."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.table.to_batches(max_chunksize=256):
+            yield from batch.to_pylist()

@@ -189,6 +189,63 @@ def write_npy_atomic(path: str, array, sync_dir: bool = True) -> None:
     write_atomic(path, buf.getvalue(), sync_dir=sync_dir)
 
 
+class ParquetStream:
+    """Tables appended to one Parquet file in row groups of ``row_group`` rows, streamed into
+    a :class:`PendingFile` and published whole: memory holds one row group, not the file.
+
+    The row groups do not depend on how the rows came (one table or many), so the bytes are
+    the same however the writer batched them. As a context manager it removes the file
+    unless it was published.
+
+    Args:
+        final: The path the file is published as.
+        schema: The tables' schema.
+        row_group: Rows per row group (the last one may have fewer).
+    """
+
+    def __init__(self, final: str, schema: pa.Schema, row_group: int):
+        self.final = final
+        self.rows = 0
+        self._row_group = row_group
+        self._pending = PendingFile(final)
+        self._writer = pq.ParquetWriter(self._pending.file, schema)
+        self._tables: list[pa.Table] = []
+        self._held = 0
+
+    def write(self, table: pa.Table) -> None:
+        self._tables.append(table)
+        self._held += table.num_rows
+        self.rows += table.num_rows
+        while self._held >= self._row_group:
+            whole = pa.concat_tables(self._tables)
+            group = self._row_group
+            self._writer.write_table(whole.slice(0, group), row_group_size=group)
+            rest = whole.slice(group)
+            self._tables, self._held = [rest], rest.num_rows
+
+    def publish(self, sync_dir: bool = True) -> None:
+        """Writes the last row group and the footer, and publishes the file."""
+        if self._held:
+            last = pa.concat_tables(self._tables)
+            self._writer.write_table(last, row_group_size=self._row_group)
+        self._tables, self._held = [], 0
+        self._writer.close()
+        self._pending.publish(sync_dir=sync_dir)
+
+    def discard(self) -> None:
+        """Drops the temporary file unless it was published; never raises."""
+        if not self._pending.published:
+            with contextlib.suppress(Exception):  # The error being raised is the one to see.
+                self._writer.close()
+        self._pending.discard()
+
+    def __enter__(self) -> ParquetStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
 def write_parquet_atomic(
     path: str,
     rows_or_table: list[dict] | pa.Table,

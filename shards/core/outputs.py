@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from . import storage
 from .atomic import (
+    ParquetStream,
     PendingFile,
     fsync_dir,
     read_commit,
@@ -133,7 +134,7 @@ class ShardOutput:
         self.rejects: list[dict] = []
         self.bytes_written = 0
         self._published: list[str] = []
-        self._streams: list[NpyStream] = []
+        self._streams: list[NpyStream | ParquetStream] = []
         for role in layout.data:
             remove_temps(layout.shard_path(role, shard))
 
@@ -153,6 +154,13 @@ class ShardOutput:
         """A ``.npy`` of ``(rows, dim)`` written row block by row block; published by
         :meth:`commit`."""
         stream = NpyStream(self.path(role), dim, dtype)
+        self._streams.append(stream)
+        return stream
+
+    def stream_parquet(self, role: str, schema: pa.Schema, row_group: int) -> ParquetStream:
+        """A Parquet file written table by table in row groups of ``row_group`` rows;
+        published by :meth:`commit`."""
+        stream = ParquetStream(self.path(role), schema, row_group)
         self._streams.append(stream)
         return stream
 

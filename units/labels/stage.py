@@ -22,6 +22,7 @@ import logging
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from shards.core import storage
 from shards.core.atomic import read_json, write_atomic
@@ -109,21 +110,38 @@ class LabelWorker:
 
     def write_shard(self, out: ShardOutput, batches) -> dict:
         frame_rate = self.labeller.model.spec.frame_rate
-        rows = []
+        schema = LABELS_DEDUP if self.dedup else LABELS
+        # Streamed a row group at a time: the worker's memory does not grow with the shard.
+        stream = out.stream_parquet("units", schema, UNITS_ROW_GROUP)
+        frames = 0
         for batch in batches:
-            for (row, _), (_, units) in zip(batch, self.labeller(batch), strict=True):
-                record = {
-                    "key": row["key"],
-                    "shard": out.shard,
-                    "units": units,
-                    "frames": len(units),
-                    "frame_rate": frame_rate,
-                }
-                if self.dedup:
-                    record["dedup_units"], record["durations"] = dedup(units)
-                rows.append(record)
-        out.write_parquet("units", rows, LABELS_DEDUP if self.dedup else LABELS)
-        return {"utterances": len(rows), "frames": int(sum(r["frames"] for r in rows))}
+            units = [u for _, u in self.labeller(batch)]
+            columns = {
+                "key": pa.array([row["key"] for row, _ in batch], pa.string()),
+                "shard": pa.array([out.shard] * len(batch), pa.string()),
+                "units": _lists(units, pa.uint16()),
+                "frames": pa.array([len(u) for u in units], pa.int32()),
+                "frame_rate": pa.array([frame_rate] * len(batch), pa.float32()),
+            }
+            if self.dedup:
+                runs = [dedup(u) for u in units]
+                columns["dedup_units"] = _lists([v for v, _ in runs], pa.uint16())
+                columns["durations"] = _lists([d for _, d in runs], pa.int32())
+            stream.write(pa.table(columns, schema=schema))
+            frames += sum(len(u) for u in units)
+        return {"utterances": stream.rows, "frames": frames}
+
+
+#: Utterances per row group of a label shard (about 3 MB of units at 30 s each).
+UNITS_ROW_GROUP = 1024
+
+
+def _lists(arrays: list[np.ndarray], kind: pa.DataType) -> pa.ListArray:
+    """One list per array, built from their concatenation (not element by element)."""
+    offsets = np.zeros(len(arrays) + 1, np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.empty(0, kind.to_pandas_dtype())
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, kind))
 
 
 def run(

@@ -84,3 +84,39 @@ def test_temporaries_of_dead_writers_are_hidden_and_removed(directory):
     assert _names(directory) == [os.path.basename(other), "000001.tar"]
     atomic.remove_all_temps(directory)
     assert _names(directory) == ["000001.tar"]
+
+
+def test_a_parquet_stream_writes_fixed_row_groups_however_its_rows_come(directory):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"n": np.arange(10)})
+    whole, pieces = (
+        storage.join(directory, "whole.parquet"),
+        storage.join(directory, "pieces.parquet"),
+    )
+    with atomic.ParquetStream(whole, table.schema, row_group=4) as stream:
+        stream.write(table)
+        stream.publish()
+    with atomic.ParquetStream(pieces, table.schema, row_group=4) as stream:
+        for lo, hi in [(0, 1), (1, 7), (7, 7), (7, 10)]:
+            stream.write(table.slice(lo, hi - lo))
+        # Nothing of it is visible yet (a temporary file starts with a dot: readers skip it).
+        assert [n for n in _names(directory) if not n.startswith(".")] == ["whole.parquet"]
+        stream.publish()
+    assert storage.read_bytes(whole) == storage.read_bytes(pieces)
+    with storage.open_input(whole) as f:
+        meta = pq.ParquetFile(f).metadata
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4, 2]
+    assert storage.read_parquet(pieces).equals(table)
+
+
+def test_a_parquet_stream_not_published_leaves_nothing(directory):
+    import pyarrow as pa
+
+    table = pa.table({"n": np.arange(3)})
+    with pytest.raises(RuntimeError):
+        with atomic.ParquetStream(storage.join(directory, "x.parquet"), table.schema, 2) as stream:
+            stream.write(table)
+            raise RuntimeError("the worker failed")
+    assert _names(directory) == []

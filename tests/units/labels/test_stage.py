@@ -26,8 +26,10 @@ from units.kmeans.estimator import KMeans
 from units.kmeans.stage import StageOptions
 from units.kmeans.stage import run as fit_kmeans
 from units.labels import fairseq as fairseq_export
-from units.labels.model import KMeansModel, dedup
+from units.labels import stage as label_stage
+from units.labels.model import KMeansModel, dedup, label_layout
 from units.labels.stage import run as label
+from units.stage import ShardActor, rows_by_shard
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -224,6 +226,28 @@ def test_dedup_column_and_lineage_in_meta(root):
     for row in rows:
         np.testing.assert_array_equal(np.repeat(row["dedup_units"], row["durations"]), row["units"])
         assert np.all(np.diff(np.asarray(row["dedup_units"], np.int64)) != 0)
+
+
+def test_a_label_shard_is_streamed_in_fixed_row_groups_with_the_same_rows(root, monkeypatch):
+    """A worker writes its units a row group at a time (its memory does not grow with the
+    shard); the rows are those of the shard written whole. The worker runs in this process
+    here, with row groups of 3 utterances."""
+    label(str(root), "km8", "whole", dedup=True)
+    monkeypatch.setattr(label_stage, "UNITS_ROW_GROUP", 3)
+    layout = label_layout(str(root), "grouped")
+    layout.make_dirs()
+    worker = ShardActor(layout, label_stage.LabelWorker, (str(root), "km8"), {"dedup": True}, "cpu")
+    manifest = pq.read_table(root / "manifest" / "utterances.parquet")
+    groups = []
+    for name, rows in rows_by_shard(manifest).items():
+        assert worker.process_shard(name, rows)["written"]
+        grouped = pq.ParquetFile(layout.shard_path("units", name))
+        whole = pq.ParquetFile(root / "labels" / "whole" / "units" / f"{name}.parquet")
+        assert grouped.read().equals(whole.read())
+        assert grouped.metadata.num_row_groups == -(-grouped.metadata.num_rows // 3)
+        assert whole.metadata.num_row_groups == 1
+        groups.append(grouped.metadata.num_row_groups)
+    assert groups == [2, 2, 1]  # Shards of 4, 4 and 2 utterances.
 
 
 def test_hugging_face_datasets_and_pyarrow_read_the_labels_and_join_the_manifest(
