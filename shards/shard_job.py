@@ -18,7 +18,14 @@ import pyarrow as pa
 from . import audio, keys, vad
 from .audio import AudioError, EncodedFile
 from .core import storage
-from .core.atomic import fsync_dir, remove_temps, unpublish, write_atomic, write_parquet_atomic
+from .core.atomic import (
+    committed,
+    fsync_dir,
+    remove_temps,
+    unpublish,
+    write_atomic,
+    write_parquet_atomic,
+)
 from .plan import ShardingOptions
 from .probe import ProbeError, check_whole, read_voice_activity
 from .root import RootLayout
@@ -62,6 +69,7 @@ def write_shard(root: str, index: int, rows: pa.Table | list[dict], opts: Shardi
     remove_temps(layout.shard_path(index))
     writer = ShardWriter(layout.shard_path(index))
     utterances, rejects = [], []
+    data = None  # The commit record, once made.
     try:
         # Copying is waiting on storage: the kernel reads the next files while this one is
         # hashed and written.
@@ -104,8 +112,11 @@ def write_shard(root: str, index: int, rows: pa.Table | list[dict], opts: Shardi
         # them.
         fsync_dir(layout.shards_dir)
         fsync_dir(layout.parts_dir)
-        write_atomic(layout.commit_path(index), json.dumps(record, sort_keys=True).encode())
+        data = json.dumps(record, sort_keys=True).encode()
+        write_atomic(layout.commit_path(index), data)
     except BaseException:
+        if data is not None and committed(layout.commit_path(index), data):
+            raise  # Stopped after its commit: the shard is whole, and stays.
         writer.abort()
         unpublish(
             layout.shard_path(index), layout.utterances_part(index), layout.rejects_part(index)

@@ -144,6 +144,19 @@ def unpublish(*paths: str) -> None:
             pass
 
 
+def committed(path: str, record: bytes) -> bool:
+    """Whether the commit record ``record`` is in place at ``path``.
+
+    An error that stops a unit after its record was renamed into place (a worker told to
+    exit while it fsyncs the directory, say) leaves the unit committed: its data must then
+    stay with the record, not be unpublished as an uncommitted unit's is.
+    """
+    try:
+        return storage.read_bytes(path) == record
+    except OSError:
+        return False
+
+
 def fsync_dir(path: str) -> None:
     """Makes renames in ``path`` durable (object stores are durable on write)."""
     if storage.is_url(path):

@@ -28,6 +28,7 @@ from . import storage
 from .atomic import (
     ParquetStream,
     PendingFile,
+    committed,
     fsync_dir,
     read_commit,
     remove_all_temps,
@@ -171,6 +172,7 @@ class ShardOutput:
             counts: What the record says of the shard besides its name, rejects and bytes
                 (``utterances``, ``rows``, ``frames``, ...).
         """
+        data = None  # The commit record, once made.
         try:
             for stream in self._streams:
                 stream.publish(sync_dir=False)
@@ -188,7 +190,11 @@ class ShardOutput:
             data = json.dumps(record, sort_keys=True).encode()
             write_atomic(self.layout.commit_path(self.shard), data)
         except BaseException:
-            self.abort()
+            if data is not None and committed(self.layout.commit_path(self.shard), data):
+                # Stopped after its commit: the shard is whole, and its files stay.
+                self._published = []
+            else:
+                self.abort()
             raise
         self.bytes_written += sum(sizes.values()) + len(data)
         self._published = []  # Committed: nothing of it is this attempt's to remove any more.

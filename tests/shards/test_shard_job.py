@@ -1,10 +1,15 @@
 """One shard written without Ray: commits, rejects, and the safety net for odd inputs."""
 
 import json
+import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import soundfile as sf
 
+from shards.core import atomic
+from shards.core.outputs import OutputLayout, ShardOutput
 from shards.discover import Source
 from shards.plan import ShardingOptions, make_plan, probed_rows
 from shards.probe import probe
@@ -50,3 +55,50 @@ def test_an_input_that_makes_the_writer_raise_anything_becomes_a_reject(tmp_path
     [reject] = rejects.to_pylist()
     assert (reject["key"], reject["reason"]) == ("b", "unexpected_error")
     assert "ZeroDivisionError" in reject["message"]
+
+
+def _exit_after_rename_of(commit_path: str, monkeypatch) -> None:
+    """The worker is told to exit (Ray stops a dead driver's tasks) just after the commit
+    record is renamed into place, while its directory is fsynced."""
+    real = atomic.fsync_dir
+
+    def told_to_exit(path):
+        if os.path.exists(commit_path):
+            raise SystemExit("the worker was told to exit")
+        real(path)
+
+    monkeypatch.setattr(atomic, "fsync_dir", told_to_exit)
+
+
+def test_a_writer_stopped_after_its_commit_leaves_the_shard_whole(tmp_path, monkeypatch):
+    rows = _rows(tmp_path, ["a.flac", "b.wav"])
+    layout = RootLayout(str(tmp_path / "root"))
+    layout.make_dirs()
+    _exit_after_rename_of(layout.commit_path(0), monkeypatch)
+    with pytest.raises(SystemExit):
+        write_shard(layout.root, 0, rows, ShardingOptions())
+    monkeypatch.undo()
+    # Committed, with its tar and manifest parts: a rerun trusts it and writes nothing.
+    assert layout.read_commit(0) is not None
+    assert os.path.exists(layout.utterances_part(0)) and os.path.exists(layout.rejects_part(0))
+    assert not write_shard(layout.root, 0, rows, ShardingOptions())["written"]
+
+
+def test_a_stage_shard_stopped_after_its_commit_keeps_its_files(tmp_path, monkeypatch):
+    layout = OutputLayout(
+        str(tmp_path),
+        "labels",
+        "x",
+        data={"units": "units/{shard}.parquet"},
+        rejects="rejects/{shard}.parquet",
+        commit="commits/{shard}.json",
+    )
+    layout.make_dirs()
+    out = ShardOutput(layout, "000001")
+    out.write_parquet("units", pa.table({"n": [1, 2]}), None)
+    _exit_after_rename_of(layout.commit_path("000001"), monkeypatch)
+    with pytest.raises(SystemExit):
+        out.commit(utterances=2)
+    out.abort()  # As the stage's actor does on any error.
+    monkeypatch.undo()
+    assert layout.read_commit("000001") is not None  # Its data file is there, whole.

@@ -232,7 +232,7 @@ def test_a_label_shard_is_streamed_in_fixed_row_groups_with_the_same_rows(root, 
     """A worker writes its units a row group at a time (its memory does not grow with the
     shard); the rows are those of the shard written whole. The worker runs in this process
     here, with row groups of 3 utterances."""
-    label(str(root), "km8", "whole", dedup=True)
+    label(str(root), "km8", "one-group", dedup=True)
     monkeypatch.setattr(label_stage, "UNITS_ROW_GROUP", 3)
     layout = label_layout(str(root), "grouped")
     layout.make_dirs()
@@ -242,7 +242,7 @@ def test_a_label_shard_is_streamed_in_fixed_row_groups_with_the_same_rows(root, 
     for name, rows in rows_by_shard(manifest).items():
         assert worker.process_shard(name, rows)["written"]
         grouped = pq.ParquetFile(layout.shard_path("units", name))
-        whole = pq.ParquetFile(root / "labels" / "whole" / "units" / f"{name}.parquet")
+        whole = pq.ParquetFile(root / "labels" / "one-group" / "units" / f"{name}.parquet")
         assert grouped.read().equals(whole.read())
         assert grouped.metadata.num_row_groups == -(-grouped.metadata.num_rows // 3)
         assert whole.metadata.num_row_groups == 1
