@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 
 import numpy as np
 import pyarrow as pa
@@ -92,8 +91,8 @@ def draw(rows: pa.Table | list[dict], request: SampleRequest) -> pa.Table | list
     if not n:
         raise SampleError("the corpus has no utterances to sample from")
     duration = table.column("duration").to_numpy().astype(np.float64)
-    stratum, names = _strata(table)
-    counts = np.bincount(stratum, minlength=len(names))
+    stratum, tiebreak = _strata(table)
+    counts = np.bincount(stratum, minlength=len(tiebreak))
     prio = priorities(request.seed, table.column("key"))
     total_hours = float(np.cumsum(duration)[-1]) / 3600
     if request.hours is not None and request.hours > total_hours * (1 + 1e-9):
@@ -106,11 +105,7 @@ def draw(rows: pa.Table | list[dict], request: SampleRequest) -> pa.Table | list
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     chosen_in_order = np.zeros(n, dtype=bool)
     if request.percent is not None:
-        quotas = _largest_remainder(
-            {name: int(c) * fraction for name, c in zip(names, counts, strict=True)},
-            round(n * fraction),
-        )
-        quota = np.array([quotas[name] for name in names], dtype=np.int64)
+        quota = _largest_remainder(counts * fraction, round(n * fraction), tiebreak)
         rank = np.arange(n) - starts[stratum[order]]
         chosen_in_order = rank < quota[stratum[order]]
     else:
@@ -129,8 +124,10 @@ def draw(rows: pa.Table | list[dict], request: SampleRequest) -> pa.Table | list
     return picked.to_pylist() if given_list else picked
 
 
-def _strata(table: pa.Table) -> tuple[np.ndarray, list[tuple]]:
-    """Each row's stratum number, and the strata, ``(shard, speaker)``, by number."""
+def _strata(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's stratum number, and each stratum's rank in the order of the ``repr`` of
+    its ``(shard, speaker)`` (the quotas' tie-break), from numbers only: a corpus can have
+    nearly a stratum per utterance, and a Python tuple each cost the driver ~400 B."""
     shard = table.column("shard").combine_chunks().dictionary_encode()
     speaker = (
         table.column("speaker").combine_chunks().cast(pa.string())
@@ -142,16 +139,30 @@ def _strata(table: pa.Table) -> tuple[np.ndarray, list[tuple]]:
         pc.fill_null(speaker.indices, -1).to_numpy().astype(np.int64) + 1
     )
     unique, stratum = np.unique(code, return_inverse=True)
-    shards, speakers = shard.dictionary.to_pylist(), speaker.dictionary.to_pylist()
-    names = [(shards[u // width], speakers[u % width - 1] if u % width else None) for u in unique]
-    return stratum.astype(np.int64), names
+    # repr((shard, speaker)) orders as repr(shard), then repr(speaker): no repr of a string
+    # (or None) is a proper prefix of another's, so the first difference lies in one part.
+    shard_rank = _repr_ranks(shard.dictionary.to_pylist())
+    speaker_rank = _repr_ranks([None, *speaker.dictionary.to_pylist()])
+    order = np.lexsort((speaker_rank[unique % width], shard_rank[unique // width]))
+    tiebreak = np.empty(len(unique), dtype=np.int64)
+    tiebreak[order] = np.arange(len(unique))
+    return stratum.astype(np.int64), tiebreak
 
 
-def _largest_remainder(shares: dict, total: int) -> dict:
-    """Integer quotas that sum to ``total`` and are each within 1 of their share."""
-    floors = {s: math.floor(v) for s, v in shares.items()}
-    left = total - sum(floors.values())
-    by_remainder = sorted(shares, key=lambda s: (floors[s] - shares[s], repr(s)))
-    for s in by_remainder[: max(0, left)]:
-        floors[s] += 1
-    return floors
+def _repr_ranks(values: list) -> np.ndarray:
+    """Each value's rank in the order of the values' ``repr`` (a few thousand distinct shard
+    and speaker names: Python strings here are cheap)."""
+    ranks = np.empty(len(values), dtype=np.int64)
+    ranks[sorted(range(len(values)), key=lambda i: repr(values[i]))] = np.arange(len(values))
+    return ranks
+
+
+def _largest_remainder(shares: np.ndarray, total: int, tiebreak: np.ndarray) -> np.ndarray:
+    """Integer quotas that sum to ``total`` and are each within 1 of their share: the floors,
+    plus one for the largest remainders (equal ones in ``tiebreak`` order)."""
+    floors = np.floor(shares)
+    left = total - int(floors.sum())
+    by_remainder = np.lexsort((tiebreak, floors - shares))
+    quota = floors.astype(np.int64)
+    quota[by_remainder[: max(0, left)]] += 1
+    return quota

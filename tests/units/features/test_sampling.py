@@ -1,10 +1,11 @@
 import collections
+import math
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from units.features.sampling import SampleError, SampleRequest, _largest_remainder, draw, priority
+from units.features.sampling import SampleError, SampleRequest, draw, priority
 
 
 def _corpus(shards=4, speakers=3, per=25):
@@ -76,6 +77,17 @@ def test_a_sample_that_rounds_to_nothing_is_an_error():
         draw(_corpus(shards=1, speakers=1, per=3), SampleRequest(percent=1))
 
 
+def _largest_remainder(shares: dict, total: int) -> dict:
+    """Integer quotas that sum to ``total``, each within 1 of its share: the floors, plus
+    one for the largest remainders, equal ones in the order of the strata's ``repr``."""
+    floors = {s: math.floor(v) for s, v in shares.items()}
+    left = total - sum(floors.values())
+    by_remainder = sorted(shares, key=lambda s: (floors[s] - shares[s], repr(s)))
+    for s in by_remainder[: max(0, left)]:
+        floors[s] += 1
+    return floors
+
+
 def _draw_row_by_row(rows, request):
     """The sampling rule written plainly, a dict per row (how the stage drew it before it
     went columnar): the columnar draw must pick exactly these rows."""
@@ -123,3 +135,21 @@ def test_the_columnar_draw_picks_exactly_the_rows_of_the_row_by_row_rule(request
     table = pa.Table.from_pylist(rows)
     assert draw(table, request_).to_pylist() == _draw_row_by_row(rows, request_)
     assert draw(rows, request_) == _draw_row_by_row(rows, request_)
+
+
+@pytest.mark.parametrize("percent", [10, 35, 50])
+def test_equal_remainders_go_to_strata_in_the_order_of_their_repr(percent):
+    """Strata of equal size tie on their remainders: the rule gives the extra utterances in
+    the order of repr((shard, speaker)), names with quotes, spaces and punctuation below
+    the quote character, and no speaker, included."""
+    speakers = [None, "p", "p!", "p 2", "o'k", 'say "hi"', "ünï", "p#", "P", "10", "9"]
+    rows = [
+        {"key": f"u{s}_{p}_{u}", "shard": f"{s:06d}", "speaker": name, "duration": 1.0}
+        for s in (3, 1, 12, 2)
+        for p, name in enumerate(speakers)
+        for u in range(3)  # Every stratum has 3 utterances: every remainder is the same.
+    ]
+    request_ = SampleRequest(percent=percent, seed=1)
+    assert draw(pa.Table.from_pylist(rows), request_).to_pylist() == _draw_row_by_row(
+        rows, request_
+    )
