@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -167,7 +168,10 @@ class ShardActor:
         out = ShardOutput(self.layout, shard)
         try:
             if decoded is None:
-                decoded = decode_rows(self.layout.root, rows)
+                # One pass over the rows feeds both the decoder and the batches (tee holds
+                # the one row between them), so each row becomes a dict once.
+                rows, to_decode = itertools.tee(rows)
+                decoded = decode_rows(self.layout.root, to_decode)
 
             def reject(row: dict, error: str) -> None:
                 out.reject(row["key"], "corrupt_audio", error)
@@ -345,21 +349,9 @@ def rows_by_shard(rows: pa.Table | list[dict]) -> dict[str, pa.Table | list[dict
     return grouped
 
 
-def as_rows(rows: pa.Table | list[dict]) -> Iterable[dict]:
+def as_rows(rows: pa.Table | list[dict]) -> Iterator[dict]:
     """One shard's rows as dicts (on the worker that processes them), made as they are
-    iterated: a 1 GiB shard of short utterances has tens of thousands, about 1 KB each."""
-    return _TableRows(rows) if isinstance(rows, pa.Table) else rows
-
-
-class _TableRows:
-    """A table's rows as dicts, a record batch at a time, each time it is iterated."""
-
-    def __init__(self, table: pa.Table):
-        self.table = table
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def __iter__(self) -> Iterator[dict]:
-        for batch in self.table.to_batches(max_chunksize=256):
-            yield from batch.to_pylist()
+    iterated, once: a 1 GiB shard of short utterances has tens of thousands, about 1 KB each."""
+    if isinstance(rows, pa.Table):
+        return (row for batch in rows.to_batches(max_chunksize=256) for row in batch.to_pylist())
+    return iter(rows)
