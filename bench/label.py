@@ -7,7 +7,9 @@
   actors: FLAC decoded from the shard tars, MFCC with :class:`units.features.kaldi.KaldiMFCC`,
   nearest centroid, one Parquet file of units per shard, committed atomically. Timed from
   the call to its return, with Ray already up and the k-means already fitted; the actors'
-  start-up (a Ray worker, importing torch and the project) is inside the call.
+  start-up is inside the call. Ray starts as the pipelines start a local Ray
+  (``pipelines._ray.local_options``): its idle workers import torch and the stages before
+  they take work, so an actor's start-up is Ray's, not torch's import.
 * fairseq: ``examples/hubert/simple_kmeans`` as its README runs it, ``nshard = 2`` ranks,
   each rank a fresh interpreter, first ``dump_mfcc_feature.py`` for both ranks, then
   ``dump_km_label.py`` for both:
@@ -859,7 +861,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Ray's sockets live under its temp dir: a short private one, removed at the end.
     ray_tmp = tempfile.mkdtemp(prefix="label-ray-", dir="/tmp")
     os.environ["RAY_TMPDIR"] = ray_tmp
-    ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False)
+    from pipelines._ray import local_options
+
+    # As the pipelines start a local Ray: idle workers import torch and the stages first.
+    ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False, **local_options())
     try:
         speakers = _speakers(args.hours)
         corpus = build_corpus(workdir, speakers, None, args.seed)

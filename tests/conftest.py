@@ -15,10 +15,11 @@ import pytest
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One in-process Ray instance for the whole test module (2 CPUs, no dashboard)."""
+    """One in-process Ray instance for the whole test module (2 CPUs, no dashboard); a new
+    one of its own even where another Ray runs on the machine."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -92,7 +93,7 @@ def ray_after_s3(s3_server):
     """Ray started after the S3 environment is set, so its workers inherit it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -54,3 +54,18 @@ def test_the_rayjob_entrypoint_names_a_module_and_config_that_exist():
     images = {c["image"] for g in [cluster["headGroupSpec"], *groups.values()]
               for c in g["template"]["spec"]["containers"]}  # fmt: skip
     assert len(images) == 1  # One image everywhere.
+
+
+def test_the_cluster_preloads_what_a_local_ray_preloads():
+    import importlib.util
+    import shlex
+
+    from pipelines._ray import WORKER_PRELOAD
+
+    with open(os.path.join(REPO, "cluster.yaml")) as f:
+        config = yaml.safe_load(f)
+    words = shlex.split(" ".join(config["head_start_ray_commands"]))
+    (option,) = [w for w in words if w.startswith("--system-config=")]
+    preload = json.loads(option.partition("=")[2])["preload_python_modules"]
+    assert tuple(preload) == WORKER_PRELOAD
+    assert all(importlib.util.find_spec(name) is not None for name in preload)

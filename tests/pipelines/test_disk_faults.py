@@ -72,7 +72,7 @@ def built(tmp_path_factory, corpus):
     from units.features.stage import run as extract
 
     root = tmp_path_factory.mktemp("root")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         shard([str(corpus)], str(root), ShardingOptions(max_samples=2))
         extract(str(root), "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=50, seed=0))

@@ -69,7 +69,7 @@ def test_a_driver_killed_mid_pass_resumes_to_the_uninterrupted_labels(tmp_path):
     synthetic.write_librispeech(
         str(corpus), speakers=4, chapters=1, utterances=6, seconds=(1.0, 3.0)
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         shard([str(corpus)], str(root), ShardingOptions(max_samples=2))  # 12 shards.
         extract(str(root), "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=50))
