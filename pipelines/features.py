@@ -46,6 +46,13 @@ OPTIONS = {
     "batch_seconds": Option(
         Float(gt=0), ExtractorOptions.batch_seconds, "padded audio seconds per batch", "SECONDS"
     ),
+    "bucket_seconds": Option(
+        Optional(Float(gt=0)),
+        None,
+        "audio seconds sorted by length into batches at once (default: one batch on CPU, "
+        "8 on GPU)",
+        "SECONDS",
+    ),
 }
 
 RECORD = "ROOT/runs/features-NAME.json"
@@ -69,6 +76,7 @@ def extractor_options(args) -> ExtractorOptions:
         dtype=args.dtype,
         threads=args.threads,
         batch_seconds=args.batch_seconds,
+        bucket_seconds=args.bucket_seconds,
     )
 
 

@@ -29,7 +29,7 @@ Config keys (defaults in brackets; each is the stage's flag of the same name):
     features.name [mfcc]    features.extractor [mfcc]  features.layer
     features.percent [10]   features.hours (wins over percent)  features.seed [0]
     features.gpus_per_worker [0]  features.dtype (bf16, fp16)  features.threads
-    features.batch_seconds [BATCH_SECONDS]
+    features.batch_seconds [BATCH_SECONDS]  features.bucket_seconds (1 batch on CPU, 8 on GPU)
     kmeans.name [mfcc100]   kmeans.k [100]  kmeans.pca  kmeans.whiten [false]
     kmeans.init [k-means||] kmeans.algorithm [lloyd]  kmeans.max_iter [100]
     kmeans.tol [1e-4]       kmeans.seed [0]  kmeans.batch_size [10000]

@@ -706,6 +706,14 @@ class SSLExtractor:
         self.context_frames = int(context_seconds * SAMPLE_RATE) // SSL.hop
         self._module = model.model.to(self.device).eval()
         self._block = self._module.encoder.layers[self.layer - 1]
+        #: Samples run through the model, padding included, and the audio among them: what
+        #: length bucketing saves shows in ``padding_fraction``.
+        self.samples_run = self.samples_audio = 0
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the samples run that were padding, over every call so far."""
+        return 1.0 - self.samples_audio / self.samples_run if self.samples_run else 0.0
 
     def __call__(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Features of each 16 kHz mono waveform.
@@ -766,6 +774,8 @@ class SSLExtractor:
         """Block ``layer``'s output for each chunk, sliced to the chunk's own frame count."""
         lengths = [len(c) for c in chunks]
         longest = max(lengths)
+        self.samples_run += longest * len(chunks)
+        self.samples_audio += sum(lengths)
         batch = np.zeros((len(chunks), longest), dtype=np.float32)
         for i, c in enumerate(chunks):
             batch[i, : len(c)] = c

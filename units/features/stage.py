@@ -60,13 +60,14 @@ class FeatureWorker:
     """
 
     def __init__(self, options: ExtractorOptions, spec: FeatureSpec | None = None, *, device: str):
-        self.extractor = extractors.build(dataclasses.replace(options, device=device))
+        options = dataclasses.replace(options, device=device)
+        self.extractor = extractors.build(options)
         if spec is not None and self.extractor.spec != spec:
             raise StageError(
                 f"the extractor built on this worker computes {self.extractor.spec}, "
                 f"not the planned {spec}"
             )
-        self.batch_seconds = options.batch_seconds
+        self.batch_seconds = options.bucket
 
     def write_shard(self, out: ShardOutput, batches) -> dict:
         spec = self.extractor.spec

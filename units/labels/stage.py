@@ -67,8 +67,9 @@ class Labeller:
         self.model = KMeansModel.load(root, kmeans)
         if extractor is None:
             extractor = ExtractorOptions.from_spec(self.model.spec)
-        self.extractor = extractors.build(dataclasses.replace(extractor, device=device))
-        self.batch_seconds = extractor.batch_seconds  # Audio per batch of the stage's worker.
+        extractor = dataclasses.replace(extractor, device=device)
+        self.extractor = extractors.build(extractor)
+        self.batch_seconds = extractor.bucket  # Audio per batch of the stage's worker.
         check_spec(kmeans, self.model.spec, self.extractor.spec)
         self.device = device
 

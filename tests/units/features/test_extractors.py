@@ -241,3 +241,14 @@ def test_options_from_a_spec_rebuild_it_and_take_how_to_run_apart(tmp_path):
     assert (again.batch_seconds, again.threads) == (30.0, 1)
     assert again == dataclasses.replace(original, batch_seconds=30.0, threads=1)
     assert extractors.describe(again) == spec
+
+
+def test_a_stage_buckets_one_batch_on_cpu_and_eight_on_a_gpu_unless_told():
+    from units.features.extractors import GPU_BUCKET_BATCHES
+
+    assert ExtractorOptions("mfcc").bucket == 120.0
+    assert ExtractorOptions("hf:/m", layer=9, device="cuda").bucket == 120.0 * GPU_BUCKET_BATCHES
+    assert ExtractorOptions("hf:/m", layer=9, device="cuda:1", batch_seconds=50).bucket == 400.0
+    assert ExtractorOptions("hf:/m", layer=9, device="cuda", bucket_seconds=300).bucket == 300.0
+    # How features run, never what they are: the spec's options leave it at its default.
+    assert ExtractorOptions.from_spec(FBANK_SPEC, device="cuda").bucket_seconds is None

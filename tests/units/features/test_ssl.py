@@ -326,13 +326,18 @@ def test_batches_stay_within_the_budget(loaded):
     bundle = loaded["wav2vec2-large"]
     wavs = [chirp(n, i) for i, n in enumerate(LENGTHS * 3)]
     shapes, handle = _forward_shapes(bundle)
+    extract = SSLExtractor(bundle, 1, batch_seconds=2.0, window_seconds=None)
     try:
-        SSLExtractor(bundle, 1, batch_seconds=2.0, window_seconds=None)(wavs)
+        extract(wavs)
     finally:
         handle.remove()
     assert sum(b for b, _ in shapes) == len(wavs)
     assert all(b * n <= 32000 or b == 1 for b, n in shapes)
     assert len(shapes) < len(wavs)
+    # The padding is counted: samples run are the batches' shapes, the audio the lengths.
+    assert extract.samples_run == sum(b * n for b, n in shapes)
+    assert extract.samples_audio == sum(map(len, wavs))
+    assert extract.padding_fraction == 1 - sum(map(len, wavs)) / sum(b * n for b, n in shapes)
 
 
 def test_padding_leaks_into_data2vec_but_not_wav2vec2_large(loaded):
