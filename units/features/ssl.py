@@ -725,6 +725,12 @@ class SSLExtractor:
         Raises:
             ValueError: A waveform that is not one-dimensional.
         """
+        return [f.numpy() for f in self.on_device(waveforms, host=True)]
+
+    def on_device(self, waveforms: Sequence[np.ndarray], host: bool = False) -> list[torch.Tensor]:
+        """The features of :meth:`__call__` as float32 tensors on the extractor's device,
+        where a GPU consumer (the label pass's centroid search) takes them without a copy
+        to the host and back; ``host=True`` brings each batch to the CPU as it is done."""
         wavs = []
         for i, w in enumerate(waveforms):
             w = np.asarray(w, dtype=np.float32)
@@ -732,7 +738,11 @@ class SSLExtractor:
                 raise ValueError(f"waveform {i} has shape {w.shape}; expected mono (N,)")
             # Whole-utterance statistics, before any windowing (fairseq's normalize=True).
             wavs.append(layer_norm_waveform(w) if self.model.normalize_waveform else w)
-        outputs = [np.zeros((SSL.frames(len(w)), self.spec.dim), dtype=np.float32) for w in wavs]
+        where = torch.device("cpu") if host else self.device
+        outputs = [
+            torch.zeros((SSL.frames(len(w)), self.spec.dim), dtype=torch.float32, device=where)
+            for w in wavs
+        ]
         pieces = [
             _Piece(utt, *window)
             for utt, w in enumerate(wavs)
@@ -740,7 +750,7 @@ class SSLExtractor:
         ]
         with torch.inference_mode():
             for batch in self._batches(pieces):
-                features = self._forward([wavs[p.utt][p.start : p.stop] for p in batch])
+                features = self._forward([wavs[p.utt][p.start : p.stop] for p in batch], where)
                 for p, f in zip(batch, features, strict=True):
                     kept = f[p.keep_from : p.keep_to]
                     outputs[p.utt][p.out_from : p.out_from + len(kept)] = kept
@@ -770,8 +780,9 @@ class SSLExtractor:
                 batches.append([p])
         return batches
 
-    def _forward(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
-        """Block ``layer``'s output for each chunk, sliced to the chunk's own frame count."""
+    def _forward(self, chunks: list[np.ndarray], where: torch.device) -> list[torch.Tensor]:
+        """Block ``layer``'s output for each chunk, sliced to the chunk's own frame count,
+        float32 on ``where``."""
         lengths = [len(c) for c in chunks]
         longest = max(lengths)
         self.samples_run += longest * len(chunks)
@@ -807,7 +818,7 @@ class SSLExtractor:
             handle.remove()
         if not captured:
             raise RuntimeError(f"block {self.layer} of {self.model.path} did not run")
-        hidden = captured[0].float().cpu().numpy()
+        hidden = captured[0].float().to(where)
         if hidden.shape[1] != SSL.frames(longest):
             raise RuntimeError(
                 f"{self.model.path}: {hidden.shape[1]} frames for {longest} samples, "

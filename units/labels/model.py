@@ -25,7 +25,7 @@ from shards.core import storage
 from shards.core.atomic import read_json
 from shards.core.outputs import OutputLayout, StageError
 from units.features.extractor import FeatureSpec
-from units.kmeans.parts import Assigner
+from units.kmeans.parts import CHUNK_ROWS, Assigner
 
 
 def label_layout(root: str, name: str) -> OutputLayout:
@@ -124,3 +124,25 @@ class KMeansModel:
             self._assigners[device] = Assigner(self.centroids, device=device)
         labels = self._assigners[device](np.ascontiguousarray(x), distances=False)[0]
         return labels.astype(np.uint16)
+
+    def units_on_device(self, features):
+        """uint16 unit per frame of ``features``, a float32 ``(T, dim)`` torch tensor on any
+        device: the PCA and the nearest centroid (GEMM argmin, full float32) run where the
+        features are, and only the units come back to the host. On a GPU the label pass's
+        features never leave it."""
+        import torch
+
+        device = features.device
+        key = ("torch", str(device))
+        if key not in self._assigners:
+            c = torch.from_numpy(self.centroids).to(device)
+            pca = None
+            if self.pca_mean is not None:
+                pca = tuple(torch.from_numpy(a).to(device) for a in (self.pca_mean, self.pca_matrix))
+            self._assigners[key] = ((-2 * c.T).contiguous(), (c.double() ** 2).sum(1).float(), pca)
+        ct_m2, norms, pca = self._assigners[key]
+        x = features if pca is None else (features - pca[0]) @ pca[1]
+        labels = torch.empty(len(x), dtype=torch.int32, device=device)
+        for s in range(0, len(x), CHUNK_ROWS):  # Bounded (rows, k) distances at a time.
+            labels[s : s + CHUNK_ROWS] = torch.addmm(norms, x[s : s + CHUNK_ROWS], ct_m2).argmin(1)
+        return labels.cpu().numpy().astype(np.uint16)

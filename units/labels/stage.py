@@ -82,6 +82,25 @@ class Labeller:
         bounds = np.cumsum([0] + [len(f) for f in features])
         return [(f, units[bounds[i] : bounds[i + 1]]) for i, f in enumerate(features)]
 
+    def units(self, batch: list) -> list[np.ndarray]:
+        """The units alone per ``(row, waveform)`` of ``batch``. On a GPU, an extractor that
+        can leave its features there (:meth:`units.features.ssl.SSLExtractor.on_device`)
+        does, and the centroid search runs beside them: only unit ids cross to the host."""
+        if self.device == "cpu" or not hasattr(self.extractor, "on_device"):
+            return [u for _, u in self(batch)]
+        return self.units_on_device(batch)
+
+    def units_on_device(self, batch: list) -> list[np.ndarray]:
+        """:meth:`units` through the extractor's device tensors (on any device)."""
+        import torch
+
+        features = self.extractor.on_device([wav for _, wav in batch])
+        for (row, _), feats in zip(batch, features, strict=True):
+            check_frames(self.model.spec, row["key"], row["num_samples"], len(feats))
+        units = self.model.units_on_device(torch.cat(features))
+        bounds = np.cumsum([0] + [len(f) for f in features])
+        return [units[bounds[i] : bounds[i + 1]] for i in range(len(features))]
+
 
 class LabelWorker:
     """Builds the k-means's extractor once and labels audio shards with it (a worker of
@@ -116,7 +135,7 @@ class LabelWorker:
         stream = out.stream_parquet("units", schema, UNITS_ROW_GROUP)
         frames = 0
         for batch in batches:
-            units = [u for _, u in self.labeller(batch)]
+            units = self.labeller.units(batch)
             columns = {
                 "key": pa.array([row["key"] for row, _ in batch], pa.string()),
                 "shard": pa.array([out.shard] * len(batch), pa.string()),

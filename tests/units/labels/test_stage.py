@@ -208,6 +208,36 @@ def test_a_member_that_fails_to_decode_is_a_reject_and_the_pass_goes_on(root, tm
     assert victim["key"] not in labelled.column("key").to_pylist()
 
 
+def test_an_actor_decoding_ahead_on_threads_writes_the_same_shards_and_rejects(root, tmp_path):
+    """A GPU actor decodes its members on threads ahead of the batch being computed; the
+    label shards and the reject are the bytes an actor decoding inline writes. In this
+    process, on CPU, with a corrupt member in the first shard."""
+    import shutil
+
+    copy = tmp_path / "root"
+    for sub in ("manifest", "shards", "kmeans"):
+        shutil.copytree(root / sub, copy / sub)
+    manifest = pq.read_table(copy / "manifest" / "utterances.parquet")
+    victim = manifest.to_pylist()[1]
+    tar = copy / "shards" / f"{victim['shard']}.tar"
+    data = bytearray(tar.read_bytes())
+    data[victim["offset"] : victim["offset"] + victim["size"]] = bytes(victim["size"])
+    tar.write_bytes(bytes(data))
+    written = {}
+    for threads in (0, 3):
+        layout = label_layout(str(copy), f"threads{threads}")
+        layout.make_dirs()
+        actor = ShardActor(layout, label_stage.LabelWorker, (str(copy), "km8"), {}, "cpu", threads)
+        for name, rows in rows_by_shard(manifest).items():
+            assert actor.process_shard(name, rows)["written"]
+        written[threads] = {
+            os.path.relpath(os.path.join(d, f), layout.path("")): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(layout.path("")) for f in files if "commit" not in d
+        }  # fmt: skip
+    assert written[3] == written[0]
+    assert sum(name.startswith("rejects") for name in written[3]) == 1
+
+
 def test_dedup_gives_runs_and_durations_that_repeat_back_to_the_units():
     values, durations = dedup(np.array([3, 3, 3, 7, 1, 1, 3], np.uint16))
     assert values.tolist() == [3, 7, 1, 3] and durations.tolist() == [3, 1, 2, 1]
@@ -345,6 +375,27 @@ def hubert(root, tmp_path_factory):
     extract(str(root), "hubert2", options, SampleRequest(percent=50, seed=0))
     fit_kmeans(str(root), "hubert2", "h4", KMeans(4, seed=0, block_rows=256), StageOptions())
     return directory
+
+
+@pytest.mark.parametrize("pca", [None, 3])
+def test_units_searched_beside_the_features_on_their_device_agree(root, hubert, pca):
+    """The GPU label path (features left on the device, centroid search there, units back)
+    run on CPU tensors: the units of the exact features, up to float32 near ties."""
+    name = "h4" if pca is None else "h4pca"
+    if pca is not None:
+        fit_kmeans(str(root), "hubert2", name, KMeans(4, seed=0, block_rows=256), StageOptions(pca=pca))
+    labeller = label_stage.Labeller(str(root), name)
+    manifest = pq.read_table(root / "manifest" / "utterances.parquet").to_pylist()
+    index = shards.Index(str(root))
+    batch = [(row, index.get(row["key"]).waveform) for row in manifest]
+    on_device = labeller.units_on_device(batch)
+    assert all(u.dtype == np.uint16 for u in on_device)
+    agreement = UnitAgreement()
+    for (row, wav), units in zip(batch, on_device, strict=True):
+        feats = labeller.extractor([wav])[0]
+        agreement.add(assert_units_agree(units, feats, labeller.model, SSL_FEATURE_BOUND, row["key"]))
+    agreement.check()
+    assert labeller.units(batch)[0].dtype == np.uint16  # On CPU: the NumPy path.
 
 
 def test_ssl_labels_follow_the_50hz_contract_on_odd_lengths(root, hubert):
