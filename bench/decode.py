@@ -1,13 +1,13 @@
 """FLAC decoders side by side on the shards' own members and on real LibriSpeech FLAC.
 
-Every stage reads audio through ``shards.reader._decode``: FLAC members of the shard tars to
-float32 waveforms. This script times the decoders it could use, one core, on the same bytes
+Every stage reads audio through ``shards.reader.decode_member``: FLAC members of the shard
+tars to float32 waveforms. This script times the decoders it could use, one core, on the same bytes
 in memory, and checks that each gives libsndfile's float32 samples bit for bit (shape,
 dtype, rate and every sample, ``np.array_equal``):
 
 * ``libsndfile``: ``soundfile.read(BytesIO(data), dtype="float32")``, what the reader used
   alone before, and still its fallback.
-* ``unitpipe``: ``shards.reader._decode`` as the stages run it: dr_flac (miniaudio's build)
+* ``unitpipe``: ``shards.reader.decode_member`` as the stages run it: dr_flac (miniaudio's build)
   straight into a numpy array after the checks that send anything unusual to libsndfile
   (plain metadata, frames back to back and numbered, CRC-16s, STREAMINFO's length).
 * ``drflac_raw``: the same dr_flac calls without those checks: what the checks cost.
@@ -122,7 +122,7 @@ def decoders() -> tuple[dict[str, Callable], list[str]]:
 
     found: dict[str, Callable] = {
         "libsndfile": lambda data: sf.read(io.BytesIO(data), dtype="float32"),
-        "unitpipe": reader._decode,
+        "unitpipe": reader.decode_member,
     }
     skipped = []
     try:

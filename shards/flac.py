@@ -170,7 +170,7 @@ def plain_frames_start(data: bytes) -> int | None:
     Plain: STREAMINFO of 34 bytes, then only SEEKTABLE (whole seek points), VORBIS_COMMENT
     (lengths that tile the block) and PADDING (zeros) blocks, what libsndfile and the FLAC
     tools write, and a frame sync code right after the last block. For the reader's fast
-    decoder (:func:`shards.reader._decode`): libsndfile rejects some malformed metadata that
+    decoder (:func:`shards.reader.decode_member`): libsndfile rejects some malformed metadata that
     a decoder which skips blocks by their length would pass over, so anything but this
     well-formed set is left to libsndfile. Hand-written for speed: libsndfile's own parse
     (opening the file) costs about 80 us a member, this a microsecond or two.
@@ -213,7 +213,7 @@ def frames_are_whole(data: bytes, start: int, info: StreamInfo) -> bool:
     header valid (CRC-8) and numbered where the one before ended, from sample 0 to
     ``info.total_samples``; each one's CRC-16 right; nothing after the last.
 
-    For the reader's fast decoder (:func:`shards.reader._decode`), on a mono stream. dr_flac
+    For the reader's fast decoder (:func:`shards.reader.decode_member`), on a mono stream. dr_flac
     checks every frame's CRC but not that the frames follow each other: it resynchronises
     past bytes between frames and decodes frames in the order it finds them, where
     libsndfile (libFLAC) reports a lost sync or a missing frame. A frame repeated or

@@ -45,7 +45,15 @@ class UnsafeMemberError(ValueError):
     """A tar member that is not a plain file named ``KEY.ext``."""
 
 
-def _decode(data: bytes) -> tuple[np.ndarray, int]:
+class _Member(io.BytesIO):
+    """A member's bytes for libsndfile, whose errors quote the file object's repr: a fixed
+    one, so a reject's message is the same bytes on every run (not a memory address)."""
+
+    def __repr__(self) -> str:
+        return "<shard member>"
+
+
+def decode_member(data: bytes) -> tuple[np.ndarray, int]:
     """Decodes one member to float32 samples and its rate, as ``soundfile.read(...,
     dtype="float32")`` does: the same samples bit for bit, the same errors.
 
@@ -56,7 +64,7 @@ def _decode(data: bytes) -> tuple[np.ndarray, int]:
     fast = _decode_flac(data)
     if fast is not None:
         return fast
-    wav, rate = sf.read(io.BytesIO(data), dtype="float32")
+    wav, rate = sf.read(_Member(data), dtype="float32")
     return wav, rate
 
 
@@ -138,7 +146,7 @@ def iter_shard(path: str) -> Iterator[Sample]:
             parts[ext] = data
             if "flac" in parts and "json" in parts:
                 del pending[key]
-                wav, rate = _decode(parts["flac"])
+                wav, rate = decode_member(parts["flac"])
                 yield Sample(key, wav, rate, json.loads(parts["json"]))
         if pending:
             raise ValueError(f"{path}: samples without both .flac and .json: {sorted(pending)[:5]}")
@@ -193,7 +201,7 @@ def read_audio(root: str, shard: str, offset: int, size: int) -> tuple[np.ndarra
     """Decodes one member found through the manifest (``shard``, ``offset``, ``size``)."""
     path = os.path.join(RootLayout(root).shards_dir, f"{shard}.tar")
     with storage.open_input(path) as f:
-        return _decode(_read_member(f, path, offset, size))
+        return decode_member(_read_member(f, path, offset, size))
 
 
 def _read_member(f, path: str, offset: int, size: int) -> bytes:
@@ -216,7 +224,7 @@ def _read_at(layout: RootLayout, key: str, shard: str, offset: int, size: int) -
         if member is None or member.name != f"{key}.json" or not member.isreg():
             raise ValueError(f"{path}: {key}.json does not follow {key}.flac")
         meta = json.loads(tar.extractfile(member).read())
-    wav, rate = _decode(flac)
+    wav, rate = decode_member(flac)
     return Sample(key, wav, rate, meta)
 
 

@@ -4,8 +4,9 @@ A stage gives an :class:`~shards.core.outputs.OutputLayout`, a worker class and 
 each shard to do; the engine owns the rest:
 
 - the pending list (a committed shard is never done twice; a finished run does nothing),
-- placement (:func:`shards.core.placement.place`): one actor per CPU, or GPU actors that take their
-  audio decoded by CPU tasks so a GPU never waits on FLAC decoding,
+- placement (:func:`shards.core.placement.place`): one actor per CPU, or GPU actors whose
+  audio is decoded by threads of their own, members ahead of the batch the GPU computes, so
+  a GPU never waits on FLAC decoding (:func:`read_ahead`),
 - a shard whose actor is lost goes to a live actor (:class:`shards.core.placement.ShardPool`),
 - decoding and batching (:func:`batches`, a rule of the shard alone, so neither the number
   of workers nor a retry changes what shares a batch: README, "Determinism"),
@@ -40,16 +41,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from shards.core import throughput
 from shards.core.atomic import read_json, write_atomic
@@ -68,20 +71,67 @@ from units.features.extractor import FeatureSpec
 log = logging.getLogger(__name__)
 
 
-def decode_rows(root: str, rows: Iterable[dict]) -> Iterator[tuple[np.ndarray | None, str | None]]:
-    """Decodes the audio of ``rows`` one at a time, as it is asked for: (waveform, None) or
-    (None, error message) each. Lazily, so a worker holds one batch of audio, never a whole
-    shard's (a 1 GiB shard is about 15 h of audio, 3 GB of float32)."""
-    for row in rows:
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def read_ahead(items: Iterable[T], fn: Callable[[T], R], threads: int, window: int) -> Iterator[R]:
+    """``fn(item)`` for each item, in order; with ``threads`` > 0, computed by that many
+    threads at most ``window`` items ahead of the one the caller takes.
+
+    The items are drawn on the caller's thread only (an ``itertools.tee`` is not thread
+    safe), so ``fn`` alone runs on the threads: decoding, whose C code runs without the GIL.
+    Memory stays bounded by ``window`` results. ``fn``'s exception reaches the caller at
+    that item's place.
+    """
+    if threads <= 0:
+        yield from map(fn, items)
+        return
+    if window < 1:
+        raise ValueError(f"window={window} should be >= 1")
+    items = iter(items)
+    with ThreadPoolExecutor(threads, thread_name_prefix="read-ahead") as pool:
+        ahead = collections.deque(pool.submit(fn, item) for item in itertools.islice(items, window))
         try:
-            wav, rate = read_audio(root, row["shard"], row["offset"], row["size"])
-        except Exception as e:  # A bad member is that utterance's reject, not the shard's end.
-            yield None, f"{type(e).__name__}: {e}"
-            continue
-        if rate != 16_000 or wav.ndim != 1:
-            yield None, f"expected 16 kHz mono, got {rate} Hz, shape {wav.shape}"
-        else:
-            yield wav, None
+            while ahead:
+                done = ahead.popleft()
+                for item in itertools.islice(items, 1):
+                    ahead.append(pool.submit(fn, item))
+                yield done.result()
+        finally:
+            for future in ahead:  # A caller that stops early waits for nothing it skipped.
+                future.cancel()
+
+
+def decode_row(root: str, row: dict) -> tuple[np.ndarray | None, str | None]:
+    """Decodes one row's audio: (waveform, None), or (None, error message) for a member
+    that cannot be that utterance's audio (its reject, not the shard's end)."""
+    try:
+        wav, rate = read_audio(root, row["shard"], row["offset"], row["size"])
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+    if rate != 16_000 or wav.ndim != 1:
+        return None, f"expected 16 kHz mono, got {rate} Hz, shape {wav.shape}"
+    return wav, None
+
+
+#: Rows a decode thread may run ahead of the batch being computed, per thread.
+READ_AHEAD_ROWS_PER_THREAD = 4
+
+
+def decode_rows(
+    root: str, rows: Iterable[dict], threads: int = 0
+) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    """Decodes the audio of ``rows`` as it is asked for (:func:`decode_row` each), in order.
+
+    Lazily, so a worker holds one batch of audio and a few members ahead, never a whole
+    shard's (a 1 GiB shard is about 15 h of audio, 3 GB of float32). With ``threads`` > 0,
+    that many threads decode up to ``READ_AHEAD_ROWS_PER_THREAD`` rows each ahead of the
+    caller, while it computes (a GPU actor); 0 decodes on the caller's thread (a one-CPU
+    actor has no other core to decode on).
+    """
+    window = READ_AHEAD_ROWS_PER_THREAD * max(threads, 1)
+    return read_ahead(rows, functools.partial(decode_row, root), threads, window)
 
 
 def batches(
@@ -152,13 +202,20 @@ class ShardActor:
     """A Ray actor around one stage worker: skips committed shards, decodes, batches, and
     commits what the worker wrote (or removes it when the worker fails)."""
 
-    def __init__(self, layout: OutputLayout, worker: type, args: tuple, kwargs: dict, device: str):
+    def __init__(
+        self,
+        layout: OutputLayout,
+        worker: type,
+        args: tuple,
+        kwargs: dict,
+        device: str,
+        decode_threads: int = 0,
+    ):
         self.layout = layout
         self.worker = worker(*args, device=device, **kwargs)
+        self.decode_threads = decode_threads
 
-    def process_shard(
-        self, shard: str, rows: pa.Table | list[dict], decoded: list | None = None
-    ) -> dict:
+    def process_shard(self, shard: str, rows: pa.Table | list[dict]) -> dict:
         """Writes and commits ``shard``; returns its commit record, with ``written`` (False
         when it was already committed) and ``bytes_written``."""
         done = self.layout.read_commit(shard)
@@ -167,11 +224,10 @@ class ShardActor:
         rows = as_rows(rows)
         out = ShardOutput(self.layout, shard)
         try:
-            if decoded is None:
-                # One pass over the rows feeds both the decoder and the batches (tee holds
-                # the one row between them), so each row becomes a dict once.
-                rows, to_decode = itertools.tee(rows)
-                decoded = decode_rows(self.layout.root, to_decode)
+            # One pass over the rows feeds both the decoder and the batches (tee holds the
+            # rows between them: the read-ahead window at most), so each becomes a dict once.
+            rows, to_decode = itertools.tee(rows)
+            decoded = decode_rows(self.layout.root, to_decode, self.decode_threads)
 
             def reject(row: dict, error: str) -> None:
                 out.reject(row["key"], "corrupt_audio", error)
@@ -184,13 +240,6 @@ class ShardActor:
             out.abort()
             raise
         return dict(record, written=True, bytes_written=out.bytes_written)
-
-
-@ray.remote(num_cpus=1)
-def _decode_task(root: str, rows: pa.Table | list[dict]) -> list:
-    # A GPU actor's audio comes decoded, whole shard at once, from a CPU task: the GPU never
-    # waits on FLAC decoding (GPU nodes carry the memory for it).
-    return list(decode_rows(root, as_rows(rows)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,16 +335,13 @@ def run_pass(
     layout.make_dirs()
     placement = place(workers, gpus_per_worker)
     pool = actor_pool(ShardActor, placement, len(pending), layout, worker, args, kwargs,
-                      placement.device)  # fmt: skip
-    decode_apart = placement.device == "cuda"
+                      placement.device, placement.decode_threads)  # fmt: skip
     # Calls sent per shard: the pool calls submit again for a shard whose call it lost.
     sent: collections.Counter = collections.Counter()
 
     def submit(actor, shard):
         sent[shard] += 1
-        rows = rows_by_shard[shard]
-        decoded = _decode_task.remote(layout.root, rows) if decode_apart else None
-        return actor.process_shard.remote(shard, rows, decoded)
+        return actor.process_shard.remote(shard, rows_by_shard[shard])
 
     hours = {s: column_total(rows_by_shard[s], "duration") / 3600 for s in pending}
     done_hours, bytes_written, redone = 0.0, 0, 0

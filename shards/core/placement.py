@@ -27,13 +27,22 @@ log = logging.getLogger(__name__)
 RETRIES = {"max_restarts": 3, "max_task_retries": 0}
 
 
+#: Threads that decode each GPU actor's audio ahead of its batches (units.stage.read_ahead):
+#: a GPU labelling at 20,000x real time takes about four cores' FLAC decoding (dr_flac runs
+#: some 5,000-6,000x real time per core), and GPU nodes carry 8-12 vCPUs per GPU. They take
+#: no CPU resource from Ray: a GPU node's CPUs serve its GPU actors.
+GPU_DECODE_THREADS = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """How many actors, on which device, with which Ray resource options."""
+    """How many actors, on which device, with which Ray resource options, and how many
+    threads each decodes audio with (0: on the actor's own thread)."""
 
     count: int
     device: str
     options: dict
+    decode_threads: int = 0
 
     def actors(self, needed: int) -> int:
         """Actors to start for ``needed`` shards: as many as placed, no more than needed."""
@@ -55,7 +64,7 @@ def place(workers: int | None = None, gpus_per_worker: float | None = None) -> P
     if gpus_per_worker > 0:
         if gpus >= gpus_per_worker:
             options = dict(RETRIES, num_gpus=gpus_per_worker, num_cpus=0)
-            return Placement(int(gpus // gpus_per_worker), "cuda", options)
+            return Placement(int(gpus // gpus_per_worker), "cuda", options, GPU_DECODE_THREADS)
         log.warning(
             "asked for %s GPUs per worker, the cluster has %s: using CPUs", gpus_per_worker, gpus
         )

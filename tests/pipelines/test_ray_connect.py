@@ -1,5 +1,6 @@
 """A local Ray from ``pipelines._ray.connect``: its workers import the stages while idle."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -32,8 +33,12 @@ def test_a_local_rays_workers_have_the_stages_imported_before_they_take_work():
         capture_output=True,
         text=True,
         timeout=240,
-        env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "PATH": "/usr/bin:/bin"},
+        env={
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_AUTH_MODE": "disabled",
+            "PATH": "/usr/bin:/bin",
+        },
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    loaded = dict(zip(names, __import__("json").loads(done.stdout.strip().splitlines()[-1])))
+    loaded = dict(zip(names, json.loads(done.stdout.strip().splitlines()[-1]), strict=True))
     assert loaded == {**dict.fromkeys(WORKER_PRELOAD, True), "units.kmeans.stage": False}

@@ -103,7 +103,7 @@ def test_every_member_of_the_test_corpora_decodes_fast_to_libsndfiles_samples(co
     assert len(corpus_members) >= 25
     for data in corpus_members:
         _assert_fast_and_exact(data)
-        assert _outcome(reader._decode, data) == _outcome(_libsndfile, data)
+        assert _outcome(reader.decode_member, data) == _outcome(_libsndfile, data)
 
 
 @pytest.mark.parametrize("frames", [1, 2, 255, 256, 4095, 4096, 4097, 12_345])
@@ -134,7 +134,7 @@ def test_every_16_bit_value_and_24_bit_extremes_are_exact():
 )
 def test_other_streams_are_left_to_libsndfile(data):
     assert reader._decode_flac(data) is None
-    assert _outcome(reader._decode, data) == _outcome(_libsndfile, data)
+    assert _outcome(reader.decode_member, data) == _outcome(_libsndfile, data)
 
 
 def test_truncated_flac_is_never_a_short_waveform():
@@ -143,7 +143,7 @@ def test_truncated_flac_is_never_a_short_waveform():
         part = data[:cut]
         assert reader._decode_flac(part) is None, cut
         with pytest.raises(sf.LibsndfileError):
-            reader._decode(part)
+            reader.decode_member(part)
 
 
 def _mutations(data: bytes, rng: np.random.Generator):
@@ -194,7 +194,7 @@ def test_damaged_streams_give_libsndfiles_outcome(subtype):
     fast_kinds = set()
     for kind, damaged in _mutations(data, np.random.default_rng(5)):
         expected = _outcome(_libsndfile, damaged)
-        assert _outcome(reader._decode, damaged) == expected, kind
+        assert _outcome(reader.decode_member, damaged) == expected, kind
         if reader._decode_flac(damaged) is not None:
             fast_kinds.add(kind)
     assert 2 in fast_kinds  # Bytes no decoder reads (the MD5, say): still the fast path.
@@ -203,12 +203,12 @@ def test_damaged_streams_give_libsndfiles_outcome(subtype):
 
 def test_without_miniaudio_libsndfile_decodes_everything_the_same(corpus_members, monkeypatch):
     sample = corpus_members[::3] + [_flac(tone(0.3, 16000), subtype="PCM_24")]
-    fast = [_outcome(reader._decode, data) for data in sample]
+    fast = [_outcome(reader.decode_member, data) for data in sample]
     monkeypatch.setattr(reader, "_miniaudio", None)
     assert all(reader._decode_flac(data) is None for data in sample)
-    assert [_outcome(reader._decode, data) for data in sample] == fast
+    assert [_outcome(reader.decode_member, data) for data in sample] == fast
     truncated = _flac(tone(1.0, 16000))[:-100]
-    assert _outcome(reader._decode, truncated) is sf.LibsndfileError
+    assert _outcome(reader.decode_member, truncated) is sf.LibsndfileError
 
 
 def test_the_fast_decoder_is_what_the_reader_uses(tmp_path, monkeypatch):

@@ -138,7 +138,9 @@ class KMeansModel:
             c = torch.from_numpy(self.centroids).to(device)
             pca = None
             if self.pca_mean is not None:
-                pca = tuple(torch.from_numpy(a).to(device) for a in (self.pca_mean, self.pca_matrix))
+                pca = tuple(
+                    torch.from_numpy(a).to(device) for a in (self.pca_mean, self.pca_matrix)
+                )
             self._assigners[key] = ((-2 * c.T).contiguous(), (c.double() ** 2).sum(1).float(), pca)
         ct_m2, norms, pca = self._assigners[key]
         x = features if pca is None else (features - pca[0]) @ pca[1]
