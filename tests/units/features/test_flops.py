@@ -17,7 +17,8 @@ FAMILIES = {
     "wavlm": ("WavLM", TINY),
     "data2vec-audio": (
         "Data2VecAudio",
-        {k: v for k, v in TINY.items() if k != "num_conv_pos_embeddings"} | {"conv_pos_kernel_size": 5},
+        {k: v for k, v in TINY.items() if k != "num_conv_pos_embeddings"}
+        | {"conv_pos_kernel_size": 5},
     ),
 }
 
@@ -37,7 +38,9 @@ def model(request, tmp_path_factory):
 
 @pytest.mark.parametrize("samples", [400, 5431, 16000])
 @pytest.mark.parametrize("layer", [1, 3])
-def test_the_count_equals_torchs_flop_counter_over_the_layers_run(model, layer, samples, monkeypatch):
+def test_the_count_equals_torchs_flop_counter_over_the_layers_run(
+    model, layer, samples, monkeypatch
+):
     # FlopCounterMode breaks weight-normed convolutions under inference_mode (torch 2.13);
     # no_grad runs the same kernels.
     monkeypatch.setattr(torch, "inference_mode", torch.no_grad)
@@ -53,5 +56,7 @@ def test_deeper_layers_cost_more_and_attention_grows_quadratically(model):
     one, two = ssl_flops(model.model, 16000, 1), ssl_flops(model.model, 16000, 2)
     three = ssl_flops(model.model, 16000, 3)
     assert one < two < three and three - two == two - one  # Identical blocks.
-    short, long = (ssl_flops(model.model, n, 3) - ssl_flops(model.model, n, 2) for n in (16000, 32000))
+    short, long = (
+        ssl_flops(model.model, n, 3) - ssl_flops(model.model, n, 2) for n in (16000, 32000)
+    )
     assert long > 2 * short  # The scores' T^2 term.
