@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import logging
 import os
 import tarfile
@@ -34,11 +33,10 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
-import soundfile as sf
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from shards.reader import UnsafeMemberError
+from shards.reader import UnsafeMemberError, decode_member
 from shards.root import RootLayout
 from units.labels.model import label_layout
 
@@ -321,9 +319,9 @@ class UnitDataset(IterableDataset):
                 skipped += 1
                 continue
             units, rate = labels.pop(key)
-            # Decoded as shards.reader does; iter_shard is not used because it decodes
-            # every member, and the unlabelled ones are mostly those that fail to decode.
-            wav, sample_rate = sf.read(io.BytesIO(flac), dtype="float32")
+            # Decoded as every stage does; iter_shard is not used because it decodes every
+            # member, and the unlabelled ones are mostly those that fail to decode.
+            wav, sample_rate = decode_member(flac)
             start = 0
             if self.max_samples is not None:
                 rng = _rng("crop", self.seed, self.epoch, key) if self.random_crop else None
