@@ -562,7 +562,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False)
+    # address="local": a fresh instance of our own, never a cluster that another program
+    # started on this machine (ray.init would join it, with its CPUs and its load).
+    ray.init(address="local", num_cpus=CORES, include_dashboard=False, log_to_driver=False)
     try:
         warmup_s = warm_up(workdir, corpus)
         passthrough, transcode = [], None

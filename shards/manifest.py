@@ -7,12 +7,13 @@ memory does not grow with the corpus.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
 
 import pyarrow as pa
 
 from .core import storage
-from .core.atomic import ParquetStream, read_json, write_atomic, write_parquet_atomic
+from .core.atomic import ParquetStream, fsync_dir, read_json, write_atomic, write_parquet_atomic
 from .root import RootLayout
 from .schemas import REJECTS, SHARDS, UTTERANCES
 
@@ -60,9 +61,19 @@ def finalize(
             by_reason.update(part_rejects.column("reason").to_pylist())
         shards = pa.Table.from_pylist(shard_rows, schema=SHARDS)
         seconds = float(sum(r["seconds"] for r in shard_rows))
-        utterances.publish()
-        rejects.publish()
-    write_parquet_atomic(layout.manifest("shards.parquet"), shards)
+        # Each fsync waits on the disk: the three manifests are synced side by side (the
+        # file system commits them together), their directory once, the summary last.
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            published = [
+                pool.submit(utterances.publish, sync_dir=False),
+                pool.submit(rejects.publish, sync_dir=False),
+                pool.submit(
+                    write_parquet_atomic, layout.manifest("shards.parquet"), shards, None, False
+                ),
+            ]
+            for done in published:
+                done.result()
+        fsync_dir(layout.manifest_dir)
     summary = {
         "layout": meta.get("layout"),
         "files": meta["files"],

@@ -8,6 +8,7 @@ never assign an input to a different shard than the interrupted run did.
 from __future__ import annotations
 
 import collections.abc
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 
 from . import vad
 from .core import storage
-from .core.atomic import read_json, write_atomic, write_parquet_atomic
+from .core.atomic import fsync_dir, read_json, write_atomic, write_parquet_atomic
 from .discover import AUDIO_EXTENSIONS, LAYOUTS
 from .probe import Probe
 from .root import RootLayout
@@ -287,8 +288,19 @@ def fingerprint(inputs: list[str], opts: ShardingOptions) -> str:
 
 def save(layout: RootLayout, plan: Plan) -> None:
     """Writes the plan; ``plan.json`` goes last and is what marks the plan as complete."""
-    write_parquet_atomic(layout.plan_path("plan.parquet"), plan.table.cast(PLAN))
-    write_parquet_atomic(layout.plan_path("rejects.parquet"), plan.rejects, REJECTS)
+    # Each fsync waits on the disk: the two tables are synced side by side (the file system
+    # commits them together) and their directory once, before plan.json.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        table = pool.submit(
+            write_parquet_atomic,
+            layout.plan_path("plan.parquet"),
+            plan.table.cast(PLAN),
+            None,
+            False,
+        )
+        write_parquet_atomic(layout.plan_path("rejects.parquet"), plan.rejects, REJECTS, False)
+        table.result()
+    fsync_dir(layout.plan_dir)
     write_atomic(
         layout.plan_path("plan.json"), json.dumps(plan.meta, sort_keys=True, indent=1).encode()
     )

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import stat
 from typing import NamedTuple
 
 import soundfile as sf
@@ -80,12 +81,14 @@ class Header(NamedTuple):
         ) == ("FLAC", "PCM_16", SAMPLE_RATE, 1)
 
 
-def probe(source: Source, *, segment: str = "none") -> Probe:
+def probe(source: Source, *, segment: str = "none", fd: int | None = None) -> Probe:
     """Reads the header of ``source`` (and its sidecar) and checks it can be used.
 
     Args:
         source: The input.
         segment: ``none`` or ``vad``; pass-through is only possible for whole files.
+        fd: ``source`` already opened for reading (:class:`OpenAhead`); closed here. A
+            descriptor of anything but a regular file is closed and the path used instead.
 
     Returns:
         The header facts.
@@ -93,11 +96,17 @@ def probe(source: Source, *, segment: str = "none") -> Probe:
     Raises:
         ProbeError: With the reason the input cannot be used.
     """
-    file_bytes = _stat(source.path)
+    opened = _regular(fd, source.path)
+    if opened is None:
+        file_bytes = _stat(source.path)
+    else:  # One open serves the size and the header; the same answers as by path.
+        opened, file_bytes = opened
     if file_bytes == 0:
+        if opened is not None:
+            opened.close()
         raise ProbeError(Reason.EMPTY_FILE, "file is empty (0 bytes)")
     try:
-        with storage.open_input(source.path) as f:
+        with opened if opened is not None else storage.open_input(source.path) as f:
             info, passthrough = _read_header(f, segment)
     except PermissionError as e:
         raise ProbeError(Reason.PERMISSION_DENIED, f"permission denied: {e}") from e
@@ -146,6 +155,32 @@ def _read_header(f, segment: str) -> tuple[Header, bool]:
             return header, header.passes_through(segment)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise ProbeError(Reason.NOT_AUDIO, f"libsndfile cannot read it: {e}") from e
+
+
+def open_fd(fd: int, path: str):
+    """An open descriptor of local ``path`` as the binary file ``storage.open_input(path)``
+    would give (the same name, which error messages quote)."""
+    f = open(fd, "rb", closefd=True)
+    f.raw.name = storage.local_path(path)
+    return f
+
+
+def _regular(fd: int | None, path: str):
+    """``fd`` as an open binary file and its size if it is a regular file; else ``None``
+    (and ``fd`` closed)."""
+    if fd is None:
+        return None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):  # O_NONBLOCK, set to open it, means nothing here.
+            return open_fd(fd, path), st.st_size
+    except OSError:
+        pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    return None
 
 
 def _stat(path: str) -> int:
@@ -250,6 +285,65 @@ def read_voice_activity(path: str) -> tuple[tuple[float, float], ...] | None:
 PROBE_AHEAD = 32
 
 
+class OpenAhead:
+    """Opens local files a window ahead of their use and asks the kernel to read them
+    (``posix_fadvise(WILLNEED)``, which returns at once), so that a cold disk is kept busy
+    without threads. The user reads from the same descriptor (:meth:`take`): each file is
+    opened once, where a separate announcement cost an open and a close more per file. A
+    file that cannot be opened here is opened again by its user, whose error says why.
+
+    Args:
+        paths: The files in the order they will be used (``None`` for files to skip;
+            remote ones are skipped too).
+        window: How many files ahead to open.
+        head_only: Announce only the first 64 KiB (for probing headers).
+    """
+
+    _SPAN = 1 << 16
+
+    def __init__(self, paths: list[str | None], window: int, head_only: bool = False):
+        self._paths = [
+            None if p is None or storage.is_url(p) else storage.local_path(p) for p in paths
+        ]
+        self._window = window
+        self._span = self._SPAN if head_only else 0
+        self._next = 0
+        self._fds: dict[int, int] = {}
+        self._advise = hasattr(os, "posix_fadvise")
+
+    def advance(self, current: int) -> None:
+        """Call before using file ``current``: opens up to ``current + window``."""
+        end = min(len(self._paths), current + self._window + 1)
+        while self._next < end:
+            i, path = self._next, self._paths[self._next]
+            self._next += 1
+            if path is None:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            self._fds[i] = fd
+            if self._advise:
+                try:
+                    os.posix_fadvise(fd, 0, self._span, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass
+
+    def take(self, i: int) -> int | None:
+        """File ``i``'s descriptor (the caller closes it), or ``None``."""
+        return self._fds.pop(i, None)
+
+    def close(self) -> None:
+        """Closes the descriptors nobody took (a loop that stopped early)."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def probe_many(sources: list[Source], *, segment: str = "none") -> tuple[list[Probe], list[dict]]:
     """Probes a batch; every source ends in exactly one of the two lists, in input order.
 
@@ -258,11 +352,14 @@ def probe_many(sources: list[Source], *, segment: str = "none") -> tuple[list[Pr
     cache would cost more in GIL hand-offs than the reads themselves.
     """
     probes, rejects = [], []
-    ahead = storage.ReadAhead([s.path for s in sources], PROBE_AHEAD, head_only=True)
-    for i, source in enumerate(sources):
-        ahead.advance(i)
-        try:
-            probes.append(probe(source, segment=segment))
-        except ProbeError as e:
-            rejects.append(reject_row(source.path, Stage.PROBE, e.reason, str(e), source.key))
+    ahead = OpenAhead([s.path for s in sources], PROBE_AHEAD, head_only=True)
+    try:
+        for i, source in enumerate(sources):
+            ahead.advance(i)
+            try:
+                probes.append(probe(source, segment=segment, fd=ahead.take(i)))
+            except ProbeError as e:
+                rejects.append(reject_row(source.path, Stage.PROBE, e.reason, str(e), source.key))
+    finally:
+        ahead.close()
     return probes, rejects

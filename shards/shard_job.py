@@ -7,27 +7,32 @@ its manifest parts are in place), so a killed writer leaves nothing that a rerun
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import json
 import logging
+import os
+import stat
 from collections.abc import Iterator
 
 import pyarrow as pa
 
 from . import audio, keys, vad
 from .audio import AudioError, EncodedFile
-from .core import storage
+from .core import atomic, storage
 from .core.atomic import (
     committed,
     fsync_dir,
     remove_temps,
+    temp_path,
     unpublish,
     write_atomic,
     write_parquet_atomic,
 )
 from .plan import ShardingOptions
-from .probe import ProbeError, check_whole, read_voice_activity
+from .probe import OpenAhead, ProbeError, check_whole, open_fd, read_voice_activity
 from .root import RootLayout
 from .schemas import MIN_SAMPLES, REJECTS, SAMPLE_RATE, UTTERANCES, Reason, Stage, reject_row
 from .tar_writer import ShardWriter, SourceReadError, WriteError
@@ -70,16 +75,22 @@ def write_shard(root: str, index: int, rows: pa.Table | list[dict], opts: Shardi
     writer = ShardWriter(layout.shard_path(index))
     utterances, rejects = [], []
     data = None  # The commit record, once made.
+    # Copying is waiting on storage: the kernel reads the next files while this one is
+    # hashed and written.
+    ahead = OpenAhead([r["source"] if r["passthrough"] else None for r in rows], _READ_AHEAD)
     try:
-        # Copying is waiting on storage: the kernel reads the next files while this one is
-        # hashed and written.
-        ahead = storage.ReadAhead(
-            [r["source"] if r["passthrough"] else None for r in rows], _READ_AHEAD
-        )
         for i, plan_row in enumerate(rows):
             ahead.advance(i)
             try:
-                _write_input(writer, layout.shard_name(index), plan_row, opts, utterances, rejects)
+                _write_input(
+                    writer,
+                    layout.shard_name(index),
+                    plan_row,
+                    opts,
+                    utterances,
+                    rejects,
+                    ahead.take(i),
+                )
             except WriteError:  # The tar itself cannot be written: the shard fails.
                 raise
             except AudioError as e:
@@ -97,9 +108,8 @@ def write_shard(root: str, index: int, rows: pa.Table | list[dict], opts: Shardi
                         plan_row["key"],
                     )
                 )
-        write_parquet_atomic(layout.utterances_part(index), utterances, UTTERANCES, sync_dir=False)
-        write_parquet_atomic(layout.rejects_part(index), rejects, REJECTS, sync_dir=False)
-        nbytes, sha256 = writer.commit(sync_dir=False)
+        ahead.close()
+        nbytes, sha256 = writer.finish()
         record = {
             "name": layout.shard_name(index),
             "samples": len(utterances),
@@ -108,13 +118,10 @@ def write_shard(root: str, index: int, rows: pa.Table | list[dict], opts: Shardi
             "sha256": sha256,
             "rejects": len(rejects),
         }
-        # Tar and parts are durable under their final names before the record that trusts
-        # them.
-        fsync_dir(layout.shards_dir)
-        fsync_dir(layout.parts_dir)
         data = json.dumps(record, sort_keys=True).encode()
-        write_atomic(layout.commit_path(index), data)
+        _commit(layout, index, writer, utterances, rejects, data)
     except BaseException:
+        ahead.close()
         if data is not None and committed(layout.commit_path(index), data):
             raise  # Stopped after its commit: the shard is whole, and stays.
         writer.abort()
@@ -123,6 +130,66 @@ def write_shard(root: str, index: int, rows: pa.Table | list[dict], opts: Shardi
         )
         raise
     return dict(record, written=True)
+
+
+def _commit(
+    layout: RootLayout,
+    index: int,
+    writer: ShardWriter,
+    utterances: list[dict],
+    rejects: list[dict],
+    record: bytes,
+) -> None:
+    """Makes the finished tar, its manifest parts and last its commit record durable and
+    visible (DESIGN.md, invariant 2).
+
+    Each fsync waits on the disk, not on this process, so those that may happen together
+    do, and the file system commits them together: the tar, the two parts and the record
+    under its temporary name; then the directories that the tar and the parts were renamed
+    into; then, with everything it trusts in place, the record's rename and its directory.
+    """
+    if storage.is_url(layout.root):  # No fsync: uploads, in order, the record last.
+        write_parquet_atomic(layout.utterances_part(index), utterances, UTTERANCES)
+        write_parquet_atomic(layout.rejects_part(index), rejects, REJECTS)
+        writer.sync()
+        writer.publish()
+        write_atomic(layout.commit_path(index), record)
+        return
+    final = layout.commit_path(index)
+    temp = temp_path(final)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            tar = pool.submit(writer.sync)
+            synced = pool.submit(_write_synced, temp, record)
+            write_parquet_atomic(
+                layout.utterances_part(index), utterances, UTTERANCES, sync_dir=False
+            )
+            write_parquet_atomic(layout.rejects_part(index), rejects, REJECTS, sync_dir=False)
+            tar.result()
+            synced.result()
+            writer.publish(sync_dir=False)
+            shards_dir = pool.submit(fsync_dir, layout.shards_dir)
+            fsync_dir(layout.parts_dir)
+            shards_dir.result()
+        os.replace(temp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise
+    atomic.fsync_dir(layout.parts_dir)  # Looked up here, so that tests can stop it.
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    """Writes ``data`` to a new file and fsyncs it; a failure leaves no file behind."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
 
 
 #: Pass-through files announced to the kernel ahead of copying them.
@@ -184,11 +251,16 @@ def _write_input(
     opts: ShardingOptions,
     utterances: list,
     rejects: list,
+    fd: int | None = None,
 ) -> None:
+    """Adds one planned input; ``fd``, when given, is the pass-through source opened ahead
+    (closed here)."""
     duration = row["frames"] / row["sample_rate"]
     if row["passthrough"]:
-        _pass_through(writer, shard, row, opts, utterances, duration)
+        _pass_through(writer, shard, row, opts, utterances, duration, fd)
         return
+    if fd is not None:
+        os.close(fd)
     with EncodedFile() as enc:
         outputs = list(_encode(enc, row, opts, duration, rejects))
         # Only now, with the whole input decoded, does any of it enter the tar.
@@ -209,24 +281,21 @@ def _pass_through(
     opts: ShardingOptions,
     utterances: list,
     duration: float,
+    fd: int | None = None,
 ) -> None:
-    """Copies a 16 kHz mono 16-bit FLAC into the shard as it is, once it is known whole."""
+    """Copies a 16 kHz mono 16-bit FLAC into the shard as it is, once it is known whole.
+
+    ``fd``, when given, is the file opened ahead (:class:`shards.probe.OpenAhead`); it is
+    closed here.
+    """
     try:
-        with storage.open_input(row["source"]) as opened:
-            size = opened.seek(0, io.SEEK_END)
-            opened.seek(0)
+        with _open_source(row["source"], fd) as opened:
+            size = _size(opened)
             if size != row["file_bytes"]:
                 raise AudioError(
                     Reason.IO_ERROR,
                     f"file changed since it was planned ({row['file_bytes']} -> {size} bytes)",
                 )
-            # Small files are read once, into memory: that read serves the check, the hash
-            # and the copy. Larger ones are checked by seeking and then streamed.
-            f = io.BytesIO(opened.read()) if size <= _WHOLE_FILE else opened
-            check_whole(f, size)
-            if opts.verify:
-                audio.verify_decodes(f)
-                f.seek(0)
             meta = dict(
                 _base_meta(row),
                 key=row["key"],
@@ -235,7 +304,26 @@ def _pass_through(
                 end=duration,
                 passthrough=True,
             )
-            member = writer.add(row["key"], f, size, meta)
+            if size <= _WHOLE_FILE:
+                # Small files are read once, into memory: that read serves the check, the
+                # hashes and the copy, which queues the same bytes object (no copy).
+                data = _read_whole(opened, size)
+                f = io.BytesIO(data)  # Shares data's buffer while it is only read.
+                check_whole(f, size)
+                if opts.verify:
+                    audio.verify_decodes(f)
+                del f
+                if len(data) < size:  # It shrank since it was measured.
+                    raise SourceReadError(
+                        f"copying {row['key']}: source ended {size - len(data)} bytes early"
+                    )
+                member = writer.add_bytes(row["key"], data, meta)
+            else:  # Larger ones are checked by seeking and then streamed.
+                check_whole(opened, size)
+                if opts.verify:
+                    audio.verify_decodes(opened)
+                    opened.seek(0)
+                member = writer.add(row["key"], opened, size, meta)
     except ProbeError as e:
         raise AudioError(e.reason, str(e)) from e
     except WriteError:
@@ -249,6 +337,46 @@ def _pass_through(
     utterances.append(
         _manifest_row(shard, row["key"], member, row["frames"], row, 0.0, duration, True)
     )
+
+
+def _open_source(source: str, fd: int | None):
+    """The source as a binary file: ``fd`` when it is a regular file opened ahead, else
+    opened here (where an error says what is wrong)."""
+    if fd is not None:
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            regular = False
+        if regular:  # O_NONBLOCK, set to open it, means nothing to a regular file.
+            return open_fd(fd, source)
+        os.close(fd)
+    return storage.open_input(source)
+
+
+def _size(opened) -> int:
+    """The size of an open source; leaves it at its start."""
+    if isinstance(opened, io.BufferedReader):
+        return os.fstat(opened.fileno()).st_size
+    size = opened.seek(0, io.SEEK_END)
+    opened.seek(0)
+    return size
+
+
+def _read_whole(opened, size: int) -> bytes:
+    """The first ``size`` bytes of a source at its start; fewer only where it ends early (the
+    check and the copy then say so). A short read that is not the end is read on."""
+    data = opened.read(size)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = opened.read(size - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def _encode(

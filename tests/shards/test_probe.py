@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 
 from shards.discover import Source
-from shards.probe import ProbeError, check_whole, probe
+from shards.probe import OpenAhead, ProbeError, check_whole, probe, probe_many
 from tests.conftest import tone
 from tests.corpora import write_bad_corpus
 
@@ -133,3 +133,34 @@ def test_an_absurd_sample_rate_is_not_audio(tmp_path):
     with pytest.raises(ProbeError, match="1000 Hz") as err:
         probe(_source(tmp_path / "slow.wav"))
     assert err.value.reason.value == "not_audio"
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else set()
+
+
+def test_probing_from_a_descriptor_opened_ahead_answers_as_probing_by_path(bad_dir, tmp_path):
+    (tmp_path / "folder.flac").mkdir()  # A descriptor of a directory: the path decides.
+    paths = sorted(str(p) for p in bad_dir.iterdir()) + [str(tmp_path / "folder.flac")]
+    sources = [_source(p) for p in paths]
+    before = _open_fds()
+
+    def answer(source, fd):
+        try:
+            return probe(source, fd=fd)
+        except ProbeError as e:
+            return (e.reason, str(e))
+
+    ahead = OpenAhead(paths, 4, head_only=True)
+    for i, source in enumerate(sources):
+        ahead.advance(i)
+        assert answer(source, ahead.take(i)) == answer(source, None), source.path
+    ahead.close()
+    assert _open_fds() == before  # Every descriptor was closed by its probe.
+
+
+def test_probe_many_leaves_no_descriptor_open(bad_dir):
+    before = _open_fds()
+    probes, rejects = probe_many([_source(p) for p in sorted(bad_dir.iterdir())])
+    assert probes and rejects
+    assert _open_fds() == before

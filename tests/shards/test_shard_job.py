@@ -102,3 +102,27 @@ def test_a_stage_shard_stopped_after_its_commit_keeps_its_files(tmp_path, monkey
     out.abort()  # As the stage's actor does on any error.
     monkeypatch.undo()
     assert layout.read_commit("000001") is not None  # Its data file is there, whole.
+
+
+def test_digests_made_while_copying_equal_hashlib_over_the_files(tmp_path):
+    """Pass-through members are hashed as they are copied (one read each); the digests in
+    the manifest and the commit record are those of the files themselves."""
+    import hashlib
+
+    rows = _rows(tmp_path, ["a.flac", "b.flac", "c.wav"])
+    layout = RootLayout(str(tmp_path / "root"))
+    layout.make_dirs()
+    fds = set(os.listdir("/proc/self/fd"))
+    record = write_shard(layout.root, 0, rows, ShardingOptions())
+    assert set(os.listdir("/proc/self/fd")) == fds  # Every input opened ahead was closed.
+    tar = open(layout.shard_path(0), "rb").read()
+    assert record["sha256"] == hashlib.sha256(tar).hexdigest()
+    assert record["bytes"] == len(tar)
+    utterances = pq.read_table(layout.utterances_part(0)).to_pylist()
+    assert [u["passthrough"] for u in utterances] == [True, True, False]
+    for u in utterances:
+        member = tar[u["offset"] : u["offset"] + u["size"]]
+        assert u["sha256"] == hashlib.sha256(member).hexdigest()
+        if u["passthrough"]:
+            assert member == open(u["source"], "rb").read()
+    assert layout.temp_files() == []  # No temporary file of the commit is left.

@@ -139,3 +139,82 @@ def test_a_source_failing_mid_copy_is_rolled_back_and_the_shard_stays_valid(tmp_
 @pytest.mark.parametrize("size", [0, 1, 511, 512, 8**11 - 1, 8**11])
 def test_fast_headers_equal_tarfiles_own(name, size):
     assert tar_writer._header(name, size) == tar_writer._tarfile_header(name, size)
+
+
+def test_in_memory_members_make_the_same_tar_as_streamed_ones(tmp_path):
+    _, _, streamed = _write(tmp_path / "streamed.tar", SAMPLES)
+    w = ShardWriter(str(tmp_path / "bytes.tar"))
+    members = [w.add_bytes(k, data, {"key": k}) for k, data in SAMPLES]
+    _, sha = w.commit()
+    assert sha == streamed
+    assert (tmp_path / "bytes.tar").read_bytes() == (tmp_path / "streamed.tar").read_bytes()
+    for (_, data), m in zip(SAMPLES, members, strict=True):
+        assert m.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_digests_made_in_one_pass_equal_hashlib_over_the_files(tmp_path, monkeypatch):
+    # Small limits, so that the queue is written many times, members span several writes
+    # and a large member is streamed through the reused buffer in uneven chunks.
+    monkeypatch.setattr(tar_writer, "_FLUSH_BYTES", 3000)
+    monkeypatch.setattr(tar_writer, "_FLUSH_PIECES", 5)
+    monkeypatch.setattr(tar_writer, "_WHOLE_READ", 4096)
+    monkeypatch.setattr(tar_writer, "_COPY_BUFFER", 1000)
+    monkeypatch.setattr(tar_writer, "_WRITEBACK_BYTES", 2048)
+    rng = __import__("random").Random(0)
+    samples = [(f"k{i}", rng.randbytes(rng.choice([0, 1, 700, 4096, 9999]))) for i in range(30)]
+    w = ShardWriter(str(tmp_path / "s.tar"))
+    members = [
+        w.add_bytes(k, data, {"key": k}) if i % 2 else w.add(k, io.BytesIO(data), len(data), {})
+        for i, (k, data) in enumerate(samples)
+    ]
+    size, sha = w.commit()
+    blob = (tmp_path / "s.tar").read_bytes()
+    assert (size, sha) == (len(blob), hashlib.sha256(blob).hexdigest())
+    for (_, data), m in zip(samples, members, strict=True):
+        assert blob[m.offset : m.offset + m.size] == data
+        assert m.sha256 == hashlib.sha256(data).hexdigest()
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        assert [tar.extractfile(f"{k}.flac").read() for k, _ in samples] == [d for _, d in samples]
+
+
+def test_a_streamed_source_failing_after_some_chunks_were_written_is_rolled_back(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(tar_writer, "_WHOLE_READ", 16)
+    monkeypatch.setattr(tar_writer, "_COPY_BUFFER", 8)
+
+    class FailingLater(io.RawIOBase):
+        def __init__(self):
+            self.calls = 0
+
+        def readable(self):
+            return True
+
+        def read(self, size=-1):
+            self.calls += 1
+            if self.calls <= 5:
+                return b"x" * size
+            raise OSError("Input/output error")
+
+    w = ShardWriter(str(tmp_path / "s.tar"))
+    w.add("a", io.BytesIO(b"first"), 5, {"key": "a"})
+    with pytest.raises(SourceReadError, match="Input/output error"):
+        w.add("b", FailingLater(), 1000, {"key": "b"})  # 40 bytes reach the file, then it fails.
+    assert os.path.getsize(w.temp_path) == 4 * 512  # Only "a" (two headers, two blocks) is left.
+    w.add("d", io.BytesIO(b"last"), 4, {"key": "d"})
+    size, sha = w.commit()
+    _write(tmp_path / "ref.tar", [("a", b"first"), ("d", b"last")])
+    assert (tmp_path / "s.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
+    assert hashlib.sha256((tmp_path / "s.tar").read_bytes()).hexdigest() == sha
+
+
+def test_finish_sync_publish_is_commit_in_steps(tmp_path):
+    w = ShardWriter(str(tmp_path / "s.tar"))
+    w.add_bytes("a", b"data", {})
+    size, sha = w.finish()
+    assert not (tmp_path / "s.tar").exists()
+    w.sync()
+    w.publish()
+    blob = (tmp_path / "s.tar").read_bytes()
+    assert (size, sha) == (len(blob), hashlib.sha256(blob).hexdigest())
+    assert not os.path.exists(w.temp_path)
