@@ -158,15 +158,27 @@ def _commit(
     final = layout.commit_path(index)
     temp = temp_path(final)
     try:
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            tar = pool.submit(writer.sync)
-            synced = pool.submit(_write_synced, temp, record)
-            write_parquet_atomic(
-                layout.utterances_part(index), utterances, UTTERANCES, sync_dir=False
-            )
-            write_parquet_atomic(layout.rejects_part(index), rejects, REJECTS, sync_dir=False)
-            tar.result()
-            synced.result()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            synced = [
+                pool.submit(writer.sync),
+                pool.submit(_write_synced, temp, record),
+                pool.submit(
+                    write_parquet_atomic,
+                    layout.utterances_part(index),
+                    utterances,
+                    UTTERANCES,
+                    sync_dir=False,
+                ),
+                pool.submit(
+                    write_parquet_atomic,
+                    layout.rejects_part(index),
+                    rejects,
+                    REJECTS,
+                    sync_dir=False,
+                ),
+            ]
+            for done in synced:
+                done.result()
             writer.publish(sync_dir=False)
             shards_dir = pool.submit(fsync_dir, layout.shards_dir)
             fsync_dir(layout.parts_dir)
