@@ -105,18 +105,19 @@ def test_output_is_byte_for_byte_what_tarfile_writes_for_the_same_members(tmp_pa
 
 
 class _Failing(io.RawIOBase):
-    """A source that yields some bytes and then fails, like a file on a lost mount."""
+    """A source that yields some bytes and then fails, like a file on a lost mount: ``good``
+    reads of 40 bytes (of all that is asked with ``whole``), then an error."""
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, good=1, whole=False):
+        self.calls, self.good, self.whole = 0, good, whole
 
     def readable(self):
         return True
 
     def read(self, size=-1):
         self.calls += 1
-        if self.calls == 1:
-            return b"fLaC" * 10
+        if self.calls <= self.good:
+            return b"x" * size if self.whole else b"fLaC" * 10
         raise OSError("Input/output error")
 
 
@@ -183,23 +184,10 @@ def test_a_streamed_source_failing_after_some_chunks_were_written_is_rolled_back
     monkeypatch.setattr(tar_writer, "_WHOLE_READ", 16)
     monkeypatch.setattr(tar_writer, "_COPY_BUFFER", 8)
 
-    class FailingLater(io.RawIOBase):
-        def __init__(self):
-            self.calls = 0
-
-        def readable(self):
-            return True
-
-        def read(self, size=-1):
-            self.calls += 1
-            if self.calls <= 5:
-                return b"x" * size
-            raise OSError("Input/output error")
-
     w = ShardWriter(str(tmp_path / "s.tar"))
     w.add("a", io.BytesIO(b"first"), 5, {"key": "a"})
     with pytest.raises(SourceReadError, match="Input/output error"):
-        w.add("b", FailingLater(), 1000, {"key": "b"})  # 40 bytes reach the file, then it fails.
+        w.add("b", _Failing(good=5, whole=True), 1000, {"key": "b"})  # 40 bytes reach the file, then it fails.
     assert os.path.getsize(w.temp_path) == 4 * 512  # Only "a" (two headers, two blocks) is left.
     w.add("d", io.BytesIO(b"last"), 4, {"key": "d"})
     size, sha = w.commit()
