@@ -6,9 +6,10 @@ as many components as clusters (:func:`make_mixture`), float32, so k-means has t
 components and there is no clean answer. Contenders, all on two cores:
 
 * ``ours``: :class:`units.kmeans.estimator.KMeans` with its defaults (``k-means||``,
-  ``max_iter=100``, ``tol=1e-4``, ``seed=0``) on ``units.kmeans.transport.distribute(x,
-  workers=2)``, local Ray with ``num_cpus=2`` (one single-threaded actor per core). Timed
-  from ``distribute()`` through ``fit()``: nothing is left out (actors starting, the data
+  ``max_iter=100``, ``tol=1e-4``, ``seed=0``, two split-merge rounds) on
+  ``units.kmeans.transport.distribute(x, workers=2)``, local Ray with ``num_cpus=2`` (one
+  single-threaded actor per core). Timed from ``distribute()`` through ``fit()``: nothing
+  is left out (actors starting, the data
   going into the object store and to the actors, the NaN scan, the initialisation, every
   iteration). ``load_seconds`` is the part until the actors are up and hold their rows.
 * ``ours_20iter``: the same with faiss's budget, ``max_iter=20, tol=0``: twenty full passes.
@@ -39,9 +40,9 @@ Prints, per contender and case::
 then the ratios against the targets of the issue::
 
     RESULT bench=kmeans case=1Mx39_k100 ours=ours speedup_vs_minibatch=... inertia_vs_minibatch=...
-        target_speedup=5 mbk_n_init=20 met=...
+        target_speedup=5 mbk_n_init=20 met=...  (10 on 200kx768_k500)
     RESULT bench=kmeans case=1Mx39_k100 inertia_vs_faiss=... time_vs_faiss=...
-        target_inertia=0.99 target_time=1.5 met=...
+        target_inertia=0.99 target_time=1 met=...
     RESULT bench=kmeans case=1Mx39_k100 inertia_vs_sklearn_lloyd=...
         speedup_vs_sklearn_lloyd=... target_inertia=1.005 target_speedup=2 met=...
     RESULT bench=kmeans case=1Mx39_k100 cluster=2node identical_centroids=True
@@ -119,8 +120,10 @@ CORES = 2
 
 #: Targets from the issue.
 TARGET_SPEEDUP_VS_MINIBATCH = 5.0
+#: Issue 16, part 3: at 768 dimensions, ten times MiniBatchKMeans's speed.
+TARGET_SPEEDUP_VS_MINIBATCH_BY_CASE = {"200kx768_k500": 10.0}
 TARGET_INERTIA_VS_FAISS = 0.99
-TARGET_TIME_VS_FAISS = 1.5
+TARGET_TIME_VS_FAISS = 1.0
 TARGET_INERTIA_VS_LLOYD = 1.005
 TARGET_SPEEDUP_VS_LLOYD = 2.0
 TARGET_RAY_OVERHEAD = 0.2
@@ -440,10 +443,11 @@ def _report_ratios_of(case: Case, runs: dict[str, Run], ours: Run, mbk_n_init: i
     if "minibatch" in runs:
         mbk = runs["minibatch"]
         speedup, inertia = mbk.seconds / ours.seconds, ours.inertia / mbk.inertia
-        met = speedup >= TARGET_SPEEDUP_VS_MINIBATCH and inertia <= 1.0
+        target = TARGET_SPEEDUP_VS_MINIBATCH_BY_CASE.get(case.name, TARGET_SPEEDUP_VS_MINIBATCH)
+        met = speedup >= target and inertia <= 1.0
         print(
             f"{head} speedup_vs_minibatch={speedup:.2f} inertia_vs_minibatch={inertia:.4f}"
-            f" target_speedup={TARGET_SPEEDUP_VS_MINIBATCH:g} target_inertia=1"
+            f" target_speedup={target:g} target_inertia=1"
             f" mbk_n_init={mbk_n_init} met={met}",
             flush=True,
         )

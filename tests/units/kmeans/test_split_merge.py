@@ -1,0 +1,162 @@
+"""Split-merge rounds and the compiled sums: a planted local minimum that Lloyd alone keeps
+and the rounds leave, the choice of what moves, and results that do not depend on the parts,
+a kill or how the sums are computed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import v_measure_score
+
+from units.kmeans import kernels
+from units.kmeans.estimator import KMeans, split_merge
+from units.kmeans.parts import Assigner, LocalParts, Part
+
+
+def planted(n_per=500, seed=0):
+    """Four tight blobs on a line at 0, 10, 100 and 110, and a Lloyd fixed point that is not
+    the answer: two centroids share the blob at 0, one sits between the blobs at 100 and 110
+    (its rows average to it), one on the blob at 10."""
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [100.0, 0.0], [110.0, 0.0]])
+    truth = np.repeat(np.arange(4), n_per)
+    x = (centres[truth] + rng.normal(0, 0.5, (len(truth), 2))).astype(np.float32)
+    stuck = np.array([[0.0, -0.3], [0.0, 0.3], [10.0, 0.0], [105.0, 0.0]], np.float32)
+    return x, truth, stuck
+
+
+class _PlantedStart(KMeans):
+    """A seeded KMeans whose seeding lands on the planted fixed point."""
+
+    def __init__(self, start, **kwargs):
+        super().__init__(len(start), **kwargs)
+        self.start = start
+
+    def _initial(self, parts):
+        return self.start.copy()
+
+
+def test_lloyd_stays_in_a_planted_local_minimum_that_split_merge_leaves():
+    x, truth, stuck = planted()
+    alone = _PlantedStart(stuck, swap_rounds=0, block_rows=512).fit(x)
+    assert v_measure_score(truth, alone.predict(x)) < 0.95  # Lloyd keeps the bad start.
+    km = _PlantedStart(stuck, block_rows=512).fit(x)
+    assert v_measure_score(truth, km.predict(x)) == pytest.approx(1.0)
+    assert km.inertia_ < alone.inertia_ / 10
+    # The trial's passes are not iterations: the inertia of the iterations never rises.
+    inertias = [it.inertia for it in km.iterations_]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(inertias, inertias[1:], strict=False))
+    assert [it.iteration for it in km.iterations_] == list(range(km.n_iter_ + 1))
+
+
+def test_minibatch_ends_with_the_same_split_merge_rounds():
+    x, truth, stuck = planted()
+    km = _PlantedStart(stuck, algorithm="minibatch", batch_size=500, block_rows=512).fit(x)
+    assert v_measure_score(truth, km.predict(x)) == pytest.approx(1.0)
+
+
+def test_an_array_or_random_init_gets_lloyd_and_nothing_else():
+    x, truth, stuck = planted()
+    km = KMeans(4, init=stuck, block_rows=512).fit(x)
+    assert v_measure_score(truth, km.predict(x)) < 0.95
+
+
+def test_split_merge_moves_the_cheapest_centroids_onto_the_costliest_clusters():
+    centroids = np.array([[0, 0], [1, 1], [2, 2], [3, 3], [4, 4]], np.float32)
+    counts = np.array([10, 10, 0, 10, 10])
+    sums = centroids.astype(np.float64) * counts[:, None]
+    sse = np.array([5.0, 50.0, 0.0, 50.0, 1.0])  # Clusters 1 and 3 tie: the lower goes first.
+    removal = np.array([0.5, 9.0, 0.0, 9.0, 0.5])  # 0 and 4 tie; 2 is empty, so never moves.
+    new, empty, moved = split_merge(centroids, sums, counts, sse, removal, 2)
+    assert moved == 2 and empty == 1
+    eps = 1 / 1024
+    np.testing.assert_allclose(new[0], [1 * (1 + eps), 1 * (1 - eps)], rtol=1e-6)
+    np.testing.assert_allclose(new[1], [1 * (1 - eps), 1 * (1 + eps)], rtol=1e-6)
+    np.testing.assert_allclose(new[4], [3 * (1 + eps), 3 * (1 - eps)], rtol=1e-6)
+    np.testing.assert_allclose(new[3], [3 * (1 - eps), 3 * (1 + eps)], rtol=1e-6)
+    # One cluster: nothing to remove, nothing moves.
+    one = split_merge(centroids[:1], sums[:1], counts[:1], sse[:1], removal[:1], 1)
+    assert one[2] == 0
+
+
+def test_detail_stats_price_removal_by_the_second_nearest_centroid():
+    x = np.array([[0, 0], [1, 0], [10, 0], [4, 0]], np.float32)
+    centroids = np.array([[0, 0], [10, 0], [5, 0]], np.float32)
+    parts = LocalParts.from_array(x, block_rows=2)
+    nodes, _ = parts.parts[0].stats(centroids, True)
+    from units.kmeans.parts import reduce
+
+    sums, counts, inertia, sse, removal = reduce(parts, [nodes])
+    np.testing.assert_array_equal(counts, [2, 1, 1])
+    np.testing.assert_allclose(sse, [0 + 1, 0, 1])
+    # Row 1 (at 1) would go to 5 (16 - 1), row 0 to 5 (25 - 0); row 2 to 5 (25); row 3 to 0.
+    np.testing.assert_allclose(removal, [15 + 25, 25, 16 - 1])
+    assert inertia == pytest.approx(2.0)
+    labels, first, second = Assigner(centroids).two_nearest(x)
+    np.testing.assert_array_equal(labels, [0, 0, 1, 2])
+    np.testing.assert_allclose(second, [25, 16, 25, 16])
+
+
+class _Killed(Exception):
+    pass
+
+
+def overlapping(n=9000, k=40, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 1.5, (k, d))
+    truth = rng.integers(0, k, n)
+    return (means[truth] + rng.normal(0, 1.0, (n, d))).astype(np.float32)
+
+
+def test_split_merge_rounds_give_the_same_centroids_for_any_parts_and_after_a_kill(tmp_path):
+    x = overlapping()
+    # refine_sample=300: no refinement sample (it would be most rows); tol 1e-3: the rounds
+    # start after a few iterations.
+    kwargs = dict(seed=1, tol=1e-3, block_rows=1000, refine_sample=300)
+    results = [KMeans(40, parts=p, **kwargs).fit(x) for p in (1, 2, 3)]
+    plain = KMeans(40, swap_rounds=0, **kwargs).fit(x)
+    assert results[0].inertia_ < plain.inertia_  # The rounds ran and helped.
+    for km in results[1:]:
+        np.testing.assert_array_equal(km.cluster_centers_, results[0].cluster_centers_)
+        assert km.inertia_ == results[0].inertia_
+
+    class Dying(LocalParts):
+        def __init__(self, base, after):
+            super().__init__(base.parts, base.blocks, base.dim)
+            self.after = after
+
+        def map(self, method, *args):
+            if method is Part.stats:
+                self.after -= 1
+                if self.after < 0:
+                    raise _Killed
+            return super().map(method, *args)
+
+    counting = Dying(LocalParts.from_array(x, block_rows=1000), 10**9)
+    KMeans(40, **kwargs).fit(counting)
+    passes = 10**9 - counting.after
+    for kill_at in range(passes - 8, passes - 1, 3):  # Inside the trials and after them.
+        checkpoint = str(tmp_path / f"ckpt{kill_at}")
+        with pytest.raises(_Killed):
+            KMeans(40, **kwargs).fit(
+                Dying(LocalParts.from_array(x, parts=2, block_rows=1000), kill_at),
+                checkpoint=checkpoint,
+            )
+        resumed = KMeans(40, **kwargs).fit(
+            LocalParts.from_array(x, parts=3, block_rows=1000), checkpoint=checkpoint
+        )
+        np.testing.assert_array_equal(resumed.cluster_centers_, results[0].cluster_centers_)
+        assert resumed.n_iter_ == results[0].n_iter_
+
+
+@pytest.mark.parametrize("shape", [(1000, 39, 100), (300, 768, 50), (0, 3, 2)])
+def test_compiled_sums_equal_the_sparse_product_bit_for_bit(shape):
+    n, d, k = shape
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 3, (n, d)).astype(np.float32)
+    labels = rng.integers(0, k, n)
+    sums, counts = kernels.cluster_sums(x, labels, k)
+    ref_sums, ref_counts = kernels._sparse_sums(x, labels, k)
+    np.testing.assert_array_equal(sums, ref_sums)
+    np.testing.assert_array_equal(counts, ref_counts)
+    assert sums.dtype == np.float64 and counts.dtype == np.int64
