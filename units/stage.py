@@ -64,6 +64,7 @@ from shards.core.placement import (
     longest_first,
     map_until_failure,
     place,
+    use_allotted_threads,
 )
 from shards.reader import read_audio
 from units.features.extractor import FeatureSpec
@@ -211,6 +212,7 @@ class ShardActor:
         device: str,
         decode_threads: int = 0,
     ):
+        use_allotted_threads()
         self.layout = layout
         self.worker = worker(*args, device=device, **kwargs)
         self.decode_threads = decode_threads

@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -20,6 +22,26 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 log = logging.getLogger(__name__)
+
+def use_allotted_threads() -> None:
+    """Sizes torch's and the BLAS libraries' thread pools to the CPUs Ray gave this actor.
+
+    Ray says how many through ``OMP_NUM_THREADS`` when a worker takes an actor, and a
+    library reads it when it loads. A worker that imported torch and numpy while idle
+    (``pipelines._ray.WORKER_PRELOAD``) sized both pools to every core of the node before
+    that: two one-CPU label actors on two cores then ran two threads each, spinning against
+    each other (measured 4x slower). Called first in every stage actor's constructor.
+    """
+    allotted = os.environ.get("OMP_NUM_THREADS")
+    if not allotted or not allotted.isdigit() or int(allotted) < 1:
+        return
+    threads = int(allotted)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)  # Applied at once and kept: the limits of this process.
+
 
 # Ray restarts a lost actor, but does not retry the call it lost (max_task_retries=0): a
 # retry would wait for that actor to come back, and on a cluster with one node fewer it may

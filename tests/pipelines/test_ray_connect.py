@@ -1,4 +1,5 @@
-"""A local Ray from ``pipelines._ray.connect``: its workers import the stages while idle."""
+"""A local Ray from ``pipelines._ray.connect``: its workers import the stages while idle,
+and an actor still runs on the threads it was given."""
 
 import json
 import subprocess
@@ -7,27 +8,39 @@ import textwrap
 
 from pipelines._ray import WORKER_PRELOAD
 
-# In a fresh interpreter: this process may already run a Ray of its own, and a remote
-# function defined in ``__main__`` travels by value, so the worker imports nothing for it.
+# In a fresh interpreter: this process may already run a Ray of its own, and what is
+# defined in ``__main__`` travels by value, so the worker imports nothing for it.
 _PROGRAM = textwrap.dedent(
     """
     import argparse, json, sys
     import ray
     from pipelines._ray import connect
+    from shards.core.placement import use_allotted_threads
 
-    connect(argparse.Namespace(num_cpus=1, address=None))
+    connect(argparse.Namespace(num_cpus=2, address=None))
 
     @ray.remote(num_cpus=1)
     def loaded(names):
         return [name in sys.modules for name in names]
 
+    @ray.remote(num_cpus=1)
+    class OneCpu:
+        def __init__(self):
+            use_allotted_threads()
+
+        def threads(self):
+            import torch
+            from threadpoolctl import threadpool_info
+
+            return [torch.get_num_threads(), *(p["num_threads"] for p in threadpool_info())]
+
     print(json.dumps(ray.get(loaded.remote(sys.argv[1:]))))
+    print(json.dumps(ray.get(OneCpu.remote().threads.remote())))
     """
 )
 
 
-def test_a_local_rays_workers_have_the_stages_imported_before_they_take_work():
-    names = [*WORKER_PRELOAD, "units.kmeans.stage"]  # The last is not preloaded: a control.
+def _run(names):
     done = subprocess.run(
         [sys.executable, "-c", _PROGRAM, *names],
         capture_output=True,
@@ -40,5 +53,16 @@ def test_a_local_rays_workers_have_the_stages_imported_before_they_take_work():
         },
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    loaded = dict(zip(names, json.loads(done.stdout.strip().splitlines()[-1]), strict=True))
-    assert loaded == {**dict.fromkeys(WORKER_PRELOAD, True), "units.kmeans.stage": False}
+    return [json.loads(line) for line in done.stdout.strip().splitlines()[-2:]]
+
+
+def test_workers_preload_the_stages_and_a_one_cpu_actor_runs_one_thread_everywhere():
+    names = [*WORKER_PRELOAD, "units.kmeans.stage"]  # The last is not preloaded: a control.
+    loaded, threads = _run(names)
+    assert dict(zip(names, loaded, strict=True)) == {
+        **dict.fromkeys(WORKER_PRELOAD, True),
+        "units.kmeans.stage": False,
+    }
+    # torch and every BLAS / OpenMP pool loaded while the worker idled (sized then to all
+    # the node's cores) run one thread in an actor given one CPU.
+    assert len(threads) >= 2 and set(threads) == {1}, threads

@@ -26,6 +26,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError
 
+from shards.core.placement import use_allotted_threads
 from units.features.store import FeatureStore
 from units.kmeans.parts import (
     DEFAULT_BLOCK_ROWS,
@@ -71,6 +72,7 @@ class _RayPart(Part):
     """
 
     def __init__(self, *args, **kwargs):
+        use_allotted_threads()
         super().__init__(*args, **kwargs)
         self._current = not _restarted()
 
