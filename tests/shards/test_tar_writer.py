@@ -187,7 +187,8 @@ def test_a_streamed_source_failing_after_some_chunks_were_written_is_rolled_back
     w = ShardWriter(str(tmp_path / "s.tar"))
     w.add("a", io.BytesIO(b"first"), 5, {"key": "a"})
     with pytest.raises(SourceReadError, match="Input/output error"):
-        w.add("b", _Failing(good=5, whole=True), 1000, {"key": "b"})  # 40 bytes reach the file, then it fails.
+        # 40 bytes reach the file, then it fails.
+        w.add("b", _Failing(good=5, whole=True), 1000, {"key": "b"})
     assert os.path.getsize(w.temp_path) == 4 * 512  # Only "a" (two headers, two blocks) is left.
     w.add("d", io.BytesIO(b"last"), 4, {"key": "d"})
     size, sha = w.commit()
