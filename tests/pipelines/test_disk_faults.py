@@ -342,6 +342,28 @@ class _FullFile:
         return getattr(self.f, name)
 
 
+class _FullDisk:
+    """The system calls of a disk that fills up after ``room`` bytes, for the shard writer,
+    which writes its descriptor with ``os.writev``: a write past it fails with ENOSPC, and
+    so does closing (as on a network file system that writes back at close)."""
+
+    def __init__(self, monkeypatch, room: int):
+        self.room, self._writev, self._close = room, os.writev, os.close
+        monkeypatch.setattr(os, "writev", self.writev)
+        monkeypatch.setattr(os, "close", self.close)
+
+    def writev(self, fd: int, buffers) -> int:
+        size = sum(memoryview(b).nbytes for b in buffers)
+        if size > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= size
+        return self._writev(fd, buffers)
+
+    def close(self, fd: int) -> None:
+        self._close(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def test_a_full_disk_fails_the_shard_and_never_rejects_its_inputs(corpus, tmp_path, monkeypatch):
     from shards import discover, shard_job, tar_writer
     from shards import plan as planning
@@ -351,7 +373,7 @@ def test_a_full_disk_fails_the_shard_and_never_rejects_its_inputs(corpus, tmp_pa
     class FillingWriter(tar_writer.ShardWriter):
         def __init__(self, final_path):
             super().__init__(final_path)
-            self._raw = _FullFile(self._raw, room=20_000)  # Inside the first member.
+            _FullDisk(monkeypatch, room=20_000)  # Inside the first member.
 
     opts = ShardingOptions(max_samples=2)
     probes, rejects = probe_many(discover.discover(str(corpus)).sources)
@@ -377,8 +399,10 @@ def test_writers_remove_their_temporary_file_when_closing_it_fails_too(tmp_path)
     from units.features.store import FeatureShardWriter, store_layout
 
     writer = ShardWriter(str(tmp_path / "000000.tar"))
-    writer._raw = _FullFile(writer._raw, room=0)
-    writer.abort()  # Closing fails to flush; the file goes all the same, and no error.
+    writer.add_bytes("a", b"data", {})  # Queued, not written yet.
+    with pytest.MonkeyPatch.context() as patch:
+        _FullDisk(patch, room=0)
+        writer.abort()  # Closing fails; the file goes all the same, and no error.
     assert os.listdir(tmp_path) == []
 
     layout = store_layout(str(tmp_path), "f")
