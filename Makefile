@@ -55,6 +55,7 @@ test-fast: install
 bench: install
 	$(PIP_INSTALL) lhotse
 	$(PY) bench/shards.py
+	$(PY) bench/decode.py
 	$(PY) bench/features.py
 	$(PY) bench/kmeans.py
 	$(PY) bench/label.py
