@@ -58,6 +58,10 @@ ALGORITHMS = ("lloyd", "minibatch")
 _SPLIT_EPS = 1.0 / 1024.0  # faiss's EPS for splitting a cluster.
 #: Lloyd on all rows before a split-merge step stops at this many times ``tol``.
 _SWAP_TOL_FACTOR = 10.0
+#: A pass prices a split-merge step when the last change was below this many times the
+#: change at which the step is taken: Lloyd's changes fall several-fold per pass near the
+#: end, so the step's pass is nearly always priced and the passes before it are not.
+_PRICE_AHEAD = 10.0
 #: Full passes of one split-merge trial after mini-batch steps, at most.
 _TRIAL_PASSES = 20
 
@@ -416,8 +420,7 @@ class KMeans:
                 # Kept: its last pass is this iteration's, at the centroids it ended with.
                 reduced, worker_seconds = kept
             else:
-                swapping = state.get("swaps_left", 0) > 0
-                results = parts.map(Part.stats, state["centroids"], swapping)
+                results = parts.map(Part.stats, state["centroids"], self._price_swaps(state))
                 reduced = kmeans_parts.reduce(parts, [nodes for nodes, _ in results])
                 worker_seconds = max(s for _, s in results)
             sums, counts, inertia = reduced[:3]
@@ -435,7 +438,12 @@ class KMeans:
                 "imbalance": imbalance(counts),
                 "empty_clusters": 0,
             }
-            if converged and swapping and not at_max:
+            # A pass that converged without pricing the step leaves it to the next pass.
+            step = swapping and (converged or state.get("price_next", False)) and not at_max
+            if step and len(reduced) < 5:
+                state["price_next"], converged = True, False
+            elif step:
+                state.pop("price_next", None)
                 moved, empty, count = split_merge(
                     state["centroids"], sums, counts, reduced[3], reduced[4], self._moves()
                 )
@@ -475,10 +483,24 @@ class KMeans:
             self._next(parts, state, stats, centroids, empty, started, checkpoint)
             callback(stats)
 
+    def _price_swaps(self, state: dict) -> bool:
+        """Whether the next Lloyd pass also prices a split-merge step (each row's second
+        nearest centroid, which costs about half a pass more): once the last change was
+        within :data:`_PRICE_AHEAD` times of the point where the step is taken, or after
+        a pass that converged without the prices."""
+        if state.get("swaps_left", 0) <= 0:
+            return False
+        if state.get("price_next", False):
+            return True
+        last = state["history"][-1]["relative_change"] if state["history"] else math.nan
+        return bool(last < _PRICE_AHEAD * self.tol * _SWAP_TOL_FACTOR)  # False for NaN.
+
     def _trial_pass(self, parts, state, trial, started, checkpoint, callback):
         """One Lloyd pass of a split-merge trial. Returns its stats and slowest part's seconds
         when the trial ends kept (the pass is then the next iteration's), else None."""
-        results = parts.map(Part.stats, state["trial_centroids"], state["swaps_left"] > 0)
+        # No pricing: a trial's passes decide no step (one that converges after a kept
+        # trial leaves it to the next pass).
+        results = parts.map(Part.stats, state["trial_centroids"], False)
         reduced = kmeans_parts.reduce(parts, [nodes for nodes, _ in results])
         sums, counts, inertia = reduced[:3]
         trial["passes"] += 1

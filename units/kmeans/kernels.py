@@ -16,6 +16,7 @@ alone: the determinism contract of :mod:`units.kmeans.tree_sum` holds on top of 
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import scipy.sparse
@@ -23,18 +24,54 @@ import scipy.sparse
 log = logging.getLogger(__name__)
 
 _compiled = None  # The numba kernel once compiled, False where numba is missing.
+_compiling: threading.Thread | None = None
+_lock = threading.Lock()
 
 
-def _kernel():
+def _compile() -> None:
     global _compiled
-    if _compiled is None:
-        try:
-            import numba
-        except ImportError:  # pragma: no cover - numba comes with librosa.
-            log.info("numba is missing: k-means sums use a sparse product (slower)")
-            _compiled = False
-        else:
-            _compiled = numba.njit(cache=True, nogil=True)(_scatter_add)
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba comes with librosa.
+        log.info("numba is missing: k-means sums use a sparse product (slower)")
+        _compiled = False
+        return
+    kernel = numba.njit(cache=True, nogil=True)(_scatter_add)
+    # The first call loads the machine code from numba's cache (or compiles it).
+    kernel(
+        np.zeros((1, 1), np.float32), np.zeros(1, np.int64), np.zeros((1, 1)), np.zeros(1, np.int64)
+    )
+    _compiled = kernel
+
+
+def warm_up() -> None:
+    """Starts making the compiled kernel ready on a thread of its own, and returns.
+
+    A process's first compiled call costs about a second (importing numba, loading the
+    machine code from its cache): a k-means part calls this when it is created, so that
+    cost overlaps the loading of its rows and the seeding, whose small sums take the sparse
+    product meanwhile (:func:`cluster_sums` never waits for the compiler; both ways give
+    the same bits).
+    """
+    global _compiling
+    with _lock:
+        if _compiled is None and _compiling is None:
+            _compiling = threading.Thread(target=_compile, name="numba-warm-up", daemon=True)
+            _compiling.start()
+
+
+def _kernel(wait: bool = True):
+    """The compiled kernel, False where numba is missing, or None while a warm-up thread
+    is still compiling and ``wait`` is False."""
+    global _compiling
+    with _lock:
+        thread = _compiling
+    if thread is not None:
+        if not wait and thread.is_alive():
+            return None
+        thread.join()
+    elif _compiled is None:
+        _compile()
     return _compiled
 
 
@@ -47,6 +84,10 @@ def _scatter_add(x, labels, sums, counts):  # pragma: no cover - runs compiled.
             sums[c, j] += x[i, j]
 
 
+#: Values (rows x dimensions) above which :func:`cluster_sums` waits for the compiled kernel.
+_WAIT_ABOVE = 1 << 18
+
+
 def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-cluster float64 sums (k, d), in row order within each cluster, and counts (k,).
 
@@ -55,8 +96,10 @@ def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray,
         labels: (n,) cluster of each row, in ``[0, k)``.
         k: Clusters.
     """
-    kernel = _kernel()
-    if kernel is False:
+    # Rows that a sparse product sums in well under a millisecond do not wait for the
+    # compiler; anything larger does.
+    kernel = _kernel(wait=len(x) * x.shape[1] > _WAIT_ABOVE)
+    if not kernel:
         return _sparse_sums(x, labels, k)
     sums = np.zeros((k, x.shape[1]), np.float64)
     counts = np.zeros(k, np.int64)

@@ -32,7 +32,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from units.kmeans import tree_sum
+from units.kmeans import kernels, tree_sum
 from units.kmeans.kernels import cluster_sums
 
 M = TypeVar("M", bound=Callable)
@@ -423,6 +423,7 @@ class Part:
         self._sqnorms: dict[int, float] = {}
         self._projection: tuple[np.ndarray, np.ndarray] | None = None
         self._seeding: dict | None = None
+        kernels.warm_up()  # The compiler's start-up runs beside the loading and seeding.
 
     # ----------------------------------------------------------------- data access
     def _raw(self, block: int) -> np.ndarray:

@@ -160,3 +160,47 @@ def test_compiled_sums_equal_the_sparse_product_bit_for_bit(shape):
     np.testing.assert_array_equal(sums, ref_sums)
     np.testing.assert_array_equal(counts, ref_counts)
     assert sums.dtype == np.float64 and counts.dtype == np.int64
+
+
+class _CountingParts(LocalParts):
+    """Local parts that record, per full pass, whether it priced a split-merge step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.priced = []
+
+    def map(self, method, *args):
+        if method is Part.stats:
+            self.priced.append(bool(args[1]))
+        return super().map(method, *args)
+
+
+def test_only_passes_near_a_split_merge_step_price_it():
+    # Pricing (each row's second nearest centroid) costs about half a pass: the passes far
+    # from converging, and a trial's passes, skip it; the step is still taken, from a pass
+    # that priced it (on the planted start, at the first converged pass or the one after).
+    x, truth, stuck = planted()
+    counting = _CountingParts(*_local_args(x))
+    km = _PlantedStart(stuck, block_rows=512).fit(counting)
+    assert v_measure_score(truth, km.predict(x)) == pytest.approx(1.0)
+    assert 1 <= sum(counting.priced) <= 2 * km.swap_rounds
+    assert len(counting.priced) > 2 * sum(counting.priced)
+
+
+def _local_args(x, parts=2, block_rows=512):
+    base = LocalParts.from_array(x, parts=parts, block_rows=block_rows)
+    return base.parts, base.blocks, base.dim
+
+
+def test_sums_taken_while_the_compiler_warms_up_are_the_same_bits():
+    # A part starts the compiler on a thread; sums asked for meanwhile take the sparse
+    # product when they are small, the compiled loop once it is ready: the same bits.
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 3, (2000, 39)).astype(np.float32)
+    labels = rng.integers(0, 100, len(x))
+    kernels.warm_up()
+    during = kernels.cluster_sums(x, labels, 100)
+    assert kernels._kernel() is not None  # Waits for the warm-up to finish.
+    after = kernels.cluster_sums(x, labels, 100)
+    np.testing.assert_array_equal(during[0], after[0])
+    np.testing.assert_array_equal(during[1], after[1])
