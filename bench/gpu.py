@@ -48,7 +48,8 @@ from units.features.kaldi import KaldiMFCC
 from units.features.ssl import SSLExtractor, load_hf
 from units.kmeans.parts import Assigner
 from units.labels.model import KMeansModel
-from units.stage import READ_AHEAD_ROWS_PER_THREAD, read_ahead
+from units.labels.stage import Labeller
+from units.stage import READ_AHEAD_ROWS_PER_THREAD, batches, read_ahead
 
 #: Dense bf16 peak, TFLOP/s, of the GPUs the device machines have (vendor data sheets,
 #: SXM parts, without sparsity); other GPUs: --peak-tflops.
@@ -167,7 +168,7 @@ def _flac_corpus(hours, seed=0, distinct=48):
     members, samples = [], 0
     while samples < hours * 3600 * 16000:
         data, n = clips[len(members) % distinct]
-        members.append(data)
+        members.append((data, n))
         samples += n
     return members, samples
 
@@ -186,7 +187,7 @@ def bench_label(hours, device, peak_tflops, k=500):
     members, samples = _flac_corpus(hours)
     audio_seconds = samples / 16000
     started = time.perf_counter()  # One core decoding each distinct clip once.
-    decoded = sum(decode_member(data)[0].size for data in members[:48]) / 16000
+    decoded = sum(decode_member(data)[0].size for data, _ in members[:48]) / 16000
     decode_x_per_core = decoded / (time.perf_counter() - started)
     dtype = "bf16" if device.type == "cuda" else None
     options = ExtractorOptions("hf", layer=1, device=device.type, dtype=dtype)
@@ -224,36 +225,37 @@ def bench_label(hours, device, peak_tflops, k=500):
 
 
 class LabelLoop:
-    """What a GPU label actor does with a shard's members (``units.stage`` and
-    ``units.labels.stage.Labeller.units_on_device``), less the Parquet: members decoded by
-    threads ahead, cut into buckets of ``bucket`` seconds, features left on the device,
-    units found there. Returns the frames labelled and the model FLOPs of the audio."""
+    """What a GPU label actor does with a shard's members, less the Parquet: the stage's own
+    code (:func:`units.stage.read_ahead` decoding ahead on ``GPU_DECODE_THREADS`` threads,
+    :func:`units.stage.batches` cutting buckets of ``bucket`` seconds,
+    :meth:`units.labels.stage.Labeller.units`: features left on the device and units found
+    there) on in-memory members. Returns the frames labelled and the model FLOPs."""
 
     def __init__(self, extract, model, module, layer, bucket, device):
-        self.extract, self.model, self.module = extract, model, module
-        self.layer, self.bucket, self.device = layer, bucket, device
+        self.labeller = Labeller.of(model, extract, device.type)
+        self.module, self.layer, self.bucket, self.device = module, layer, bucket, device
 
     def __call__(self, members):
+        rows = [{"key": str(i), "num_samples": n} for i, (_, n) in enumerate(members)]
         threads = GPU_DECODE_THREADS
         window = READ_AHEAD_ROWS_PER_THREAD * threads
+        decoded = read_ahead([data for data, _ in members], _decoded, threads, window)
         frames = flops = 0
-        bucket, seconds = [], 0.0
-        for wav, _rate in read_ahead(members, decode_member, threads, window):
-            bucket.append(wav)
-            seconds += wav.size / 16000
-            if seconds >= self.bucket:
-                frames, flops = self._label(bucket, frames, flops)
-                bucket, seconds = [], 0.0
-        if bucket:
-            frames, flops = self._label(bucket, frames, flops)
+        for batch in batches(rows, decoded, self.bucket, _never_rejected):
+            frames += sum(len(u) for u in self.labeller.units(batch))
+            flops += sum(ssl_flops(self.module, wav.size, self.layer) for _, wav in batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return frames, flops
 
-    def _label(self, bucket, frames, flops):
-        units = self.model.units_on_device(torch.cat(self.extract.on_device(bucket)))
-        flops += sum(ssl_flops(self.module, w.size, self.layer) for w in bucket)
-        return frames + len(units), flops
+
+def _decoded(data: bytes):
+    """``(waveform, None)`` as :func:`units.stage.decode_row` gives for a good member."""
+    return decode_member(data)[0], None
+
+
+def _never_rejected(row, error):
+    raise RuntimeError(f"member {row['key']} did not decode: {error}")
 
 
 def main():

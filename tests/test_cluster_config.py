@@ -56,7 +56,7 @@ def test_the_rayjob_entrypoint_names_a_module_and_config_that_exist():
     assert len(images) == 1  # One image everywhere.
 
 
-def test_the_cluster_preloads_what_a_local_ray_preloads():
+def test_the_clusters_preload_what_a_local_ray_preloads():
     import importlib.util
     import shlex
 
@@ -69,3 +69,6 @@ def test_the_cluster_preloads_what_a_local_ray_preloads():
     preload = json.loads(option.partition("=")[2])["preload_python_modules"]
     assert tuple(preload) == WORKER_PRELOAD
     assert all(importlib.util.find_spec(name) is not None for name in preload)
+    with open(os.path.join(REPO, "k8s", "rayjob.yaml")) as f:
+        head = yaml.safe_load(f)["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    assert tuple(json.loads(head["system-config"])["preload_python_modules"]) == WORKER_PRELOAD

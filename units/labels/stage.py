@@ -64,23 +64,29 @@ class Labeller:
         extractor: ExtractorOptions | None = None,
         device: str = "cpu",
     ):
-        self.model = KMeansModel.load(root, kmeans)
+        model = KMeansModel.load(root, kmeans)
         if extractor is None:
-            extractor = ExtractorOptions.from_spec(self.model.spec)
+            extractor = ExtractorOptions.from_spec(model.spec)
         extractor = dataclasses.replace(extractor, device=device)
-        self.extractor = extractors.build(extractor)
+        self._setup(model, extractors.build(extractor), device)
         self.batch_seconds = extractor.bucket  # Audio per batch of the stage's worker.
-        check_spec(kmeans, self.model.spec, self.extractor.spec)
-        self.device = device
+
+    @classmethod
+    def of(cls, model: KMeansModel, extractor, device: str = "cpu") -> Labeller:
+        """A labeller from a k-means model and a built extractor (a benchmark's, say)."""
+        labeller = cls.__new__(cls)
+        labeller._setup(model, extractor, device)
+        return labeller
+
+    def _setup(self, model: KMeansModel, extractor, device: str) -> None:
+        self.model, self.extractor, self.device = model, extractor, device
+        check_spec(model.name, model.spec, extractor.spec)
 
     def __call__(self, batch: list) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(features, units)`` per ``(row, waveform)`` of ``batch``."""
-        features = self.extractor([wav for _, wav in batch])
-        for (row, _), feats in zip(batch, features, strict=True):
-            check_frames(self.model.spec, row["key"], row["num_samples"], len(feats))
+        features = self._checked(batch, self.extractor([wav for _, wav in batch]))
         units = self.model.units(np.concatenate(features), device=self.device)
-        bounds = np.cumsum([0] + [len(f) for f in features])
-        return [(f, units[bounds[i] : bounds[i + 1]]) for i, f in enumerate(features)]
+        return list(zip(features, _split(units, features), strict=True))
 
     def units(self, batch: list) -> list[np.ndarray]:
         """The units alone per ``(row, waveform)`` of ``batch``. On a GPU, an extractor that
@@ -94,12 +100,20 @@ class Labeller:
         """:meth:`units` through the extractor's device tensors (on any device)."""
         import torch
 
-        features = self.extractor.on_device([wav for _, wav in batch])
+        features = self._checked(batch, self.extractor.on_device([wav for _, wav in batch]))
+        return _split(self.model.units_on_device(torch.cat(features)), features)
+
+    def _checked(self, batch: list, features: list) -> list:
+        """``features``, once each utterance's frame count is checked against its row."""
         for (row, _), feats in zip(batch, features, strict=True):
             check_frames(self.model.spec, row["key"], row["num_samples"], len(feats))
-        units = self.model.units_on_device(torch.cat(features))
-        bounds = np.cumsum([0] + [len(f) for f in features])
-        return [units[bounds[i] : bounds[i + 1]] for i in range(len(features))]
+        return features
+
+
+def _split(units: np.ndarray, features: list) -> list[np.ndarray]:
+    """The units of a batch's concatenated features, cut back into one array per utterance."""
+    bounds = np.cumsum([0] + [len(f) for f in features])
+    return [units[bounds[i] : bounds[i + 1]] for i in range(len(features))]
 
 
 class LabelWorker:
