@@ -204,3 +204,33 @@ def test_sums_taken_while_the_compiler_warms_up_are_the_same_bits():
     after = kernels.cluster_sums(x, labels, 100)
     np.testing.assert_array_equal(during[0], after[0])
     np.testing.assert_array_equal(during[1], after[1])
+
+
+class _CallLog(LocalParts):
+    """Local parts that log the Part method of every map call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def map(self, method, *args):
+        if method in (Part.stats, Part.sample_stats):  # The passes (not the data checks).
+            self.calls.append(method.__name__)
+        return super().map(method, *args)
+
+
+def test_a_trial_runs_on_the_refinement_sample_when_there_is_one():
+    # 4,000 rows and k = 4: the refinement sample (256 rows per centroid) is a quarter of
+    # the rows, so the trial's passes run on it and full passes go on after it.
+    x, truth, stuck = planted(n_per=1000)
+    logged = _CallLog(*_local_args(x))
+    km = _PlantedStart(stuck, block_rows=512).fit(logged)
+    assert v_measure_score(truth, km.predict(x)) == pytest.approx(1.0)
+    first_trial = logged.calls.index("sample_stats")
+    assert logged.calls[:first_trial] and set(logged.calls[:first_trial]) == {"stats"}
+    assert logged.calls[-1] == "stats"  # The fit ends on a full pass.
+    # Without a sample (2,000 rows: it would be half of them) every pass is a full one.
+    x, truth, stuck = planted()
+    logged = _CallLog(*_local_args(x))
+    _PlantedStart(stuck, block_rows=512).fit(logged)
+    assert set(logged.calls) == {"stats"}
