@@ -108,11 +108,15 @@ def overlapping(n=9000, k=40, d=8, seed=0):
     return (means[truth] + rng.normal(0, 1.0, (n, d))).astype(np.float32)
 
 
-def test_split_merge_rounds_give_the_same_centroids_for_any_parts_and_after_a_kill(tmp_path):
+@pytest.mark.parametrize("refine_sample", [300, 50])
+def test_split_merge_rounds_give_the_same_centroids_for_any_parts_and_after_a_kill(
+    tmp_path, refine_sample
+):
     x = overlapping()
-    # refine_sample=300: no refinement sample (it would be most rows); tol 1e-3: the rounds
-    # start after a few iterations.
-    kwargs = dict(seed=1, tol=1e-3, block_rows=1000, refine_sample=300)
+    # refine_sample=300: no refinement sample (it would be most rows), the trials run on all
+    # rows; 50: a sample of 2,000 rows, which the refinement and the trials run on. tol 1e-3:
+    # the rounds start after a few iterations.
+    kwargs = dict(seed=1, tol=1e-3, block_rows=1000, refine_sample=refine_sample)
     results = [KMeans(40, parts=p, **kwargs).fit(x) for p in (1, 2, 3)]
     plain = KMeans(40, swap_rounds=0, **kwargs).fit(x)
     assert results[0].inertia_ < plain.inertia_  # The rounds ran and helped.
@@ -126,7 +130,7 @@ def test_split_merge_rounds_give_the_same_centroids_for_any_parts_and_after_a_ki
             self.after = after
 
         def map(self, method, *args):
-            if method is Part.stats:
+            if method in (Part.stats, Part.sample_stats):
                 self.after -= 1
                 if self.after < 0:
                     raise _Killed
@@ -135,7 +139,8 @@ def test_split_merge_rounds_give_the_same_centroids_for_any_parts_and_after_a_ki
     counting = Dying(LocalParts.from_array(x, block_rows=1000), 10**9)
     KMeans(40, **kwargs).fit(counting)
     passes = 10**9 - counting.after
-    for kill_at in range(passes - 8, passes - 1, 3):  # Inside the trials and after them.
+    # Passes over all rows or the sample: in the refinement, the trials and after them.
+    for kill_at in range(passes % 7, passes - 1, max(3, passes // 7)):
         checkpoint = str(tmp_path / f"ckpt{kill_at}")
         with pytest.raises(_Killed):
             KMeans(40, **kwargs).fit(
