@@ -58,6 +58,9 @@ The units of the two must agree (same frame counts; same unit on nearly every fr
 MFCCs differ by ~1e-4 in float32 rounding, which can only flip a near tie). The agreement
 is printed, not asserted.
 
+``label.startup``: a fresh Ray worker's start (an actor that does nothing) and ``import torch``
+in a fresh interpreter: the parts of the start-up that come before any of the stage's code runs.
+
 ``label.memory``: peak RSS of one label worker (``LabelWorker`` shards via ``process_shard``,
 one after the other, in a fresh interpreter that receives one shard's manifest rows at a
 time, as a Ray actor does) on the corpus and on a corpus four times larger (four times the
@@ -802,6 +805,40 @@ def bench_label(corpus: Corpus, workdir: str, repeats: int) -> None:
         flush=True,
     )
     shutil.rmtree(fairseq_out, ignore_errors=True)
+    report_startup()
+
+
+class _Empty:
+    """An actor that does nothing: what starting one costs is Ray's worker start alone."""
+
+
+def report_startup() -> None:
+    """``label.startup``: what one run's start-up is made of, on this Ray and machine.
+
+    ``fresh_worker_seconds``: from creating an actor that does nothing to its being ready,
+    once the runs' workers are gone. Ray keeps no idle worker after a run's actors exit, so
+    every run after the first of a Ray instance starts its actors' processes anew, each
+    importing what the pipelines preload (torch and the stages). ``import_torch_seconds``:
+    ``import torch`` in a fresh interpreter, most of that. Printed so that the start-up in the
+    ``ours`` line can be read against what no change to the stage can remove.
+    """
+    import ray
+
+    from pipelines._ray import WORKER_PRELOAD
+
+    settle("start-up")
+    started = time.perf_counter()
+    actor = ray.remote(num_cpus=1)(_Empty).remote()
+    ray.get(actor.__ray_ready__.remote())
+    fresh = time.perf_counter() - started
+    ray.kill(actor)
+    code = "import time; t = time.perf_counter(); import torch; print(time.perf_counter() - t)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    print(
+        f"RESULT bench=label case=startup fresh_worker_seconds={fresh:.2f}"
+        f" import_torch_seconds={float(done.stdout):.2f} preload={','.join(WORKER_PRELOAD)}",
+        flush=True,
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
