@@ -820,7 +820,7 @@ def report_startup() -> None:
     every run after the first of a Ray instance starts its actors' processes anew, each
     importing what the pipelines preload (torch and the stages). ``import_torch_seconds``:
     ``import torch`` in a fresh interpreter, most of that. Printed so that the start-up in the
-    ``ours`` line can be read against what no change to the stage can remove.
+    ``ours`` line can be read against what comes before any of the stage's code runs.
     """
     import ray
 
