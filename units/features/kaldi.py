@@ -16,8 +16,9 @@ Nyquist on Kaldi's mel scale ``1127 ln(1 + f / 700)``, log floored at float32 ep
 
 Instead of one torchaudio call per utterance, the batch is laid out as one flat signal in
 which every utterance starts on a multiple of the 160-sample hop, so one strided view frames
-the whole batch: per batch of frames, one ``rfft`` and a few matmuls give every frame's
-cepstra. The frames that straddle two utterances (a handful per utterance) are computed
+the whole batch: per batch of frames, one ``rfft``, the mel filters and a matmul give every
+frame's cepstra (on CPU the filters are a compiled loop over each filter's own bins,
+:mod:`units.features.mel_sums`; on GPU, banded matmuls). The frames that straddle two utterances (a handful per utterance) are computed
 and never returned. Deltas use replicate padding at each utterance's own first and last
 frame, so an utterance gets the same features whatever it is batched with.
 
@@ -31,10 +32,11 @@ silence, carry float32 FFT rounding of the loud bins, and there every float32
 implementation, torchaudio's included, is up to ~1e-2 from float64. Frames of digital
 silence are exactly ``log(eps)`` in all of them.
 
-Batching changes no formula, but it sets the shapes of the ``rfft`` and matmul calls, and
-MKL picks kernels (so orders of summation) by shape, CPU and alignment: with MKL's AVX2
+Batching changes no formula, but it sets the shapes of the ``rfft`` and DCT matmul calls,
+and MKL picks kernels (so orders of summation) by shape, CPU and alignment: with MKL's AVX2
 kernels an utterance batched with others comes out up to 8 float32 ulps from the same
 utterance alone (1.9e-5 on a cepstrum of 34), while its AVX-512 kernels give the same bits.
+The CPU mel energies themselves are summed in a fixed order, the same bits in any batch.
 Between CPUs the cepstra of real speech move by up to 6e-3 where a frame's mel bins span
 90 dB (sibilants), since float32 cannot resolve the quiet ones. All of it stays far inside
 the float32 error bound of the computation (``tests/numerics.py``, ``bench/determinism.py``).
@@ -51,6 +53,7 @@ import torch
 
 from units.features.extractor import FBANK_SPEC, MFCC_SPEC, FeatureSpec
 from units.features.frames import MFCC, SAMPLE_RATE
+from units.features.mel_sums import MelSums
 
 #: Padded FFT size: the 400-sample window rounded up to a power of two, as Kaldi does.
 FFT_SIZE = 512
@@ -237,12 +240,17 @@ class _KaldiFrontEnd:
         self._window = povey_window().to(self.device)
         # The povey window is 0 at both ends, which the flat pre-emphasis relies on.
         assert self._window[0].item() == 0.0
-        # The filters take the squared real and imaginary parts of each FFT bin, interleaved
-        # (one pass cheaper than forming |X|^2 first), and come in bands of neighbouring
-        # filters, each band a matmul over the few FFT bins its filters cover: the weights
-        # left out are exact zeros, and the matmuls shrink about twofold (23 bins).
+        # On CPU a compiled loop sums each filter over its own bins (:mod:`units.features.
+        # mel_sums`: 2.5x the matmuls' speed, the same bits on any CPU and in any batch).
+        # On GPU the filters take the squared real and imaginary parts of each FFT bin,
+        # interleaved (one pass cheaper than forming |X|^2 first), and come in bands of
+        # neighbouring filters, each band a matmul over the few FFT bins its filters cover:
+        # the weights left out are exact zeros, and the matmuls shrink about twofold.
+        self._mel_sums, self._bands = None, []
+        if self.device.type == "cpu":
+            self._mel_sums = MelSums(kaldi_mel_banks(self.num_mel_bins))
+            return
         banks = kaldi_mel_banks(self.num_mel_bins).repeat_interleave(2, dim=0)
-        self._bands = []
         for lo in range(0, self.num_mel_bins, self.filters_per_band):
             band = banks[:, lo : lo + self.filters_per_band]
             used = band.ne(0).any(dim=1).nonzero()
@@ -318,8 +326,12 @@ class _KaldiFrontEnd:
             windowed = padded[:n, :window]
             dc = (mean * _PREEMPHASIS_REST).unsqueeze(1)
             torch.sub(y.as_strided((n, window), (hop, 1)), dc, out=windowed).mul_(self._window)
-            squares = torch.view_as_real(torch.fft.rfft(padded[:n])).square_().view(n, -1)
-            mel = torch.cat([squares[:, rows] @ band for rows, band in self._bands], dim=1)
+            spectrum = torch.fft.rfft(padded[:n])
+            if self._mel_sums is not None:
+                mel = self._mel_sums(spectrum)
+            else:
+                squares = torch.view_as_real(spectrum).square_().view(n, -1)
+                mel = torch.cat([squares[:, rows] @ band for rows, band in self._bands], dim=1)
             self._project(mel.clamp_min_(LOG_FLOOR).log_(), out[first : first + n])
         return out
 
