@@ -49,8 +49,7 @@ OPTIONS = {
     "bucket_seconds": Option(
         Optional(Float(gt=0)),
         None,
-        "audio seconds sorted by length into batches at once (default: one batch on CPU, "
-        "8 on GPU)",
+        "audio seconds sorted by length into batches at once (default: one batch on CPU, 8 on GPU)",
         "SECONDS",
     ),
 }

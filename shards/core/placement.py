@@ -23,6 +23,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 log = logging.getLogger(__name__)
 
+
 def use_allotted_threads() -> None:
     """Sizes torch's and the BLAS libraries' thread pools to the CPUs Ray gave this actor.
 

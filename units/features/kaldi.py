@@ -18,9 +18,10 @@ Instead of one torchaudio call per utterance, the batch is laid out as one flat 
 which every utterance starts on a multiple of the 160-sample hop, so one strided view frames
 the whole batch: per batch of frames, one ``rfft``, the mel filters and a matmul give every
 frame's cepstra (on CPU the filters are a compiled loop over each filter's own bins,
-:mod:`units.features.mel_sums`; on GPU, banded matmuls). The frames that straddle two utterances (a handful per utterance) are computed
-and never returned. Deltas use replicate padding at each utterance's own first and last
-frame, so an utterance gets the same features whatever it is batched with.
+:mod:`units.features.mel_sums`; on GPU, banded matmuls). The frames that straddle two
+utterances (a handful per utterance) are computed and never returned. Deltas use replicate
+padding at each utterance's own first and last frame, so an utterance gets the same features
+whatever it is batched with.
 
 Everything is float32 torch, on CPU or CUDA. The rounding differs from torchaudio's only in
 the order of operations: both are about 1e-4 from a float64 computation on cepstra of
