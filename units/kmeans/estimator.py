@@ -351,22 +351,24 @@ class KMeans:
         """Split-merge rounds left for the Lloyd passes."""
         return self.swap_rounds if self._seeded() and self.algorithm == "lloyd" else 0
 
-    def _refine_rate(self, parts) -> float | None:
-        """The share of rows in the refinement sample; None when there is none."""
+    def _refine_sample(self, parts) -> tuple[list[int], float] | None:
+        """The refinement sample as :meth:`Part.sample_stats` draws it, ``(key, rate)``: the
+        seeding, the refinement and the split-merge trials all run on these rows. None when
+        there is none (it would be over half the rows)."""
         rate = self.refine_sample * self.n_clusters / parts.rows
-        return None if self.refine_iter <= 0 or rate > 0.5 else rate
+        return None if self.refine_iter <= 0 or rate > 0.5 else ([self.seed, 3], rate)
 
     def _refine(self, parts, centroids: np.ndarray) -> np.ndarray:
         """Lloyd iterations on one seeded sample of ``refine_sample * k`` rows before any pass
         over all rows: what faiss trains on by default (256 rows per centroid), here only a
         head start. Skipped when the sample would be most of the data."""
-        rate = self._refine_rate(parts)
-        if rate is None:
+        sample = self._refine_sample(parts)
+        if sample is None:
             return centroids
         previous = math.inf
         for _ in range(self.refine_iter):
             sums, counts, inertia = kmeans_parts.reduce(
-                parts, parts.map(Part.sample_stats, centroids, [self.seed, 3], rate)
+                parts, parts.map(Part.sample_stats, centroids, *sample)
             )
             if inertia > 0 and (previous - inertia) / inertia < self.tol:
                 break
@@ -386,8 +388,7 @@ class KMeans:
         k = self.n_clusters
         first = int(rng.integers(parts.rows))
         candidates = [gather_rows(parts, np.array([first]))]
-        rate = self._refine_rate(parts)
-        sample = None if rate is None else ([self.seed, 3], rate)
+        sample = self._refine_sample(parts)
         cost = kmeans_parts.reduce(parts, parts.map(Part.seed_update, candidates[0], 0, sample))
         n_candidates = 1
         for round_ in range(self.init_rounds):
@@ -500,18 +501,17 @@ class KMeans:
     def _trial(self, parts, centroids: np.ndarray, inertia: float) -> dict:
         """A split-merge trial's start: where its passes run and the inertia to beat.
 
-        With a refinement sample (:meth:`_refine_rate`), the trial's Lloyd passes run on
+        With a refinement sample (:meth:`_refine_sample`), the trial's Lloyd passes run on
         that sample, a few percent of the rows, against the sample's inertia at the
         centroids before the step: the moved centroids settle for a fraction of a full
         pass each, and full passes go on from where they end if the step is kept. Without
         one (the sample would be most of the rows), the passes run on all rows.
         """
         trial = {"before": inertia, "previous": math.inf, "passes": 0, "sample": None}
-        rate = self._refine_rate(parts)
-        if rate is not None:
-            key = [self.seed, 3]  # The refinement's rows.
-            before = kmeans_parts.reduce(parts, parts.map(Part.sample_stats, centroids, key, rate))
-            trial.update(before=before[2], sample=rate)
+        sample = self._refine_sample(parts)
+        if sample is not None:
+            before = kmeans_parts.reduce(parts, parts.map(Part.sample_stats, centroids, *sample))
+            trial.update(before=before[2], sample=sample)
         return trial
 
     def _trial_pass(self, parts, state, trial, started, checkpoint, callback):
@@ -525,7 +525,7 @@ class KMeans:
             results = parts.map(Part.stats, state["trial_centroids"], False)
             reduced = kmeans_parts.reduce(parts, [nodes for nodes, _ in results])
         else:
-            mapped = parts.map(Part.sample_stats, state["trial_centroids"], [self.seed, 3], sample)
+            mapped = parts.map(Part.sample_stats, state["trial_centroids"], *sample)
             reduced = kmeans_parts.reduce(parts, mapped)
         sums, counts, inertia = reduced[:3]
         trial["passes"] += 1
