@@ -63,7 +63,6 @@ def warm_up() -> None:
 def _kernel(wait: bool = True):
     """The compiled kernel, False where numba is missing, or None while a warm-up thread
     is still compiling and ``wait`` is False."""
-    global _compiling
     with _lock:
         thread = _compiling
     if thread is not None:

@@ -36,6 +36,9 @@ def test_the_sums_are_each_filter_over_its_bins_in_order_bit_for_bit(bins):
     banks = kaldi_mel_banks(bins)
     spectrum = _spectra(300)
     got = MelSums(banks)(spectrum).numpy()
+    # Bit for bit on any CPU: both sides are the same sequence of float32 multiplies and adds,
+    # each correctly rounded by IEEE 754 (numba compiles without fastmath, so nothing is
+    # reordered or fused), on one spectrum; no BLAS or FFT between them.
     np.testing.assert_array_equal(got, _in_bin_order(spectrum, banks))
     # And they are the filterbank: float64's answer within float32 rounding (each sum has at
     # most a few dozen terms, all positive, so the relative error stays below ~50 ulps).
@@ -47,6 +50,7 @@ def test_a_frame_gets_the_same_energies_alone_and_in_any_batch():
     mel = MelSums(kaldi_mel_banks(MFCC_MEL_BINS))
     spectrum = _spectra(64, seed=1)
     batched = mel(spectrum).numpy()
+    # Each frame's sums are its own loop, whatever else is in the batch: exact on any CPU.
     for i in (0, 17, 63):
         np.testing.assert_array_equal(mel(spectrum[i : i + 1]).numpy()[0], batched[i])
     np.testing.assert_array_equal(mel(spectrum[10:40]).numpy(), batched[10:40])
