@@ -21,6 +21,10 @@ SUMMARIES = {
     "kmeans": "Fit k-means (optionally after PCA) on a feature store, distributed on Ray.",
     "label": "Label every utterance of a sharded corpus with the units of a finished k-means, "
     "on Ray.",
+    "bestrq": "BEST-RQ labels: a random-projection quantizer, and every utterance labelled with "
+    "it, on Ray.",
+    "pieces": "Train HuBERT-AP acoustic pieces on a finished label set and encode every "
+    "utterance, on Ray.",
     "report": "Write a unit-quality report for a label set: ROOT/reports/NAME/report.html and "
     "metrics.json.",
     "hubert": "One HuBERT iteration end to end: shard -> features (a sample) -> k-means -> "

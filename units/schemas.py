@@ -5,11 +5,14 @@ disagree.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from shards.core.outputs import REJECTS
 
-__all__ = ["FEATURE_INDEX", "LABELS", "LABELS_DEDUP", "REJECTS", "W2VU_ROWS"]
+__all__ = [
+    "FEATURE_INDEX", "LABELS", "LABELS_DEDUP", "PIECES", "REJECTS", "W2VU_ROWS", "list_column",
+]  # fmt: skip
 
 #: A feature shard's index: each utterance's first row in ``shards/NNNNNN.npy`` and frames.
 FEATURE_INDEX = pa.schema(
@@ -51,3 +54,24 @@ W2VU_ROWS = pa.schema(
         pa.field("length", pa.int32(), nullable=False),
     ]
 )
+
+#: A pieces shard: each utterance's piece ids, and each piece's first frame and frames.
+PIECES = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("pieces", pa.list_(pa.int32()), nullable=False),
+        pa.field("starts", pa.list_(pa.int32()), nullable=False),
+        pa.field("lengths", pa.list_(pa.int32()), nullable=False),
+        pa.field("frame_rate", pa.float32(), nullable=False),
+    ]
+)
+
+
+def list_column(arrays: list[np.ndarray], kind: pa.DataType) -> pa.ListArray:
+    """One list per array (units, durations, piece ids ...), built from their concatenation
+    rather than element by element."""
+    offsets = np.zeros(len(arrays) + 1, np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.empty(0, kind.to_pandas_dtype())
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, kind))

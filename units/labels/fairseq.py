@@ -63,7 +63,7 @@ def splitter(percents: dict[str, float], by: str, seed: int) -> Callable[[dict],
     return split_of
 
 
-def _empty_split(name: str, percents: dict[str, float], rows: int, by: str) -> StageError:
+def empty_split(name: str, percents: dict[str, float], rows: int, by: str) -> StageError:
     return StageError(
         f"split {name!r} ({percents[name]}%) would be empty with {rows} "
         f"utterances split by {by}; give it more percent or use more data"
@@ -82,7 +82,7 @@ def assign_splits(rows: list[dict], percents: dict[str, float], by: str, seed: i
         out[split_of(row)].append(row)
     for name, members in out.items():
         if not members:
-            raise _empty_split(name, percents, len(rows), by)
+            raise empty_split(name, percents, len(rows), by)
     return out
 
 
@@ -127,41 +127,50 @@ def export(
     storage.makedirs(out)
     audio_dir = os.path.join(out, "audio")
     top = "/" if whole is not None and whole.any() else audio_dir  # See tsv_text.
-    files = {name: _SplitFiles(out, name, top) for name in percents}
+    # A target with several codebooks (BEST-RQ's variants) gives one label file per codebook:
+    # fairseq's HuBERT task reads them together with task.labels='["km","km1",...]'.
+    columns = ["units"] + [f"units_{c}" for c in range(1, meta.get("codebooks", 1))]
+    extensions = ["km"] + [f"km{c}" for c in range(1, len(columns))]
+    files = {name: SplitFiles(out, name, top, extensions) for name in percents}
     total = labelled = 0
     try:
         # Shard by shard, in manifest order: memory holds one shard's units and rows, never
         # the corpus's (at Libri-light scale that would be hundreds of GB on the driver).
-        for shard, rows in _manifest_by_shard(manifest):
+        for shard, rows in manifest_by_shard(manifest):
             sources = set()
             if whole is not None:
                 flags = whole[total : total + len(rows)]
                 sources = {r["key"] for r, own in zip(rows, flags, strict=True) if own}
             total += len(rows)
             units_path = layout.shard_path("units", shard)
-            units = _km_lines(storage.read_parquet(units_path, columns=["key", "units"]))
-            members = [r for r in rows if r["key"] in units]
+            table = storage.read_parquet(units_path, columns=["key", *columns])
+            units = [_km_lines(table, column) for column in columns]
+            members = [r for r in rows if r["key"] in units[0]]
             if not members:
                 continue
             link_audio(root, out, members)
-            for row, line in zip(members, _tsv_lines(audio_dir, members, sources), strict=True):
-                files[split_of(row)].add(line[len(top) :].lstrip("/"), units[row["key"]])
+            for row, line in zip(members, tsv_lines(audio_dir, members, sources), strict=True):
+                km = [lines[row["key"]] for lines in units]
+                files[split_of(row)].add(line[len(top) :].lstrip("/"), km)
             labelled += len(members)
         for name, split in files.items():
             if split.count == 0:
-                raise _empty_split(name, percents, labelled, by)
+                raise empty_split(name, percents, labelled, by)
         for split in files.values():
             split.publish()
     finally:
         for split in files.values():
             split.discard()
     counts = {name: split.count for name, split in files.items()}
-    write_atomic(
-        os.path.join(out, "dict.km.txt"), "".join(f"{i} 1\n" for i in range(meta["k"])).encode()
-    )
+    for extension in extensions:
+        dictionary = "".join(f"{i} 1\n" for i in range(meta["k"])).encode()
+        write_atomic(os.path.join(out, f"dict.{extension}.txt"), dictionary)
     record = {
         "labels": labels,
-        "kmeans": meta["kmeans"],
+        "target": meta.get("target", "kmeans"),
+        "kmeans": meta.get("kmeans"),
+        "bestrq": meta.get("bestrq"),
+        "label_files": extensions,
         "k": meta["k"],
         "label_rate": meta["frame_rate"],
         "sample_rate": 16000,
@@ -175,11 +184,12 @@ def export(
     return record
 
 
-def _km_lines(table: pa.Table) -> dict[str, str]:
-    """Each key's ``.km`` line (its units joined by spaces), formatted by Arrow kernels: a
+def _km_lines(table: pa.Table, column: str = "units") -> dict[str, str]:
+    """Each key's ``.km`` line (its ``column``'s units joined by spaces), formatted by Arrow
+    kernels: a
     30 s utterance has 1,500 units, and formatting them one Python string at a time would
     cost the driver about 15 minutes per million utterances."""
-    text = pc.binary_join(table.column("units").cast(pa.list_(pa.string())), " ")
+    text = pc.binary_join(table.column(column).cast(pa.list_(pa.string())), " ")
     return dict(zip(table.column("key").to_pylist(), text.to_pylist(), strict=True))
 
 
@@ -229,34 +239,36 @@ def _whole_sources(manifest: str) -> np.ndarray:
     return pc.fill_null(whole, False).to_numpy(zero_copy_only=False)
 
 
-class _SplitFiles:
-    """One split's ``.tsv`` and ``.km``, streamed line by line into pending files and
-    published together when the export is whole."""
+class SplitFiles:
+    """One split's ``.tsv`` and label files (``.km``, and ``.km1`` ... for more codebooks),
+    streamed line by line into pending files and published together when the export is
+    whole."""
 
-    def __init__(self, directory: str, name: str, top: str):
+    def __init__(self, directory: str, name: str, top: str, extensions: list[str]):
         self.count = 0
-        self._tsv, self._km = (
+        self._tsv, *self._labels = (
             PendingFile(os.path.join(directory, f"{name}.{ext}"), "w", encoding="utf-8")
-            for ext in ("tsv", "km")
+            for ext in ("tsv", *extensions)
         )
         self._tsv.file.write(top + "\n")
 
-    def add(self, tsv_line: str, km_line: str) -> None:
+    def add(self, tsv_line: str, label_lines: list[str]) -> None:
         self._tsv.file.write(tsv_line + "\n")
-        self._km.file.write(km_line + "\n")
+        for pending, line in zip(self._labels, label_lines, strict=True):
+            pending.file.write(line + "\n")
         self.count += 1
 
     def publish(self) -> None:
-        self._tsv.publish()
-        self._km.publish()
+        for pending in (self._tsv, *self._labels):
+            pending.publish()
 
     def discard(self) -> None:
         """Removes what was not published; never raises."""
-        self._tsv.discard()
-        self._km.discard()
+        for pending in (self._tsv, *self._labels):
+            pending.discard()
 
 
-def _manifest_by_shard(path: str) -> Iterator[tuple[str, list[dict]]]:
+def manifest_by_shard(path: str) -> Iterator[tuple[str, list[dict]]]:
     """The manifest's rows, one audio shard at a time, in manifest order (the manifest holds
     each shard's rows together, in shard order: :func:`shards.manifest.finalize`)."""
     shard, rows, seen = None, [], set()
@@ -284,11 +296,11 @@ def tsv_text(audio: str, rows: list[dict], sources: set[str] = frozenset()) -> s
     """
     # fairseq joins the first line with each path: one root that holds both kinds.
     top = "/" if sources else audio
-    lines = [line[len(top) :].lstrip("/") for line in _tsv_lines(audio, rows, sources)]
+    lines = [line[len(top) :].lstrip("/") for line in tsv_lines(audio, rows, sources)]
     return "\n".join([top] + lines) + "\n"
 
 
-def _tsv_lines(audio: str, rows: list[dict], sources: set[str] = frozenset()) -> list[str]:
+def tsv_lines(audio: str, rows: list[dict], sources: set[str] = frozenset()) -> list[str]:
     """Each row's tsv line with its full path, read back the way fairseq reads it. Rows of
     one shard share one open file (rows come shard by shard)."""
     lines = []

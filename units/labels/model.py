@@ -25,6 +25,7 @@ from shards.core import storage
 from shards.core.atomic import read_json
 from shards.core.outputs import OutputLayout, StageError
 from units.features.extractor import FeatureSpec
+from units.features.frames import FrameContract
 from units.kmeans.parts import CHUNK_ROWS, Assigner
 
 
@@ -108,6 +109,22 @@ class KMeansModel:
         if len(centroids) > 65536:
             raise StageError(f"k={len(centroids)} does not fit uint16 units")
         return cls(name, FeatureSpec.from_json(meta["spec"]), centroids, mean, matrix, meta)
+
+    @property
+    def contract(self) -> FrameContract:
+        """The units' framing: the features' own (one unit per feature frame)."""
+        return self.spec.contract
+
+    @property
+    def k(self) -> int:
+        return len(self.centroids)
+
+    def units_of(self, features: list[np.ndarray], device: str = "cpu") -> list[np.ndarray]:
+        """:meth:`units` of each utterance's features, with one search for the batch: the
+        method every labelling target has (:class:`units.labels.targets.Target`)."""
+        units = self.units(np.concatenate(features), device=device)
+        bounds = np.cumsum([0] + [len(f) for f in features])
+        return [units[bounds[i] : bounds[i + 1]] for i in range(len(features))]
 
     def units(self, features: np.ndarray, device: str = "cpu") -> np.ndarray:
         """uint16 unit per frame of ``features`` (T, dim): the PCA, then the nearest centroid.

@@ -32,8 +32,9 @@ from units import project_version
 from units.features import extractors
 from units.features.extractors import ExtractorOptions
 from units.features.fairseq_checkpoint import sha256_file
+from units.labels import targets
 from units.labels.model import KMeansModel, check_spec, dedup, label_layout
-from units.schemas import LABELS, LABELS_DEDUP
+from units.schemas import LABELS, LABELS_DEDUP, list_column
 from units.stage import check_frames, claim, rows_by_shard, run_pass
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ _MANIFEST_COLUMNS = ["key", "shard", "offset", "size", "num_samples", "duration"
 
 
 class Labeller:
-    """A finished k-means with the extractor that rebuilds its features.
+    """A labelling target (a finished k-means or BEST-RQ quantizer) with the extractor that
+    rebuilds its features.
 
     Called on a batch of decoded utterances, it returns each one's features and units:
     the frame contract checked per utterance, one assignment for the whole batch (a single
@@ -50,8 +52,9 @@ class Labeller:
 
     Args:
         root: Dataset root.
-        kmeans: Finished k-means name.
-        extractor: Extractor to use instead of the one the k-means recorded (a moved
+        target: Its reference (:mod:`units.labels.targets`: a k-means name, or
+            ``bestrq:NAME``).
+        extractor: Extractor to use instead of the one the target recorded (a moved
             checkpoint, say); it must compute the same features.
         device: ``cpu``, or ``cuda`` for the model and the centroid search.
     """
@@ -59,12 +62,12 @@ class Labeller:
     def __init__(
         self,
         root: str,
-        kmeans: str,
+        target: str,
         *,
         extractor: ExtractorOptions | None = None,
         device: str = "cpu",
     ):
-        model = KMeansModel.load(root, kmeans)
+        model = targets.load(root, target)
         if extractor is None:
             extractor = ExtractorOptions.from_spec(model.spec)
         extractor = dataclasses.replace(extractor, device=device)
@@ -72,27 +75,27 @@ class Labeller:
         self.batch_seconds = extractor.bucket  # Audio per batch of the stage's worker.
 
     @classmethod
-    def of(cls, model: KMeansModel, extractor, device: str = "cpu") -> Labeller:
-        """A labeller from a k-means model and a built extractor (a benchmark's, say)."""
+    def of(cls, model: targets.Target, extractor, device: str = "cpu") -> Labeller:
+        """A labeller from a target and a built extractor (a benchmark's, say)."""
         labeller = cls.__new__(cls)
         labeller._setup(model, extractor, device)
         return labeller
 
-    def _setup(self, model: KMeansModel, extractor, device: str) -> None:
+    def _setup(self, model: targets.Target, extractor, device: str) -> None:
         self.model, self.extractor, self.device = model, extractor, device
         check_spec(model.name, model.spec, extractor.spec)
 
     def __call__(self, batch: list) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(features, units)`` per ``(row, waveform)`` of ``batch``."""
         features = self._checked(batch, self.extractor([wav for _, wav in batch]))
-        units = self.model.units(np.concatenate(features), device=self.device)
-        return list(zip(features, _split(units, features), strict=True))
+        return list(zip(features, self.model.units_of(features, self.device), strict=True))
 
     def units(self, batch: list) -> list[np.ndarray]:
         """The units alone per ``(row, waveform)`` of ``batch``. On a GPU, an extractor that
         can leave its features there (:meth:`units.features.ssl.SSLExtractor.on_device`)
         does, and the centroid search runs beside them: only unit ids cross to the host."""
-        if self.device == "cpu" or not hasattr(self.extractor, "on_device"):
+        on_device = hasattr(self.extractor, "on_device") and hasattr(self.model, "units_on_device")
+        if self.device == "cpu" or not on_device:
             return [u for _, u in self(batch)]
         return self.units_on_device(batch)
 
@@ -117,14 +120,14 @@ def _split(units: np.ndarray, features: list) -> list[np.ndarray]:
 
 
 class LabelWorker:
-    """Builds the k-means's extractor once and labels audio shards with it (a worker of
+    """Builds a target's extractor once and labels audio shards with it (a worker of
     :func:`units.stage.run_pass`).
 
     Args:
         root: Dataset root.
-        kmeans: Finished k-means name.
+        target: The target's reference (a finished k-means name, or ``bestrq:NAME``).
         extractor: See :class:`Labeller`; its ``batch_seconds`` is the audio per batch.
-            Default: the one the k-means recorded.
+            Default: the one the target recorded.
         device: See :class:`Labeller`.
         dedup: Also write GSLM-style deduplicated units with durations.
     """
@@ -132,50 +135,85 @@ class LabelWorker:
     def __init__(
         self,
         root: str,
-        kmeans: str,
+        target: str,
         extractor: ExtractorOptions | None = None,
         *,
         device: str = "cpu",
         dedup: bool = False,
     ):
-        self.labeller = Labeller(root, kmeans, extractor=extractor, device=device)
+        self.labeller = Labeller(root, target, extractor=extractor, device=device)
         self.dedup = dedup
         self.batch_seconds = self.labeller.batch_seconds
 
     def write_shard(self, out: ShardOutput, batches) -> dict:
-        frame_rate = self.labeller.model.spec.frame_rate
-        schema = LABELS_DEDUP if self.dedup else LABELS
+        target = self.labeller.model
+        schema = labels_schema(codebooks(target), self.dedup)
         # Streamed a row group at a time: the worker's memory does not grow with the shard.
         stream = out.stream_parquet("units", schema, UNITS_ROW_GROUP)
         frames = 0
         for batch in batches:
-            units = self.labeller.units(batch)
-            columns = {
-                "key": pa.array([row["key"] for row, _ in batch], pa.string()),
-                "shard": pa.array([out.shard] * len(batch), pa.string()),
-                "units": _lists(units, pa.uint16()),
-                "frames": pa.array([len(u) for u in units], pa.int32()),
-                "frame_rate": pa.array([frame_rate] * len(batch), pa.float32()),
-            }
-            if self.dedup:
-                runs = [dedup(u) for u in units]
-                columns["dedup_units"] = _lists([v for v, _ in runs], pa.uint16())
-                columns["durations"] = _lists([d for _, d in runs], pa.int32())
-            stream.write(pa.table(columns, schema=schema))
-            frames += sum(len(u) for u in units)
+            labels = self.labeller.units(batch)
+            for (row, _), units in zip(batch, labels, strict=True):
+                # The target's own framing (a quantizer's stacked frames): a bug, if broken.
+                check_units(target, row, len(units))
+            stream.write(label_table(out.shard, batch, labels, target.contract.rate, schema))
+            frames += sum(len(u) for u in labels)
         return {"utterances": stream.rows, "frames": frames}
+
+
+def codebooks(target: targets.Target) -> int:
+    """Labels per frame: 1, or a BEST-RQ quantizer's codebooks."""
+    config = getattr(target, "config", None)
+    return getattr(config, "codebooks", 1)
+
+
+def labels_schema(codebooks: int, dedup: bool) -> pa.Schema:
+    """A label shard's schema: :data:`units.schemas.LABELS` (``LABELS_DEDUP`` with
+    ``dedup``), and ``units_1`` ... for a target with several codebooks (``units`` is the
+    first codebook's)."""
+    schema = LABELS_DEDUP if dedup else LABELS
+    for c in range(1, codebooks):
+        schema = schema.append(pa.field(f"units_{c}", pa.list_(pa.uint16()), nullable=False))
+    return schema
+
+
+def label_table(
+    shard: str, batch: list, labels: list[np.ndarray], frame_rate: float, schema: pa.Schema
+) -> pa.Table:
+    """One batch's rows of a label shard: ``labels`` per ``(row, waveform)`` of ``batch``,
+    each ``(T,)`` or ``(T, codebooks)``."""
+    first = [u if u.ndim == 1 else u[:, 0] for u in labels]
+    columns = {
+        "key": pa.array([row["key"] for row, _ in batch], pa.string()),
+        "shard": pa.array([shard] * len(batch), pa.string()),
+        "units": list_column(first, pa.uint16()),
+        "frames": pa.array([len(u) for u in labels], pa.int32()),
+        "frame_rate": pa.array([frame_rate] * len(batch), pa.float32()),
+    }
+    if "dedup_units" in schema.names:
+        runs = [dedup(u) for u in first]
+        columns["dedup_units"] = list_column([v for v, _ in runs], pa.uint16())
+        columns["durations"] = list_column([d for _, d in runs], pa.int32())
+    for name in schema.names:
+        if name.startswith("units_"):
+            c = int(name.removeprefix("units_"))
+            codes = [np.ascontiguousarray(u[:, c]) for u in labels]
+            columns[name] = list_column(codes, pa.uint16())
+    return pa.table(columns, schema=schema)
+
+
+def check_units(target: targets.Target, row: dict, frames: int) -> None:
+    """Raises when an utterance's labels break the target's frame contract."""
+    expected = target.contract.frames(row["num_samples"])
+    if frames != expected:
+        raise RuntimeError(
+            f"{row['key']}: {frames} labels for {row['num_samples']} samples, expected "
+            f"{expected} at {target.contract.rate:g} Hz ({target.name})"
+        )
 
 
 #: Utterances per row group of a label shard (about 3 MB of units at 30 s each).
 UNITS_ROW_GROUP = 1024
-
-
-def _lists(arrays: list[np.ndarray], kind: pa.DataType) -> pa.ListArray:
-    """One list per array, built from their concatenation (not element by element)."""
-    offsets = np.zeros(len(arrays) + 1, np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.empty(0, kind.to_pandas_dtype())
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, kind))
 
 
 def run(
@@ -218,19 +256,8 @@ def run(
     started = time.monotonic()
     root = RootLayout(root).root
     model = KMeansModel.load(root, kmeans)
-    if extractor is None:
-        extractor = ExtractorOptions.from_spec(model.spec)
-    try:
-        # The spec alone, with no model loaded on the driver; each worker builds the
-        # extractor and checks its spec again (Labeller).
-        described = extractors.describe(extractor)
-    except extractors.ExtractorError as e:
-        raise StageError(f"k-means {kmeans!r}: its features cannot be rebuilt: {e}") from None
-    check_spec(kmeans, model.spec, described)
-    manifest = RootLayout(root).manifest("utterances.parquet")
-    if not storage.exists(manifest):
-        raise StageError(f"no utterances manifest under {root}: run pipelines.shard first")
-    layout = label_layout(root, name)
+    extractor = rebuilding(model, extractor)
+    manifest = utterances_manifest(root)
     lineage = {
         "kmeans": kmeans,
         "kmeans_fingerprint": model.meta["fingerprint"],
@@ -244,7 +271,75 @@ def run(
         "manifest_sha256": sha256_file(manifest),
         "dedup": dedup,
     }
-    claim(layout, lineage, "were started with another k-means or manifest")
+    return label_all(
+        root,
+        kmeans,
+        name,
+        lineage,
+        extractor=extractor,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        progress=progress,
+        started=started,
+    )
+
+
+def rebuilding(target: targets.Target, extractor: ExtractorOptions | None) -> ExtractorOptions:
+    """The extractor options that rebuild ``target``'s features: ``extractor``, checked to
+    compute them, or the ones the target recorded.
+
+    Raises:
+        StageError: An extractor that cannot be rebuilt, or computes other features.
+    """
+    if extractor is None:
+        extractor = ExtractorOptions.from_spec(target.spec)
+    try:
+        # The spec alone, with no model loaded on the driver; each worker builds the
+        # extractor and checks its spec again (Labeller).
+        described = extractors.describe(extractor)
+    except extractors.ExtractorError as e:
+        raise StageError(f"{target.name!r}: its features cannot be rebuilt: {e}") from None
+    check_spec(target.name, target.spec, described)
+    return extractor
+
+
+def utterances_manifest(root: str) -> str:
+    """``ROOT``'s utterances manifest.
+
+    Raises:
+        StageError: There is none.
+    """
+    manifest = RootLayout(root).manifest("utterances.parquet")
+    if not storage.exists(manifest):
+        raise StageError(f"no utterances manifest under {root}: run pipelines.shard first")
+    return manifest
+
+
+def label_all(
+    root: str,
+    target: str,
+    name: str,
+    lineage: dict,
+    *,
+    extractor: ExtractorOptions,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    progress: bool = False,
+    started: float | None = None,
+) -> dict:
+    """The label pass of any target (:mod:`units.labels.targets`) into ``ROOT/labels/NAME``,
+    once its stage has checked the request: claims the output with ``lineage`` (which holds
+    ``dedup`` and the manifest's sha256), labels every shard not committed yet, and writes
+    ``meta.json`` (``lineage``, the shards, the label rate and the totals) last.
+
+    Returns:
+        As :func:`run`.
+    """
+    started = time.monotonic() if started is None else started
+    layout = label_layout(root, name)
+    claim(layout, lineage, "were started with another k-means, quantizer or manifest")
+    model = targets.load(root, target)
+    manifest = RootLayout(root).manifest("utterances.parquet")
     # Columns, not a dict per utterance: the driver holds tens of bytes per utterance.
     rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS)
     by_shard = rows_by_shard(rows)
@@ -253,9 +348,9 @@ def run(
         LabelWorker,
         by_shard,
         root,
-        kmeans,
+        target,
         extractor,
-        dedup=dedup,
+        dedup=lineage["dedup"],
         workers=workers,
         gpus_per_worker=gpus_per_worker,
         progress=progress,
@@ -269,7 +364,7 @@ def run(
         record = layout.read_commit(shard)
         for key in totals:
             totals[key] += record[key]
-    meta = dict(lineage, shards=shards, frame_rate=model.spec.frame_rate, **totals)
+    meta = dict(lineage, shards=shards, frame_rate=model.contract.rate, **totals)
     meta["version"] = project_version()
     # Sequential, in manifest order: the same bits on every machine.
     meta["hours"] = float(np.cumsum(rows.column("duration").to_numpy())[-1]) / 3600

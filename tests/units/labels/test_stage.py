@@ -15,6 +15,7 @@ from shards import synthetic
 from shards.core.outputs import StageError
 from shards.plan import ShardingOptions
 from shards.ray_sharding import run as shard
+from tests.fairseq_checks import fairseq_label_checks
 from tests.models import save_tiny
 from tests.numerics import SSL_FEATURE_BOUND, UnitAgreement, assert_units_agree, kaldi_bound
 from units.features.extractors import ExtractorOptions
@@ -313,38 +314,19 @@ def test_hugging_face_datasets_and_pyarrow_read_the_labels_and_join_the_manifest
     assert joined["frames"].to_pylist() == want.to_pylist()
 
 
-def _fairseq_label_checks(tsv: str, km: str, dictionary: str, label_rate: float, tol=0.1):
-    """What fairseq's HubertDataset does on load: ``load_audio`` reads the tsv (root line,
-    then ``path<TAB>samples``), ``load_label`` asserts one label line per kept audio line,
-    ``verify_label_lengths`` compares durations (here an error past ``tol`` seconds, where
-    fairseq only warns), and ``Dictionary.load`` must know every unit."""
-    lines = open(tsv).read().splitlines()[1:]
-    sizes = [int(line.split("\t")[1]) for line in lines]
-    labels = open(km).read().splitlines()
-    assert len(labels) == len(sizes), (
-        f"number of labels does not match ({len(labels)} != {len(sizes)})"
-    )
-    symbols = {line.split()[0] for line in open(dictionary).read().splitlines()}
-    for i, (size, line) in enumerate(zip(sizes, labels, strict=True)):
-        units = line.split()
-        assert abs(size / 16000 - len(units) / label_rate) <= tol, f"line {i}: durations differ"
-        assert set(units) <= symbols, f"line {i}: units missing from {dictionary}"
-    return len(sizes)
-
-
 def test_the_export_passes_fairseqs_label_checks(root):
     label(str(root), "km8pca", "checks")
     record = fairseq_export.export(str(root), "checks", {"train": 60, "valid": 20, "test": 20})
     out = root / "labels" / "checks" / "fairseq"
     total = 0
     for split in record["splits"]:
-        total += _fairseq_label_checks(
+        total += fairseq_label_checks(
             out / f"{split}.tsv", out / f"{split}.km", out / "dict.km.txt", record["label_rate"]
         )
     assert total == 10
     # And the checks do catch a label rate that is off by two (fairseq#5097).
     with pytest.raises(AssertionError, match="durations differ"):
-        _fairseq_label_checks(out / "train.tsv", out / "train.km", out / "dict.km.txt", 50.0)
+        fairseq_label_checks(out / "train.tsv", out / "train.km", out / "dict.km.txt", 50.0)
 
 
 def test_resume_after_lost_shards_equals_the_uninterrupted_run(root):
