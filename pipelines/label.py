@@ -7,10 +7,16 @@ ROOT/labels/NAME/units/*.parquet (key, units, frames, frame_rate): one Parquet d
 With --fairseq-splits, also ROOT/labels/NAME/fairseq/{split}.tsv, {split}.km and
 dict.km.txt for fairseq's HuBERT training (audio paths point into the shards, no copies).
 
+Several k-means of the same features (k = 100, 500, 2,000 on one layer, say) label in one
+pass: --kmeans A B C --name LA LB LC computes each batch's features once and writes one label
+set per k-means, each the same files as a pass of its own; a shard is done when all have it.
+
 Example:
     python -m pipelines.label --root /data/ls100 --kmeans mfcc100 --name it1 \\
         --fairseq-splits train=99,valid=1 --split-by speaker
     python -m pipelines.label --root /data/ll --kmeans h6k500 --name it2 --gpus-per-worker 1
+    python -m pipelines.label --root /data/ll --kmeans h9k100 h9k500 h9k2000 \\
+        --name it2-100 it2-500 it2-2000
 
 Rerunning the same command resumes; a finished label set is left as it is. The run's JSON
 record goes to ROOT/runs/label-NAME.json (--record); stdout gets a summary.
@@ -18,6 +24,7 @@ record goes to ROOT/runs/label-NAME.json (--record); stdout gets a summary.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from . import _args, _cli
@@ -59,9 +66,20 @@ RECORD = "ROOT/runs/label-NAME.json"
 def add_arguments(parser) -> None:
     _args.add_root(parser)
     parser.add_argument(
-        "--kmeans", required=True, metavar="NAME", help="finished k-means (ROOT/kmeans/NAME)"
+        "--kmeans",
+        required=True,
+        nargs="+",
+        metavar="NAME",
+        help="finished k-means (ROOT/kmeans/NAME); several of the same features label in one pass",
     )
-    add_options(parser, OPTIONS)
+    parser.add_argument(
+        "--name",
+        required=True,
+        nargs="+",
+        metavar="NAME",
+        help="label set under ROOT/labels/, one per --kmeans",
+    )
+    add_options(parser, OPTIONS, skip=("name",))
     _args.add_progress(parser)
     _args.add_ray(parser)
 
@@ -85,9 +103,24 @@ def _requested(args):
     return ExtractorOptions(args.extractor, layer=args.layer)
 
 
+def targets(args) -> list[tuple[str, str]]:
+    """``(k-means, label set)`` pairs: one each from the hubert config, several from
+    ``--kmeans A B --name X Y``."""
+    kmeans = [args.kmeans] if isinstance(args.kmeans, str) else list(args.kmeans)
+    names = [args.name] if isinstance(args.name, str) else list(args.name)
+    if len(kmeans) != len(names):
+        raise _cli.UsageError(
+            f"--name gives {len(names)} label set(s) for {len(kmeans)} k-means: one per k-means"
+        )
+    if len(set(names)) != len(names):
+        raise _cli.UsageError(f"--name {' '.join(names)}: the label sets must differ")
+    return list(zip(kmeans, names, strict=True))
+
+
 def check(args) -> None:
     if args.layer is not None and args.extractor is None:
         raise _cli.UsageError("--layer applies with --extractor only")
+    targets(args)
 
 
 def prepare(args) -> None:
@@ -104,23 +137,29 @@ def prepare(args) -> None:
         hint = REMOTE_ROOT_HINT.format(root=args.root)
         raise _cli.UsageError(f"--fairseq-splits: fairseq reads local files: {hint}")
     try:
-        model = KMeansModel.load(args.root, args.kmeans)
+        models = [KMeansModel.load(args.root, kmeans) for kmeans, _ in targets(args)]
         if args.extractor is not None:
-            check_spec(args.kmeans, model.spec, extractors.describe(_requested(args)))
+            described = extractors.describe(_requested(args))
+            for model in models:
+                check_spec(model.name, model.spec, described)
+        for model in models[1:]:  # One pass computes one set of features for all.
+            check_spec(model.name, model.spec, models[0].spec)
     except (StageError, extractors.ExtractorError) as e:
         raise _cli.UsageError(str(e)) from None
 
 
 def label_pass(args) -> dict:
-    """The label pass alone (Ray connected); returns its result."""
+    """The label pass alone (Ray connected); returns its result: the label set's, or with
+    several, the first one's with ``label_sets`` (each set's result by name)."""
     from shards.core.outputs import StageError
-    from units.labels.stage import run as label
+    from units.labels.stage import run_many
 
+    pairs = targets(args)
     try:
-        return label(
+        results = run_many(
             args.root,
-            args.kmeans,
-            args.name,
+            [kmeans for kmeans, _ in pairs],
+            [name for _, name in pairs],
             workers=args.workers,
             gpus_per_worker=args.gpus_per_worker,
             extractor=_requested(args),
@@ -129,17 +168,22 @@ def label_pass(args) -> dict:
         )
     except StageError as e:
         raise _cli.UsageError(str(e)) from None
+    if len(results) == 1:
+        return results[0]
+    sets = {name: r for (_, name), r in zip(pairs, results, strict=True)}
+    return dict(results[0], label_sets=sets)
 
 
 def export(args) -> dict:
-    """The fairseq files of a finished label set; returns ``export.json``'s content."""
+    """The fairseq files of a finished label set (``args.name``, one); returns
+    ``export.json``'s content."""
     from shards.core.outputs import StageError
     from units.labels.fairseq import export as export_fairseq
 
     try:
         return export_fairseq(
             args.root,
-            args.name,
+            _one(args.name),
             args.fairseq_splits,
             by=args.split_by,
             seed=args.split_seed,
@@ -155,11 +199,32 @@ def run(args) -> dict:
     connect(args)
     result = label_pass(args)
     if args.fairseq_splits:
-        result = dict(result, fairseq=export(args))
+        exports = {
+            name: export(argparse.Namespace(**dict(vars(args), name=name)))
+            for _, name in targets(args)
+        }
+        if "label_sets" in result:
+            for name, record in exports.items():
+                result["label_sets"][name]["fairseq"] = record
+        result = dict(result, fairseq=next(iter(exports.values())))
     return result
 
 
 def summarize(args, result: dict) -> str:
+    sets = result.get("label_sets")
+    if sets:
+        return "\n".join(
+            _summary(argparse.Namespace(**dict(vars(args), name=name)), r)
+            for name, r in sets.items()
+        )
+    return _summary(argparse.Namespace(**dict(vars(args), name=_one(args.name))), result)
+
+
+def _one(name) -> str:
+    return name if isinstance(name, str) else name[0]
+
+
+def _summary(args, result: dict) -> str:
     hours = result.get("hours")
     audio = f", {hours:.3f} h" if hours is not None else ""
     what = (
@@ -185,7 +250,8 @@ def describe_export(args, record: dict) -> str:
 
 
 def record_path(args) -> str:
-    return _cli.record_path(args.root, "label", args.name)
+    names = [args.name] if isinstance(args.name, str) else list(args.name)
+    return _cli.record_path(args.root, "label", "+".join(names))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 from shards.core import throughput
 from shards.core.atomic import read_json, write_atomic
 from shards.core.heap import release_free_memory
-from shards.core.outputs import OutputLayout, ShardOutput, StageError
+from shards.core.outputs import OutputLayout, StageError
 from shards.core.placement import (
     actor_pool,
     column_total,
@@ -224,7 +224,7 @@ class ShardActor:
         if done is not None:
             return dict(done, written=False, bytes_written=0)
         rows = as_rows(rows)
-        out = ShardOutput(self.layout, shard)
+        out = self.layout.output(shard)
         try:
             # One pass over the rows feeds both the decoder and the batches (tee holds the
             # rows between them: the read-ahead window at most), so each becomes a dict once.

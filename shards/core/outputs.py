@@ -114,6 +114,10 @@ class OutputLayout:
         is alive (a stage's end), as an attempt that lost a race leaves its file behind."""
         remove_all_temps(*self.shard_dirs())
 
+    def output(self, shard: str) -> ShardOutput:
+        """The writer of ``shard``'s files (the engine's one call, for any layout)."""
+        return ShardOutput(self, shard)
+
 
 class ShardOutput:
     """One shard's files of a stage output, committed together or not at all.
@@ -269,3 +273,77 @@ class NpyStream:
             if e.filename is None:
                 e.filename = self._pending.temp
             raise
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutGroup:
+    """Several outputs one pass writes from the same shards (a label set per target, say):
+    each is a whole output of its own, and a shard is done once every one has committed it.
+
+    It stands where the engine takes an :class:`OutputLayout` (:func:`units.stage.run_pass`):
+    ``read_commit`` is ``None`` until all are committed, and :meth:`output` writes the
+    shard to those still without it, so a run killed between two commits redoes the shard
+    for the rest only and leaves the committed files as they are.
+    """
+
+    layouts: tuple[OutputLayout, ...]
+
+    @property
+    def root(self) -> str:
+        return self.layouts[0].root
+
+    @property
+    def kind(self) -> str:
+        return self.layouts[0].kind
+
+    @property
+    def name(self) -> str:
+        return "+".join(layout.name for layout in self.layouts)
+
+    def read_commit(self, shard: str) -> dict | None:
+        records = [layout.read_commit(shard) for layout in self.layouts]
+        if any(r is None for r in records):
+            return None
+        return {"shard": shard, "outputs": records}
+
+    def make_dirs(self) -> None:
+        for layout in self.layouts:
+            layout.make_dirs()
+
+    def remove_temps(self) -> None:
+        for layout in self.layouts:
+            layout.remove_temps()
+
+    def output(self, shard: str) -> OutputGroup:
+        return OutputGroup(self, shard)
+
+
+class OutputGroup:
+    """One shard's writers for the outputs of a :class:`LayoutGroup` that have not committed
+    it yet (``members``: each output's index in the group and its :class:`ShardOutput`)."""
+
+    def __init__(self, group: LayoutGroup, shard: str):
+        self.shard = shard
+        self.members = [
+            (i, ShardOutput(layout, shard))
+            for i, layout in enumerate(group.layouts)
+            if layout.read_commit(shard) is None
+        ]
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(out.bytes_written for _, out in self.members)
+
+    def reject(self, key: str, reason: str, message: str) -> None:
+        """The utterance is a reject of every output: each is whole on its own."""
+        for _, out in self.members:
+            out.reject(key, reason, message)
+
+    def commit(self, counts: list[dict]) -> dict:
+        """Commits each member with its own counts (in ``members`` order), one by one."""
+        records = [out.commit(**c) for (_, out), c in zip(self.members, counts, strict=True)]
+        return {"shard": self.shard, "outputs": records}
+
+    def abort(self) -> None:
+        for _, out in self.members:
+            out.abort()

@@ -148,3 +148,17 @@ def test_another_extractor_is_checked_against_the_kmeans_spec_without_loading_it
     argv = ["--root", str(tmp_path / "root"), "--kmeans", "km", "--name", "l"]
     assert label.main([*argv, "--extractor", f"hf:{directory}", "--layer", "3"]) == 2
     assert "layer: k-means 2, extractor 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        (["a"], "--name gives 1 label set(s) for 2 k-means: one per k-means"),
+        (["a", "a"], "--name a a: the label sets must differ"),
+    ],
+)
+def test_names_are_one_distinct_label_set_per_kmeans(tmp_path, capsys, names, message):
+    argv = ["--root", str(tmp_path), "--kmeans", "k1", "k2", "--name", *names]
+    assert exit_status(label.main, argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1, err

@@ -179,11 +179,11 @@ def run(
         "manifest_sha256": sha256_file(manifest),
         "dedup": dedup,
     }
-    result = label_all(
+    (result,) = label_all(
         root,
-        f"bestrq:{name}",
-        name,
-        lineage,
+        [f"bestrq:{name}"],
+        [name],
+        [lineage],
         extractor=extractor,
         workers=workers,
         gpus_per_worker=gpus_per_worker,

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from shards.core import storage
 from shards.core.atomic import read_json, write_atomic
-from shards.core.outputs import ShardOutput, StageError
+from shards.core.outputs import LayoutGroup, OutputGroup, ShardOutput, StageError
 from shards.root import RootLayout
 from units import project_version
 from units.features import extractors
@@ -94,17 +94,29 @@ class Labeller:
         """The units alone per ``(row, waveform)`` of ``batch``. On a GPU, an extractor that
         can leave its features there (:meth:`units.features.ssl.SSLExtractor.on_device`)
         does, and the centroid search runs beside them: only unit ids cross to the host."""
-        on_device = hasattr(self.extractor, "on_device") and hasattr(self.model, "units_on_device")
+        return self.units_for(batch, [self.model])[0]
+
+    def units_for(self, batch: list, models: list) -> list[list[np.ndarray]]:
+        """:meth:`units` of each of ``models`` (targets of this extractor's features) from
+        one computation of the batch's features: per model, the units per utterance."""
+        on_device = hasattr(self.extractor, "on_device") and all(
+            hasattr(m, "units_on_device") for m in models
+        )
         if self.device == "cpu" or not on_device:
-            return [u for _, u in self(batch)]
-        return self.units_on_device(batch)
+            features = self._checked(batch, self.extractor([wav for _, wav in batch]))
+            return [m.units_of(features, self.device) for m in models]
+        return self._units_on_device(batch, models)
 
     def units_on_device(self, batch: list) -> list[np.ndarray]:
         """:meth:`units` through the extractor's device tensors (on any device)."""
+        return self._units_on_device(batch, [self.model])[0]
+
+    def _units_on_device(self, batch: list, models: list) -> list[list[np.ndarray]]:
         import torch
 
         features = self._checked(batch, self.extractor.on_device([wav for _, wav in batch]))
-        return _split(self.model.units_on_device(torch.cat(features)), features)
+        joined = torch.cat(features)
+        return [_split(m.units_on_device(joined), features) for m in models]
 
     def _checked(self, batch: list, features: list) -> list:
         """``features``, once each utterance's frame count is checked against its row."""
@@ -120,14 +132,19 @@ def _split(units: np.ndarray, features: list) -> list[np.ndarray]:
 
 
 class LabelWorker:
-    """Builds a target's extractor once and labels audio shards with it (a worker of
+    """Builds the targets' extractor once and labels audio shards with it (a worker of
     :func:`units.stage.run_pass`).
+
+    Several targets that read the same features (k-means of several k, quantizers of one
+    filterbank) share one extractor, and each batch's features are computed once for all
+    of them; each target's label set gets the rows a pass of its own would write.
 
     Args:
         root: Dataset root.
-        target: The target's reference (a finished k-means name, or ``bestrq:NAME``).
+        target: A target's reference (a finished k-means name, or ``bestrq:NAME``), or
+            several, written to a :class:`~shards.core.outputs.LayoutGroup` in this order.
         extractor: See :class:`Labeller`; its ``batch_seconds`` is the audio per batch.
-            Default: the one the target recorded.
+            Default: the one the (first) target recorded.
         device: See :class:`Labeller`.
         dedup: Also write GSLM-style deduplicated units with durations.
     """
@@ -135,30 +152,45 @@ class LabelWorker:
     def __init__(
         self,
         root: str,
-        target: str,
+        target: str | list[str],
         extractor: ExtractorOptions | None = None,
         *,
         device: str = "cpu",
         dedup: bool = False,
     ):
-        self.labeller = Labeller(root, target, extractor=extractor, device=device)
+        references = [target] if isinstance(target, str) else list(target)
+        self.labeller = Labeller(root, references[0], extractor=extractor, device=device)
+        self.targets = [self.labeller.model]
+        for reference in references[1:]:
+            model = targets.load(root, reference)
+            check_spec(model.name, model.spec, self.labeller.extractor.spec)
+            self.targets.append(model)
         self.dedup = dedup
         self.batch_seconds = self.labeller.batch_seconds
 
-    def write_shard(self, out: ShardOutput, batches) -> dict:
-        target = self.labeller.model
-        schema = labels_schema(codebooks(target), self.dedup)
+    def write_shard(self, out: ShardOutput | OutputGroup, batches) -> dict:
+        members = out.members if isinstance(out, OutputGroup) else [(0, out)]
+        chosen = [self.targets[i] for i, _ in members]  # Those that have not committed it.
+        schemas = [labels_schema(codebooks(t), self.dedup) for t in chosen]
         # Streamed a row group at a time: the worker's memory does not grow with the shard.
-        stream = out.stream_parquet("units", schema, UNITS_ROW_GROUP)
-        frames = 0
+        streams = [
+            member.stream_parquet("units", schema, UNITS_ROW_GROUP)
+            for (_, member), schema in zip(members, schemas, strict=True)
+        ]
+        frames = [0] * len(chosen)
         for batch in batches:
-            labels = self.labeller.units(batch)
-            for (row, _), units in zip(batch, labels, strict=True):
-                # The target's own framing (a quantizer's stacked frames): a bug, if broken.
-                check_units(target, row, len(units))
-            stream.write(label_table(out.shard, batch, labels, target.contract.rate, schema))
-            frames += sum(len(u) for u in labels)
-        return {"utterances": stream.rows, "frames": frames}
+            for j, labels in enumerate(self.labeller.units_for(batch, chosen)):
+                for (row, _), units in zip(batch, labels, strict=True):
+                    # The target's own framing (a quantizer's stacked frames): a bug, if broken.
+                    check_units(chosen[j], row, len(units))
+                rate = chosen[j].contract.rate
+                streams[j].write(label_table(out.shard, batch, labels, rate, schemas[j]))
+                frames[j] += sum(len(u) for u in labels)
+        counts = [
+            {"utterances": stream.rows, "frames": f}
+            for stream, f in zip(streams, frames, strict=True)
+        ]
+        return {"counts": counts} if isinstance(out, OutputGroup) else counts[0]
 
 
 def codebooks(target: targets.Target) -> int:
@@ -253,29 +285,68 @@ def run(
             rebuilt or computes other features than the k-means was fitted on, or a label
             set started with another k-means. Nothing is written then.
     """
+    return run_many(
+        root,
+        [kmeans],
+        [name],
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        extractor=extractor,
+        dedup=dedup,
+        progress=progress,
+    )[0]
+
+
+def run_many(
+    root: str,
+    kmeans: list[str],
+    names: list[str],
+    *,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    extractor: ExtractorOptions | None = None,
+    dedup: bool = False,
+    progress: bool = False,
+) -> list[dict]:
+    """:func:`run` for several k-means of the same features (k = 100, 500, 2,000 on one
+    layer, say) in one pass: the features of each batch are computed once, and k-means
+    ``kmeans[i]`` labels into ``ROOT/labels/names[i]``, the same files a pass of its own
+    writes. A shard is done when every label set has committed it.
+
+    Returns:
+        One result per label set, as :func:`run`'s (the throughput is the pass's).
+
+    Raises:
+        StageError: As :func:`run`; also k-means of different features, or names that are
+            not one per k-means and distinct.
+    """
     started = time.monotonic()
     root = RootLayout(root).root
-    model = KMeansModel.load(root, kmeans)
-    extractor = rebuilding(model, extractor)
+    models = [KMeansModel.load(root, k) for k in kmeans]
+    extractor = rebuilding(models, extractor)
     manifest = utterances_manifest(root)
-    lineage = {
-        "kmeans": kmeans,
-        "kmeans_fingerprint": model.meta["fingerprint"],
-        "spec": model.meta["spec"],
-        "k": int(len(model.centroids)),
-        "pca": model.meta.get("pca"),
-        "features": model.meta.get("features"),
-        # Top level as well as in the spec: what the next HuBERT iteration starts from.
-        "checkpoint_sha256": model.spec.checkpoint_sha256,
-        "layer": model.spec.layer,
-        "manifest_sha256": sha256_file(manifest),
-        "dedup": dedup,
-    }
+    manifest_sha256 = sha256_file(manifest)
+    lineages = [
+        {
+            "kmeans": model.name,
+            "kmeans_fingerprint": model.meta["fingerprint"],
+            "spec": model.meta["spec"],
+            "k": int(len(model.centroids)),
+            "pca": model.meta.get("pca"),
+            "features": model.meta.get("features"),
+            # Top level as well as in the spec: what the next HuBERT iteration starts from.
+            "checkpoint_sha256": model.spec.checkpoint_sha256,
+            "layer": model.spec.layer,
+            "manifest_sha256": manifest_sha256,
+            "dedup": dedup,
+        }
+        for model in models
+    ]
     return label_all(
         root,
-        kmeans,
-        name,
-        lineage,
+        list(kmeans),
+        list(names),
+        lineages,
         extractor=extractor,
         workers=workers,
         gpus_per_worker=gpus_per_worker,
@@ -284,22 +355,28 @@ def run(
     )
 
 
-def rebuilding(target: targets.Target, extractor: ExtractorOptions | None) -> ExtractorOptions:
-    """The extractor options that rebuild ``target``'s features: ``extractor``, checked to
-    compute them, or the ones the target recorded.
+def rebuilding(
+    models: targets.Target | list[targets.Target], extractor: ExtractorOptions | None
+) -> ExtractorOptions:
+    """The extractor options that rebuild the features of ``models`` (one target, or
+    several that read the same features): ``extractor``, checked to compute them, or the
+    ones the (first) target recorded.
 
     Raises:
-        StageError: An extractor that cannot be rebuilt, or computes other features.
+        StageError: An extractor that cannot be rebuilt, or computes other features than
+            one of the targets reads.
     """
+    models = models if isinstance(models, list) else [models]
     if extractor is None:
-        extractor = ExtractorOptions.from_spec(target.spec)
+        extractor = ExtractorOptions.from_spec(models[0].spec)
     try:
         # The spec alone, with no model loaded on the driver; each worker builds the
         # extractor and checks its spec again (Labeller).
         described = extractors.describe(extractor)
     except extractors.ExtractorError as e:
-        raise StageError(f"{target.name!r}: its features cannot be rebuilt: {e}") from None
-    check_spec(target.name, target.spec, described)
+        raise StageError(f"{models[0].name!r}: its features cannot be rebuilt: {e}") from None
+    for model in models:
+        check_spec(model.name, model.spec, described)
     return extractor
 
 
@@ -317,56 +394,69 @@ def utterances_manifest(root: str) -> str:
 
 def label_all(
     root: str,
-    target: str,
-    name: str,
-    lineage: dict,
+    references: list[str],
+    names: list[str],
+    lineages: list[dict],
     *,
     extractor: ExtractorOptions,
     workers: int | None = None,
     gpus_per_worker: float | None = None,
     progress: bool = False,
     started: float | None = None,
-) -> dict:
-    """The label pass of any target (:mod:`units.labels.targets`) into ``ROOT/labels/NAME``,
-    once its stage has checked the request: claims the output with ``lineage`` (which holds
-    ``dedup`` and the manifest's sha256), labels every shard not committed yet, and writes
-    ``meta.json`` (``lineage``, the shards, the label rate and the totals) last.
+) -> list[dict]:
+    """The label pass of targets (:mod:`units.labels.targets`) that read the same features,
+    once their stage has checked the request: target ``references[i]`` labels into
+    ``ROOT/labels/names[i]``. Claims each output with its lineage (which holds ``dedup``
+    and the manifest's sha256), labels every shard not committed by all of them, and
+    writes each ``meta.json`` (lineage, shards, label rate, totals) last.
 
     Returns:
-        As :func:`run`.
+        One result per label set, as :func:`run`'s.
+
+    Raises:
+        StageError: Names that are not one per target and distinct; an output started
+            with another target or manifest (nothing is written then).
     """
     started = time.monotonic() if started is None else started
-    layout = label_layout(root, name)
-    claim(layout, lineage, "were started with another k-means, quantizer or manifest")
-    model = targets.load(root, target)
+    if len(names) != len(references) or len(set(names)) != len(names):
+        raise StageError(f"give one distinct label set name per target: {names} for {references}")
+    layouts = [label_layout(root, name) for name in names]
+    for layout, lineage in zip(layouts, lineages, strict=True):
+        claim(layout, lineage, "were started with another k-means, quantizer or manifest")
+    models = [targets.load(root, reference) for reference in references]
     manifest = RootLayout(root).manifest("utterances.parquet")
     # Columns, not a dict per utterance: the driver holds tens of bytes per utterance.
     rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS)
     by_shard = rows_by_shard(rows)
+    one = len(layouts) == 1
     done = run_pass(
-        layout,
+        layouts[0] if one else LayoutGroup(tuple(layouts)),
         LabelWorker,
         by_shard,
         root,
-        target,
+        references[0] if one else list(references),
         extractor,
-        dedup=lineage["dedup"],
+        dedup=lineages[0]["dedup"],
         workers=workers,
         gpus_per_worker=gpus_per_worker,
         progress=progress,
     )
-    meta = read_json(layout.path("meta.json")) if done.shards_written == 0 else None
-    if meta is not None:
-        return done.result(meta, "hours_labelled", started)
     shards = sorted(by_shard)
-    totals = {"utterances": 0, "frames": 0, "rejects": 0}
-    for shard in shards:
-        record = layout.read_commit(shard)
-        for key in totals:
-            totals[key] += record[key]
-    meta = dict(lineage, shards=shards, frame_rate=model.contract.rate, **totals)
-    meta["version"] = project_version()
     # Sequential, in manifest order: the same bits on every machine.
-    meta["hours"] = float(np.cumsum(rows.column("duration").to_numpy())[-1]) / 3600
-    write_atomic(layout.path("meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
-    return done.result(meta, "hours_labelled", started)
+    hours = float(np.cumsum(rows.column("duration").to_numpy())[-1]) / 3600
+    results = []
+    for layout, lineage, model in zip(layouts, lineages, models, strict=True):
+        meta = read_json(layout.path("meta.json")) if done.shards_written == 0 else None
+        if meta is None:
+            totals = {"utterances": 0, "frames": 0, "rejects": 0}
+            for shard in shards:
+                record = layout.read_commit(shard)
+                for key in totals:
+                    totals[key] += record[key]
+            meta = dict(lineage, shards=shards, frame_rate=model.contract.rate, **totals)
+            meta["version"] = project_version()
+            meta["hours"] = hours
+            text = json.dumps(meta, indent=1, sort_keys=True).encode()
+            write_atomic(layout.path("meta.json"), text)
+        results.append(done.result(meta, "hours_labelled", started))
+    return results

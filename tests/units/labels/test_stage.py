@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -349,6 +350,51 @@ def test_resume_after_lost_shards_equals_the_uninterrupted_run(root):
     assert meta["shards_written"] == 2
     got = {p.name: p.read_bytes() for p in (cut / "units").iterdir()}
     assert got == reference  # Same files, byte for byte; no temp left behind.
+
+
+def test_several_kmeans_in_one_pass_write_the_files_separate_passes_write(root):
+    """One extractor, features once per batch, a label set per k-means: each equal, byte
+    for byte, to its own pass's."""
+    results = label_stage.run_many(str(root), ["km8", "km8pca"], ["both8", "both8pca"])
+    assert [r["kmeans"] for r in results] == ["km8", "km8pca"]
+    for kmeans, name in (("km8", "both8"), ("km8pca", "both8pca")):
+        label(str(root), kmeans, f"alone-{kmeans}")
+        alone = root / "labels" / f"alone-{kmeans}"
+        together = root / "labels" / name
+        for part in ("units", "rejects", "commits"):
+            files = sorted(p.name for p in (alone / part).iterdir())
+            assert files and files == sorted(p.name for p in (together / part).iterdir())
+            for f in files:
+                assert (together / part / f).read_bytes() == (alone / part / f).read_bytes()
+        meta = json.loads((together / "meta.json").read_text())
+        assert meta["kmeans"] == kmeans and meta["utterances"] == 10
+
+
+def test_a_shard_committed_by_some_targets_only_is_written_for_the_rest(root):
+    label_stage.run_many(str(root), ["km8", "km8pca"], ["part8", "part8pca"])
+    first = root / "labels" / "part8"
+    shard = sorted(p.stem for p in (first / "commits").iterdir())[0]
+    kept = {p: p.stat().st_mtime_ns for p in (root / "labels" / "part8pca").rglob("*.parquet")}
+    reference = (first / "units" / f"{shard}.parquet").read_bytes()
+    # Killed between the two commits of one shard: part8pca has it, part8 does not.
+    (first / "commits" / f"{shard}.json").unlink()
+    (first / "units" / f"{shard}.parquet").unlink()
+    (first / "meta.json").unlink()
+    again = label_stage.run_many(str(root), ["km8", "km8pca"], ["part8", "part8pca"])
+    assert [r["shards_written"] for r in again] == [1, 1]  # The pass wrote one shard.
+    assert (first / "units" / f"{shard}.parquet").read_bytes() == reference
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # The other set was left alone.
+    assert json.loads((first / "meta.json").read_text())["utterances"] == 10
+    done = label_stage.run_many(str(root), ["km8", "km8pca"], ["part8", "part8pca"])
+    assert [r["shards_written"] for r in done] == [0, 0]
+
+
+def test_targets_of_other_features_or_names_not_one_per_target_are_refused(root, hubert):
+    with pytest.raises(StageError, match="was fitted on other features"):
+        label_stage.run_many(str(root), ["km8", "h4"], ["x8", "xh4"])
+    with pytest.raises(StageError, match="one distinct label set name per target"):
+        label_stage.run_many(str(root), ["km8", "km8pca"], ["same", "same"])
+    assert not (root / "labels" / "x8").exists() and not (root / "labels" / "same").exists()
 
 
 @pytest.fixture(scope="module")
