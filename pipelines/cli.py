@@ -25,8 +25,8 @@ SUMMARIES = {
     "it, on Ray.",
     "pieces": "Train HuBERT-AP acoustic pieces on a finished label set and encode every "
     "utterance, on Ray.",
-    "report": "Write a unit-quality report for a label set: ROOT/reports/NAME/report.html and "
-    "metrics.json.",
+    "report": "Write unit-quality reports for label sets (ROOT/reports/NAME), and their comparison "
+    "on a page.",
     "hubert": "One HuBERT iteration end to end: shard -> features (a sample) -> k-means -> "
     "labels -> report.",
     "w2vu": "Prepare wav2vec-U audio features from a sharded corpus, on Ray.",

@@ -131,19 +131,16 @@ def prepare(args) -> None:
     from shards.core.outputs import StageError
     from units.features import extractors
     from units.labels.fairseq import REMOTE_ROOT_HINT
-    from units.labels.model import KMeansModel, check_spec
+    from units.labels.model import KMeansModel
+    from units.labels.stage import rebuilding
 
     if args.fairseq_splits and storage.is_url(args.root):
         hint = REMOTE_ROOT_HINT.format(root=args.root)
         raise _cli.UsageError(f"--fairseq-splits: fairseq reads local files: {hint}")
     try:
         models = [KMeansModel.load(args.root, kmeans) for kmeans, _ in targets(args)]
-        if args.extractor is not None:
-            described = extractors.describe(_requested(args))
-            for model in models:
-                check_spec(model.name, model.spec, described)
-        for model in models[1:]:  # One pass computes one set of features for all.
-            check_spec(model.name, model.spec, models[0].spec)
+        # One extractor (the one asked for, or the first k-means's) for every k-means.
+        rebuilding(models, _requested(args))
     except (StageError, extractors.ExtractorError) as e:
         raise _cli.UsageError(str(e)) from None
 

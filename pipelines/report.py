@@ -1,16 +1,26 @@
-"""Write a unit-quality report for a label set: ROOT/reports/NAME/report.html and metrics.json.
+"""Write unit-quality reports for label sets (ROOT/reports/NAME), and their comparison on a page.
+
+Each label set gets ROOT/reports/NAME/report.html and metrics.json; several label sets also
+get one page that compares them side by side (ROOT/reports/compare-A+B+C/comparison.html).
 
 With --phones (fairseq's frame-level phone tsv at 100 Hz, a CTM, an MFA TextGrid or a
 directory of them), the report gives phone purity, cluster purity and PNMI as the HuBERT
 paper defines them, and the P(phone | unit) figure; without, unit usage only. Runs on the
 driver alone (no Ray): it reads the label shards one at a time.
 
+With several --labels (k-means of several k or layers, BEST-RQ codebooks, ...), each set
+gets its own report as with one, and ROOT/reports/compare-A+B+C/comparison.html (--out)
+puts them side by side on the same references: one row per set with PNMI, purities,
+perplexity, units and deduplicated units per second, the best of each column marked.
+
 Example:
     python -m pipelines.report --root /data/ls100 --labels it1 --phones /data/dev-phones.tsv
     python -m pipelines.report --root /data/ll --labels it2 --phones /data/mfa_textgrids/
+    python -m pipelines.report --root /data/ls100 --labels km100 km500 rq --phones /data/dev.tsv
 
 The run's JSON record (the metrics and the files written) goes to
-ROOT/runs/report-LABELS.json (--record); stdout gets the headline numbers.
+ROOT/runs/report-LABELS.json (report-A+B+C.json for several; --record); stdout gets the
+headline numbers (one line per label set for several).
 """
 
 from __future__ import annotations
@@ -27,54 +37,103 @@ OPTIONS = {
         Optional(Str()), None, "reference phones for PNMI (tsv, ctm, TextGrid directory)", "PATH"
     ),
     "out": Option(
-        Optional(Str()), None, "output directory (default: ROOT/reports/LABELS)", "DIRECTORY"
+        Optional(Str()),
+        None,
+        "output directory (default: ROOT/reports/LABELS; the comparison's, for several "
+        "label sets: ROOT/reports/compare-A+B+C)",
+        "DIRECTORY",
     ),
 }
 
-RECORD = "ROOT/runs/report-LABELS.json"
+RECORD = "ROOT/runs/report-LABELS.json (report-A+B+C.json for several)"
 
 
 def add_arguments(parser) -> None:
     _args.add_root(parser)
     parser.add_argument(
-        "--labels", required=True, metavar="NAME", help="label set (ROOT/labels/NAME)"
+        "--labels",
+        required=True,
+        nargs="+",
+        metavar="NAME",
+        help="label set (ROOT/labels/NAME); several: each one's report and their comparison",
     )
     add_options(parser, OPTIONS)
 
 
+def _names(args) -> list[str]:
+    """The label sets: ``--labels`` gives a list, the hubert pipeline one name."""
+    return [args.labels] if isinstance(args.labels, str) else list(args.labels)
+
+
+def _joined(args) -> str:
+    """``A+B+C``: the label sets' names in the comparison's directory and record."""
+    return "+".join(_names(args))
+
+
 def check(args) -> None:
+    names = _names(args)
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise _cli.UsageError(f"--labels names {', '.join(twice)} more than once")
     if args.phones is not None and "://" not in args.phones and not os.path.exists(args.phones):
         raise _cli.UsageError(f"--phones {args.phones}: no such file or directory")
 
 
 def _out(args) -> str:
-    return args.out or os.path.join(args.root, "reports", args.labels)
+    names = _names(args)
+    if len(names) == 1:
+        return args.out or os.path.join(args.root, "reports", names[0])
+    return args.out or os.path.join(args.root, "reports", f"compare-{_joined(args)}")
 
 
 def run(args) -> dict:
-    from units.quality import report
+    from units.quality import compare, report
 
+    names = _names(args)
     try:  # No labels, unreadable references, references at another rate: usage errors.
-        built = report.build(args.root, args.labels, args.phones)
+        if len(names) == 1:
+            built = {names[0]: report.build(args.root, names[0], args.phones)}
+        else:
+            comparison = compare.compare(args.root, names, args.phones)
+            built = comparison.reports
     except (ValueError, FileNotFoundError) as e:
         raise _cli.UsageError(str(e)) from None
     out = _out(args)
-    _cli.check_writable(args.root if args.out is None else os.path.dirname(os.path.abspath(out)))
-    paths = report.write(built, out)
+    if args.out is None or len(names) > 1:  # Each set's own report goes under ROOT.
+        _cli.check_writable(args.root)
+    if args.out is not None:
+        _cli.check_writable(os.path.dirname(os.path.abspath(out)))
+    results = {}
+    for name, one in built.items():
+        own = out if len(names) == 1 else os.path.join(args.root, "reports", name)
+        results[name] = {
+            "labels": name,
+            "metrics": one.metrics,
+            "headline": report.headline(one.metrics),
+            "paths": report.write(one, own),
+        }
+    if len(names) == 1:  # One label set: the record it has always had.
+        return results[names[0]]
+    reports = {name: r["paths"]["report"] for name, r in results.items()}
     return {
-        "labels": args.labels,
-        "metrics": built.metrics,
-        "headline": report.headline(built.metrics),
-        "paths": paths,
+        "labels": names,
+        "reports": results,
+        "comparison": comparison.rows,
+        "headline": compare.headline(comparison),
+        "paths": compare.write_comparison(comparison, out, reports),
     }
 
 
 def summarize(args, result: dict) -> str:
-    return f"report: {result['paths']['report']}\n  {result['headline']}"
+    if "comparison" not in result:
+        return f"report: {result['paths']['report']}\n  {result['headline']}"
+    lines = [f"report: {r['paths']['report']}" for r in result["reports"].values()]
+    lines.append(f"comparison: {result['paths']['comparison']}")
+    return "\n".join(lines + [f"  {line}" for line in result["headline"]])
 
 
 def record_path(args) -> str:
-    return _cli.record_path(args.root, "report", args.labels)
+    return _cli.record_path(args.root, "report", _joined(args))
 
 
 def main(argv: list[str] | None = None) -> int:

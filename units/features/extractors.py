@@ -53,6 +53,9 @@ class ExtractorOptions:
             little against a small batch's cache hits, and ``GPU_BUCKET_BATCHES`` batches on
             CUDA (2-20 s utterances: 24% of the samples run are padding in one 120 s bucket,
             7% in 960 s).
+        extra_layers: Other transformer blocks the SSL extractor also returns from the same
+            forward pass (:meth:`units.features.ssl.SSLExtractor.layers_on_device`): label
+            sets of several layers of one model in one pass.
 
     Example:
         >>> ExtractorOptions("hf:/models/hubert", layer=6) == ExtractorOptions(
@@ -69,6 +72,7 @@ class ExtractorOptions:
     batch_seconds: float = 120.0
     checkpoint: str | None = None
     bucket_seconds: float | None = None
+    extra_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         kind, colon, path = self.extractor.partition(":")
@@ -166,6 +170,7 @@ def build(options: ExtractorOptions) -> Extractor:
             dtype=options.dtype,
             batch_seconds=options.batch_seconds,
             threads=options.threads,
+            extra_layers=options.extra_layers,
         )
 
 
@@ -174,7 +179,7 @@ def _check(options: ExtractorOptions) -> None:
     an SSL model, no layer for the others."""
     kind = options.extractor
     if kind in _KALDI:
-        if options.layer is not None:
+        if options.layer is not None or options.extra_layers:
             raise ExtractorError(f"--layer applies to SSL models, not to {kind}")
         return
     if kind not in _SSL:

@@ -659,6 +659,10 @@ class SSLExtractor:
             Utterances up to this length run whole.
         context_seconds: Extra audio on each side of a core window.
         threads: ``torch.set_num_threads`` (process-wide) for CPU work; ``None``: unchanged.
+        extra_layers: Other blocks whose outputs :meth:`layers_on_device` returns from the
+            same forward pass (several label sets from one model, one pass); the forward
+            runs to the deepest block asked for. A block's output does not depend on the
+            blocks after it, so each layer's features are those its own extractor computes.
 
     Raises:
         ValueError: Layer out of range, bad dtype / device combination, a front end that is
@@ -681,8 +685,10 @@ class SSLExtractor:
         window_seconds: float | None = 40.0,
         context_seconds: float = 5.0,
         threads: int | None = None,
+        extra_layers: Sequence[int] = (),
     ):
         self.spec = model.spec(layer)  # Checks the layer and the frame contract.
+        self.specs = {layer: self.spec} | {extra: model.spec(extra) for extra in extra_layers}
         self.device = torch.device(device)
         if dtype is not None:
             if dtype not in _AUTOCAST_DTYPES:
@@ -705,7 +711,7 @@ class SSLExtractor:
         self.window_samples = None if window_seconds is None else int(window_seconds * SAMPLE_RATE)
         self.context_frames = int(context_seconds * SAMPLE_RATE) // SSL.hop
         self._module = model.model.to(self.device).eval()
-        self._block = self._module.encoder.layers[self.layer - 1]
+        self._blocks = {n: self._module.encoder.layers[n - 1] for n in sorted(self.specs)}
         #: Samples run through the model, padding included, and the audio among them: what
         #: length bucketing saves shows in ``padding_fraction``.
         self.samples_run = self.samples_audio = 0
@@ -731,6 +737,13 @@ class SSLExtractor:
         """The features of :meth:`__call__` as float32 tensors on the extractor's device,
         where a GPU consumer (the label pass's centroid search) takes them without a copy
         to the host and back; ``host=True`` brings each batch to the CPU as it is done."""
+        return self.layers_on_device(waveforms, host)[self.layer]
+
+    def layers_on_device(
+        self, waveforms: Sequence[np.ndarray], host: bool = False
+    ) -> dict[int, list[torch.Tensor]]:
+        """:meth:`on_device` for the layer and every one of ``extra_layers``, from one
+        forward pass per batch: ``{layer: features per waveform}``."""
         wavs = []
         for i, w in enumerate(waveforms):
             w = np.asarray(w, dtype=np.float32)
@@ -739,10 +752,13 @@ class SSLExtractor:
             # Whole-utterance statistics, before any windowing (fairseq's normalize=True).
             wavs.append(layer_norm_waveform(w) if self.model.normalize_waveform else w)
         where = torch.device("cpu") if host else self.device
-        outputs = [
-            torch.zeros((SSL.frames(len(w)), self.spec.dim), dtype=torch.float32, device=where)
-            for w in wavs
-        ]
+        outputs = {
+            layer: [
+                torch.zeros((SSL.frames(len(w)), spec.dim), dtype=torch.float32, device=where)
+                for w in wavs
+            ]
+            for layer, spec in self.specs.items()
+        }
         pieces = [
             _Piece(utt, *window)
             for utt, w in enumerate(wavs)
@@ -750,10 +766,11 @@ class SSLExtractor:
         ]
         with torch.inference_mode():
             for batch in self._batches(pieces):
-                features = self._forward([wavs[p.utt][p.start : p.stop] for p in batch], where)
-                for p, f in zip(batch, features, strict=True):
-                    kept = f[p.keep_from : p.keep_to]
-                    outputs[p.utt][p.out_from : p.out_from + len(kept)] = kept
+                layers = self._forward([wavs[p.utt][p.start : p.stop] for p in batch], where)
+                for layer, features in layers.items():
+                    for p, f in zip(batch, features, strict=True):
+                        kept = f[p.keep_from : p.keep_to]
+                        outputs[layer][p.utt][p.out_from : p.out_from + len(kept)] = kept
         return outputs
 
     def _core_frames(self, num_samples: int) -> int | None:
@@ -780,9 +797,11 @@ class SSLExtractor:
                 batches.append([p])
         return batches
 
-    def _forward(self, chunks: list[np.ndarray], where: torch.device) -> list[torch.Tensor]:
-        """Block ``layer``'s output for each chunk, sliced to the chunk's own frame count,
-        float32 on ``where``."""
+    def _forward(
+        self, chunks: list[np.ndarray], where: torch.device
+    ) -> dict[int, list[torch.Tensor]]:
+        """Each block's output (the layer's and the extra layers') for each chunk, sliced to
+        the chunk's own frame count, float32 on ``where``."""
         lengths = [len(c) for c in chunks]
         longest = max(lengths)
         self.samples_run += longest * len(chunks)
@@ -798,33 +817,42 @@ class SSLExtractor:
                 mask[i, :n] = 1
             inputs["attention_mask"] = self._to_device(torch.from_numpy(mask))
 
-        captured: list[torch.Tensor] = []
+        captured: dict[int, torch.Tensor] = {}
         caller = threading.get_ident()
+        deepest = max(self._blocks)
 
-        def capture(_module, _args, output):
-            if threading.get_ident() != caller:
-                return  # Another thread's forward through the same shared module.
-            # WavLM blocks return (hidden_states, position_bias).
-            captured.append(output[0] if isinstance(output, tuple) else output)
-            raise _StopForward
+        def capture(layer):
+            def hook(_module, _args, output):
+                if threading.get_ident() != caller:
+                    return  # Another thread's forward through the same shared module.
+                # WavLM blocks return (hidden_states, position_bias).
+                captured[layer] = output[0] if isinstance(output, tuple) else output
+                if layer == deepest:
+                    raise _StopForward  # The blocks after it are not needed.
 
-        handle = self._block.register_forward_hook(capture)
+            return hook
+
+        handles = [b.register_forward_hook(capture(n)) for n, b in self._blocks.items()]
         try:
             with self._autocast():
                 self._module(**inputs)
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(f"block {self.layer} of {self.model.path} did not run")
-        hidden = captured[0].float().to(where)
-        if hidden.shape[1] != SSL.frames(longest):
-            raise RuntimeError(
-                f"{self.model.path}: {hidden.shape[1]} frames for {longest} samples, "
-                f"expected {SSL.frames(longest)}"
-            )
-        return [hidden[i, : SSL.frames(n)] for i, n in enumerate(lengths)]
+            for handle in handles:
+                handle.remove()
+        out = {}
+        for layer in self._blocks:
+            if layer not in captured:
+                raise RuntimeError(f"block {layer} of {self.model.path} did not run")
+            hidden = captured[layer].float().to(where)
+            if hidden.shape[1] != SSL.frames(longest):
+                raise RuntimeError(
+                    f"{self.model.path}: {hidden.shape[1]} frames for {longest} samples, "
+                    f"expected {SSL.frames(longest)}"
+                )
+            out[layer] = [hidden[i, : SSL.frames(n)] for i, n in enumerate(lengths)]
+        return out
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":

@@ -76,6 +76,24 @@ def check_spec(kmeans: str, recorded: FeatureSpec, extractor: FeatureSpec) -> No
         )
 
 
+def check_same_features(models: list) -> None:
+    """Raises :class:`StageError` unless ``models`` (labelling targets) read the features
+    of one extractor: the same fields but the layer (one forward pass gives every layer)
+    and the checkpoint's path."""
+    first = models[0]
+    for model in models[1:]:
+        diffs = [
+            f"{name}: {getattr(first.spec, name)!r} vs {getattr(model.spec, name)!r}"
+            for name in _SPEC_FIELDS
+            if name != "layer" and getattr(first.spec, name) != getattr(model.spec, name)
+        ]
+        if diffs:
+            raise StageError(
+                f"{first.name!r} and {model.name!r} read features of different extractors "
+                f"({'; '.join(diffs)}): one pass labels targets of one extractor (any layers)"
+            )
+
+
 @dataclasses.dataclass
 class KMeansModel:
     """A finished ``ROOT/kmeans/NAME``: centroids, the optional PCA, and the feature spec."""

@@ -33,7 +33,13 @@ from units.features import extractors
 from units.features.extractors import ExtractorOptions
 from units.features.fairseq_checkpoint import sha256_file
 from units.labels import targets
-from units.labels.model import KMeansModel, check_spec, dedup, label_layout
+from units.labels.model import (
+    KMeansModel,
+    check_same_features,
+    check_spec,
+    dedup,
+    label_layout,
+)
 from units.schemas import LABELS, LABELS_DEDUP, list_column
 from units.stage import check_frames, claim, rows_by_shard, run_pass
 
@@ -43,18 +49,20 @@ _MANIFEST_COLUMNS = ["key", "shard", "offset", "size", "num_samples", "duration"
 
 
 class Labeller:
-    """A labelling target (a finished k-means or BEST-RQ quantizer) with the extractor that
-    rebuilds its features.
+    """Labelling targets (finished k-means or BEST-RQ quantizers) with the one extractor
+    that rebuilds their features.
 
     Called on a batch of decoded utterances, it returns each one's features and units:
     the frame contract checked per utterance, one assignment for the whole batch (a single
-    GEMM, or GPU search, instead of one per utterance).
+    GEMM, or GPU search, instead of one per utterance). Several targets share each batch's
+    features (:meth:`units_for`); targets of several layers of one SSL model share one
+    forward pass to the deepest of them.
 
     Args:
         root: Dataset root.
-        target: Its reference (:mod:`units.labels.targets`: a k-means name, or
-            ``bestrq:NAME``).
-        extractor: Extractor to use instead of the one the target recorded (a moved
+        target: A target's reference (:mod:`units.labels.targets`: a k-means name, or
+            ``bestrq:NAME``), or several of one extractor (``models[0]`` is the first).
+        extractor: Extractor to use instead of the one the (first) target recorded (a moved
             checkpoint, say); it must compute the same features.
         device: ``cpu``, or ``cuda`` for the model and the centroid search.
     """
@@ -62,31 +70,37 @@ class Labeller:
     def __init__(
         self,
         root: str,
-        target: str,
+        target: str | list[str],
         *,
         extractor: ExtractorOptions | None = None,
         device: str = "cpu",
     ):
-        model = targets.load(root, target)
+        references = [target] if isinstance(target, str) else list(target)
+        models = [targets.load(root, reference) for reference in references]
+        check_same_features(models)
         if extractor is None:
-            extractor = ExtractorOptions.from_spec(model.spec)
-        extractor = dataclasses.replace(extractor, device=device)
-        self._setup(model, extractors.build(extractor), device)
+            extractor = ExtractorOptions.from_spec(models[0].spec)
+        extra = sorted({m.spec.layer for m in models} - {extractor.layer, None})
+        extractor = dataclasses.replace(extractor, device=device, extra_layers=tuple(extra))
+        self._setup(models, extractors.build(extractor), device)
         self.batch_seconds = extractor.bucket  # Audio per batch of the stage's worker.
 
     @classmethod
-    def of(cls, model: targets.Target, extractor, device: str = "cpu") -> Labeller:
-        """A labeller from a target and a built extractor (a benchmark's, say)."""
+    def of(cls, model, extractor, device: str = "cpu") -> Labeller:
+        """A labeller from a target (or several) and a built extractor (a benchmark's)."""
         labeller = cls.__new__(cls)
-        labeller._setup(model, extractor, device)
+        labeller._setup(model if isinstance(model, list) else [model], extractor, device)
         return labeller
 
-    def _setup(self, model: targets.Target, extractor, device: str) -> None:
-        self.model, self.extractor, self.device = model, extractor, device
-        check_spec(model.name, model.spec, extractor.spec)
+    def _setup(self, models: list, extractor, device: str) -> None:
+        self.models, self.extractor, self.device = models, extractor, device
+        self.model = models[0]
+        specs = getattr(extractor, "specs", {extractor.spec.layer: extractor.spec})
+        for model in models:
+            check_spec(model.name, model.spec, specs.get(model.spec.layer, extractor.spec))
 
     def __call__(self, batch: list) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(features, units)`` per ``(row, waveform)`` of ``batch``."""
+        """``(features, units)`` per ``(row, waveform)`` of ``batch``, for the first target."""
         features = self._checked(batch, self.extractor([wav for _, wav in batch]))
         return list(zip(features, self.model.units_of(features, self.device), strict=True))
 
@@ -96,32 +110,51 @@ class Labeller:
         does, and the centroid search runs beside them: only unit ids cross to the host."""
         return self.units_for(batch, [self.model])[0]
 
-    def units_for(self, batch: list, models: list) -> list[list[np.ndarray]]:
-        """:meth:`units` of each of ``models`` (targets of this extractor's features) from
-        one computation of the batch's features: per model, the units per utterance."""
-        on_device = hasattr(self.extractor, "on_device") and all(
-            hasattr(m, "units_on_device") for m in models
-        )
-        if self.device == "cpu" or not on_device:
-            features = self._checked(batch, self.extractor([wav for _, wav in batch]))
-            return [m.units_of(features, self.device) for m in models]
-        return self._units_on_device(batch, models)
-
     def units_on_device(self, batch: list) -> list[np.ndarray]:
         """:meth:`units` through the extractor's device tensors (on any device)."""
-        return self._units_on_device(batch, [self.model])[0]
+        return self._units(batch, [self.model], on_device=True)[0]
 
-    def _units_on_device(self, batch: list, models: list) -> list[list[np.ndarray]]:
-        import torch
+    def units_for(self, batch: list, models: list | None = None) -> list[list[np.ndarray]]:
+        """:meth:`units` of each of ``models`` (default: every target) from one computation
+        of the batch's features: per model, the units per utterance."""
+        models = self.models if models is None else models
+        on_device = (
+            self.device != "cpu"
+            and hasattr(self.extractor, "on_device")
+            and all(hasattr(m, "units_on_device") for m in models)
+        )
+        return self._units(batch, models, on_device)
 
-        features = self._checked(batch, self.extractor.on_device([wav for _, wav in batch]))
-        joined = torch.cat(features)
-        return [_split(m.units_on_device(joined), features) for m in models]
+    def _units(self, batch: list, models: list, on_device: bool) -> list[list[np.ndarray]]:
+        wavs = [wav for _, wav in batch]
+        layers = {m.spec.layer for m in models}
+        if layers == {self.extractor.spec.layer}:
+            computed = self.extractor.on_device(wavs) if on_device else self.extractor(wavs)
+            by_layer = {self.extractor.spec.layer: computed}
+        else:  # One forward pass for every layer the targets read.
+            by_layer = self.extractor.layers_on_device(wavs, host=not on_device)
+            if not on_device:
+                by_layer = {n: [f.numpy() for f in fs] for n, fs in by_layer.items()}
+        joined = {}  # Each layer's batch concatenated once, on its device.
+        out = []
+        for model in models:
+            features = self._checked(batch, by_layer[model.spec.layer], model.spec)
+            if not on_device:
+                out.append(model.units_of(features, self.device))
+                continue
+            import torch
 
-    def _checked(self, batch: list, features: list) -> list:
+            layer = model.spec.layer
+            if layer not in joined:
+                joined[layer] = torch.cat(features)
+            out.append(_split(model.units_on_device(joined[layer]), features))
+        return out
+
+    def _checked(self, batch: list, features: list, spec=None) -> list:
         """``features``, once each utterance's frame count is checked against its row."""
+        spec = self.model.spec if spec is None else spec
         for (row, _), feats in zip(batch, features, strict=True):
-            check_frames(self.model.spec, row["key"], row["num_samples"], len(feats))
+            check_frames(spec, row["key"], row["num_samples"], len(feats))
         return features
 
 
@@ -158,13 +191,8 @@ class LabelWorker:
         device: str = "cpu",
         dedup: bool = False,
     ):
-        references = [target] if isinstance(target, str) else list(target)
-        self.labeller = Labeller(root, references[0], extractor=extractor, device=device)
-        self.targets = [self.labeller.model]
-        for reference in references[1:]:
-            model = targets.load(root, reference)
-            check_spec(model.name, model.spec, self.labeller.extractor.spec)
-            self.targets.append(model)
+        self.labeller = Labeller(root, target, extractor=extractor, device=device)
+        self.targets = self.labeller.models
         self.dedup = dedup
         self.batch_seconds = self.labeller.batch_seconds
 
@@ -367,16 +395,24 @@ def rebuilding(
             one of the targets reads.
     """
     models = models if isinstance(models, list) else [models]
+    check_same_features(models)
     if extractor is None:
         extractor = ExtractorOptions.from_spec(models[0].spec)
-    try:
-        # The spec alone, with no model loaded on the driver; each worker builds the
-        # extractor and checks its spec again (Labeller).
-        described = extractors.describe(extractor)
-    except extractors.ExtractorError as e:
-        raise StageError(f"{models[0].name!r}: its features cannot be rebuilt: {e}") from None
+    described = {}
     for model in models:
-        check_spec(model.name, model.spec, described)
+        # The first target reads the extractor's own layer; the others may read other
+        # layers of the same model (one forward pass): each layer's spec is checked.
+        layer = extractor.layer if model is models[0] else model.spec.layer
+        if extractor.layer is None:
+            layer = None
+        if layer not in described:
+            try:
+                # The spec alone, with no model loaded on the driver; each worker builds
+                # the extractor and checks its spec again (Labeller).
+                described[layer] = extractors.describe(dataclasses.replace(extractor, layer=layer))
+            except extractors.ExtractorError as e:
+                raise StageError(f"{model.name!r}: its features cannot be rebuilt: {e}") from None
+        check_spec(model.name, model.spec, described[layer])
     return extractor
 
 

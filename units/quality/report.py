@@ -8,9 +8,13 @@ manifests and rejects) and, given reference phones, the purity and PNMI measures
     metrics.json    the numbers the page shows
     usage.png       unit usage, most used first, with dead units and perplexity
     phone_unit.png  P(phone | unit), units ordered by their dominant phone (HuBERT, Fig. 2)
-    inertia.png     k-means inertia per iteration
+    inertia.png     k-means inertia per iteration (a k-means label set's only)
     corpus.png      utterance durations and hours per speaker
-    rejects.png     rejects by stage and reason
+    rejects.png     rejects by stage and reason (when there are any)
+
+A label set from any target is reported: a k-means's (``meta.json`` names it in
+``kmeans``) or a BEST-RQ quantizer's (``target: bestrq``; the first codebook's units).
+:mod:`units.quality.compare` puts several label sets side by side.
 
 The manifests, label shards and rejects are read in record batches and aggregated batch by
 batch with Arrow: only per-speaker hours, a fixed-bin duration histogram, per-unit counts
@@ -148,7 +152,10 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
     # The reference keys as an Arrow set: each batch picks its reference rows with is_in,
     # not with a Python lookup per row.
     ref_keys = pa.array(list(refs), pa.string()) if refs is not None else None
-    corpus = _corpus_stats(RootLayout(root).manifest("utterances.parquet"), ref_keys)
+    # The label pass's rejects have no units: their audio is not the labels' audio.
+    corpus = _corpus_stats(
+        RootLayout(root).manifest("utterances.parquet"), ref_keys, _rejected_keys(layout)
+    )
     if refs is not None:
         phone_refs.check_rate(refs, corpus.ref_durations, phones)
 
@@ -166,20 +173,27 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
             for i in np.flatnonzero(picked):
                 # A copy: a view would keep the whole batch's values alive with it.
                 hyps[keys[i].as_py()] = values[offsets[i] : offsets[i + 1]].copy()
+    seconds = corpus.seconds - corpus.rejected_seconds
     numbers = {
         "labels": labels,
-        "kmeans": meta["kmeans"],
+        # Only a k-means label set has one; BEST-RQ's name their quantizer instead.
+        "kmeans": meta.get("kmeans"),
+        **{key: meta[key] for key in _TARGET_KEYS if key in meta},
         "k": k,
         "frame_rate": meta["frame_rate"],
         "utterances": meta["utterances"],
         "hours": meta.get("hours"),
         "usage": usage.summary(),
+        "seconds": seconds,
+        # Sequence lengths per second of audio, as a model trained on them sees them.
+        "units_per_second": usage.frames / seconds if seconds > 0 else 0.0,
+        "dedup_units_per_second": usage.runs / seconds if seconds > 0 else 0.0,
     }
     joint = None
     if refs is not None:
         joint = metrics.joint_counts(refs, hyps, ref_rate=100.0, hyp_rate=meta["frame_rate"])
         numbers["phones"] = dict(metrics.quality(joint), references=phones)
-    iterations, inertia = kmeans_iterations(root, meta["kmeans"])
+    iterations, inertia = kmeans_iterations(root, meta.get("kmeans"))
     rejects = _rejects(root, layout)
     numbers["rejects"] = rejects
     return Report(
@@ -195,20 +209,47 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
     )
 
 
+#: The lineage keys of ``meta.json`` that say which target labelled (BEST-RQ's; a k-means
+#: label set has ``kmeans`` alone), copied into the report's numbers.
+_TARGET_KEYS = ("target", "bestrq", "codebooks", "stack")
+
+
+def target(numbers: dict) -> str:
+    """What labelled: ``k-means NAME k=K`` or ``BEST-RQ NAME codebook K`` (``xN`` with N
+    codebooks; the reports measure the first)."""
+    if numbers.get("target") == "bestrq":
+        codebooks = numbers.get("codebooks") or 1
+        many = f" x{codebooks}" if codebooks > 1 else ""
+        return f"BEST-RQ {numbers.get('bestrq')} codebook {numbers['k']}{many}"
+    if numbers.get("kmeans") is not None:
+        return f"k-means {numbers['kmeans']} k={numbers['k']}"
+    return f"{numbers.get('target', 'labels')} k={numbers['k']}"
+
+
 @dataclasses.dataclass
 class _CorpusStats:
     durations: DurationHistogram
     seconds_by_speaker: dict[str, float]
     ref_durations: dict[str, float]
+    seconds: float = 0.0
+    rejected_seconds: float = 0.0
 
 
-def _corpus_stats(manifest: str, ref_keys: pa.Array | None) -> _CorpusStats:
+def _corpus_stats(
+    manifest: str, ref_keys: pa.Array | None, rejected: pa.Array | None = None
+) -> _CorpusStats:
     """One pass over the utterances manifest: the duration histogram, the seconds per
-    speaker (``?`` for none) and the durations of the reference utterances."""
+    speaker (``?`` for none), the durations of the reference utterances, and the seconds of
+    all utterances and of those in ``rejected``."""
     stats = _CorpusStats(DurationHistogram(), collections.defaultdict(float), {})
     for batch in _batches(manifest, ["key", "duration", "speaker"]):
         duration = batch.column("duration")
-        stats.durations.add(duration.to_numpy(zero_copy_only=False))
+        seconds = duration.to_numpy(zero_copy_only=False)
+        stats.durations.add(seconds)
+        stats.seconds += float(seconds.sum())
+        if rejected is not None and len(rejected):
+            hit = pc.is_in(batch.column("key"), value_set=rejected).to_numpy(zero_copy_only=False)
+            stats.rejected_seconds += float(seconds[hit].sum())
         speaker = batch.column("speaker")
         # No speaker and an empty name are both "?", as the figure has always shown them.
         speaker = pc.if_else(pc.equal(speaker, ""), pa.scalar(None, speaker.type), speaker)
@@ -252,9 +293,23 @@ def _batches(path: str, columns: list[str]):
                 yield from table.to_batches(max_chunksize=BATCH_ROWS)
 
 
-def kmeans_iterations(root: str, kmeans: str) -> tuple[list[int], list[float]]:
+def _rejected_keys(layout: OutputLayout) -> pa.Array | None:
+    """The keys of the utterances the label pass rejected (None when there are none, or
+    when the rejects do not name them)."""
+    directory = os.path.join(layout.directory, "rejects")
+    if not storage.glob(directory, "*.parquet"):
+        return None
+    if "key" not in storage.dataset(directory).schema.names:
+        return None
+    keys = [batch.column("key").drop_null() for batch in _batches(directory, ["key"])]
+    return pa.concat_arrays(keys) if keys else None
+
+
+def kmeans_iterations(root: str, kmeans: str | None) -> tuple[list[int], list[float]]:
     """The k-means iterations as ``iterations.parquet`` numbers them (Lloyd's iteration 0 is
-    the initial centroids), and the inertia at each."""
+    the initial centroids), and the inertia at each; none without a k-means (BEST-RQ)."""
+    if kmeans is None:
+        return [], []
     path = os.path.join(root, "kmeans", kmeans, "iterations.parquet")
     if not storage.exists(path):
         return [], []
@@ -358,7 +413,9 @@ def _phone_unit(plt, report: Report):
     dominant = p_phone_given_unit.argmax(0)
     unit_order = np.lexsort((-p_phone_given_unit.max(0), rank[dominant]))
     shown = p_phone_given_unit[phone_order][:, unit_order]
-    fig, ax = plt.subplots(figsize=(max(6, len(unit_order) / 12), max(4, len(phone_order) / 4)))
+    # At most 24 inches wide: thousands of units (a BEST-RQ codebook) stay a readable page.
+    width = min(max(6, len(unit_order) / 12), 24)
+    fig, ax = plt.subplots(figsize=(width, max(4, len(phone_order) / 4)))
     image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis")
     ax.set_yticks(np.arange(len(phone_order)))
     ax.set_yticklabels([joint.phones[i] for i in phone_order], fontsize=7)
@@ -406,16 +463,14 @@ def _corpus(plt, report: Report):
 
 
 def _rejects_figure(plt, report: Report):
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * max(1, len(report.rejects))))
-    if report.rejects:
-        names = list(report.rejects)
-        ax.barh(range(len(names)), [report.rejects[n] for n in names], color="#8172b2")
-        ax.set_yticks(range(len(names)))
-        ax.set_yticklabels(names, fontsize=8)
-        ax.set_xlabel("files or utterances")
-    else:
-        ax.text(0.5, 0.5, "no rejects", ha="center", va="center")
-        ax.set_axis_off()
+    if not report.rejects:  # No panel without data: the table says "rejects: none".
+        return None
+    names = list(report.rejects)
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * len(names)))
+    ax.barh(range(len(names)), [report.rejects[n] for n in names], color="#8172b2")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xlabel("files or utterances")
     ax.set_title("Rejects by stage and reason")
     return fig
 
@@ -432,14 +487,52 @@ _CAPTIONS = {
 }
 
 
+#: Readable names of the numbers in the page's table, by ``metrics.json`` group and key.
+PHONE_NAMES = {
+    "pnmi": "PNMI",
+    "phone_purity": "phone purity",
+    "cluster_purity": "cluster purity",
+    "mutual_information": "mutual information I(phone; unit), nats",
+    "h_phone": "phone entropy H(phone), nats",
+    "h_unit": "unit entropy H(unit) on the references, nats",
+    "phones": "phones",
+    "units_seen": "units seen on the references",
+    "frames": "frames compared",
+    "frame_difference": "frames cut (length differences)",
+    "utterances": "utterances compared",
+    "missing_utterances": "reference utterances without units",
+    "extra_utterances": "utterances with units but no reference",
+    "references": "reference phones",
+}
+USAGE_NAMES = {
+    "k": "units (k)",
+    "frames": "label frames",
+    "entropy": "unit entropy, nats",
+    "perplexity": "perplexity",
+    "used": "units used",
+    "dead": "dead units",
+    "mean_run_length": "mean run length, frames",
+    "dedup_ratio": "deduplicated length / frames",
+}
+
+
+def _name(names: dict[str, str], key: str) -> str:
+    return names.get(key, key.replace("_", " "))
+
+
 def render_html(report: Report, pngs: dict[str, bytes]) -> str:
     """One page: the headline numbers, then every figure embedded as base64 PNG."""
     m = report.metrics
     rows = [("utterances", m["utterances"]), ("audio hours", m.get("hours")), ("k", m["k"])]
-    rows += [("label rate (Hz)", m["frame_rate"])]
-    rows += [(f"usage: {k}", v) for k, v in m["usage"].items()]
+    rows += [("label rate (Hz)", m["frame_rate"]), ("labels from", target(m))]
+    if "units_per_second" in m:
+        rows += [("audio seconds labelled", m["seconds"])]
+        rows += [("units per second", m["units_per_second"])]
+        rows += [("deduplicated units per second", m["dedup_units_per_second"])]
+    rows += [(_name(USAGE_NAMES, k), v) for k, v in m["usage"].items() if k != "k"]
+    rows += [("rejects", sum(report.rejects.values()) if report.rejects else "none")]
     if "phones" in m:
-        rows = [(f"phones: {k}", v) for k, v in m["phones"].items()] + rows
+        rows = [(_name(PHONE_NAMES, k), v) for k, v in m["phones"].items()] + rows
     table = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
     headline = ""
     if "phones" in m:
@@ -455,7 +548,7 @@ def render_html(report: Report, pngs: dict[str, bytes]) -> str:
         "</figcaption></figure>"
         for name, png in pngs.items()
     )
-    title = html.escape(f"unitpipe report: {report.name} (k-means {m['kmeans']})")
+    title = html.escape(f"unitpipe report: {report.name} ({target(m)})")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}

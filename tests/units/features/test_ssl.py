@@ -251,6 +251,37 @@ def test_blocks_after_the_layer_do_not_run(name, loaded):
     assert out.last_hidden_state.shape == (1, SSL.frames(8000), 32)
 
 
+@pytest.mark.parametrize("name", ["hubert-base", "wavlm-large"])
+def test_several_layers_from_one_forward_equal_each_layers_own_extractor(name, loaded):
+    """Block L's output does not depend on the blocks after it: the layers of one pass are
+    each layer's own extractor's features, bit for bit, and no block runs twice."""
+    bundle = loaded[name]
+    wavs = [chirp(n, i) for i, n in enumerate((8000, 5000, 12345))]
+    calls = [0] * LAYERS
+
+    def counter(i):
+        def hook(_module, _args):
+            calls[i] += 1
+
+        return hook
+
+    handles = [
+        b.register_forward_pre_hook(counter(i)) for i, b in enumerate(bundle.model.encoder.layers)
+    ]
+    try:
+        together = SSLExtractor(bundle, 1, extra_layers=(2,)).layers_on_device(wavs, host=True)
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(together) == [1, 2]
+    batches = calls[0]
+    assert batches >= 1 and calls == [batches, batches, 0]  # Up to block 2, once per batch.
+    for layer in (1, 2):
+        alone = SSLExtractor(bundle, layer)(wavs)
+        for got, want in zip(together[layer], alone, strict=True):
+            assert np.array_equal(got.numpy(), want)
+
+
 @pytest.mark.parametrize("layer", [0, LAYERS + 1, -1])
 def test_layer_out_of_range_is_a_clear_error(layer, loaded):
     with pytest.raises(ValueError, match=rf"1\.\.{LAYERS}"):

@@ -390,7 +390,7 @@ def test_a_shard_committed_by_some_targets_only_is_written_for_the_rest(root):
 
 
 def test_targets_of_other_features_or_names_not_one_per_target_are_refused(root, hubert):
-    with pytest.raises(StageError, match="was fitted on other features"):
+    with pytest.raises(StageError, match="'km8' and 'h4' read features of different extractors"):
         label_stage.run_many(str(root), ["km8", "h4"], ["x8", "xh4"])
     with pytest.raises(StageError, match="one distinct label set name per target"):
         label_stage.run_many(str(root), ["km8", "km8pca"], ["same", "same"])
@@ -430,6 +430,21 @@ def test_units_searched_beside_the_features_on_their_device_agree(root, hubert, 
         )
     agreement.check()
     assert labeller.units(batch)[0].dtype == np.uint16  # On CPU: the NumPy path.
+
+
+def test_several_layers_of_one_model_label_in_one_forward_pass_as_they_would_alone(root, hubert):
+    options = ExtractorOptions(f"hf:{hubert}", layer=1)
+    extract(str(root), "hubert1", options, SampleRequest(percent=50, seed=0))
+    fit_kmeans(str(root), "hubert1", "h1k4", KMeans(4, seed=0, block_rows=256), StageOptions())
+    results = label_stage.run_many(str(root), ["h4", "h1k4"], ["two-2", "two-1"])
+    assert [r["layer"] for r in results] == [2, 1]
+    for kmeans, name in (("h4", "two-2"), ("h1k4", "two-1")):
+        label(str(root), kmeans, f"one-{kmeans}")
+        alone, together = (root / "labels" / n / "units" for n in (f"one-{kmeans}", name))
+        files = sorted(p.name for p in alone.iterdir())
+        assert files and files == sorted(p.name for p in together.iterdir())
+        for f in files:
+            assert (together / f).read_bytes() == (alone / f).read_bytes(), (kmeans, f)
 
 
 def test_ssl_labels_follow_the_50hz_contract_on_odd_lengths(root, hubert):
