@@ -6,8 +6,10 @@ it), then runs ``pipelines.hubert`` on it with the config it writes to WORKDIR/d
 shards it, extracts MFCC features of a seeded sample, fits k = 100 units on them, labels
 every utterance, exports fairseq's tsv/km/dict, and writes the unit-quality report: PNMI,
 phone and cluster purity against the generated alignments, and the figures, in
-WORKDIR/root/reports/mfcc100/report.html. Each stage prints a summary; the records go to
-WORKDIR/root/runs/.
+WORKDIR/root/reports/mfcc100/report.html. Then the other targets on the same corpus
+(:mod:`pipelines.demo.targets`): k = 50 and 200 labelled in one pass, BEST-RQ labels,
+acoustic pieces, and one page comparing the label sets. Each stage prints a summary; the
+records go to WORKDIR/root/runs/.
 
 Example:
     python -m pipelines.demo --workdir demo-output
@@ -91,14 +93,20 @@ def prepare(args) -> None:
 
 def run(args) -> dict:
     from .. import hubert
+    from .targets import run_targets
 
-    return hubert.run(args.hubert)
+    result = hubert.run(args.hubert)
+    config = result["config"]
+    targets = run_targets(config["root"], config["report"]["phones"], args.progress)
+    return dict(result, targets=targets)
 
 
 def summarize(args, result: dict) -> str:
     from .. import hubert
+    from .targets import summary
 
-    return hubert.summarize(args.hubert, result).replace("hubert:", "demo:", 1)
+    lines = [hubert.summarize(args.hubert, result).replace("hubert:", "demo:", 1)]
+    return "\n".join(lines + summary(result["config"]["root"], result["targets"]))
 
 
 def record_path(args) -> str:

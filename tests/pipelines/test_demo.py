@@ -52,5 +52,16 @@ def test_the_demo_runs_every_stage_and_reports_pnmi_against_its_alignments(tmp_p
     record = json.loads((root / "runs" / "hubert-mfcc100.json").read_text())
     assert record["report"]["metrics"]["phones"] == phones
     assert f"record: {root / 'runs' / 'hubert-mfcc100.json'}" in stdout
+    # The other targets on the same corpus, and one page that compares them.
+    assert "label: mfcc50: " in stdout and "label: mfcc200: " in stdout
+    bestrq = json.loads((root / "labels" / "bestrq" / "meta.json").read_text())
+    assert bestrq["utterances"] == utterances and bestrq["frame_rate"] == 25.0
+    pieces = json.loads((root / "pieces" / "ap300" / "meta.json").read_text())
+    assert pieces["utterances"] == utterances
+    compared = root / "reports" / "compare-mfcc100+mfcc50+mfcc200+bestrq"
+    rows = json.loads((compared / "comparison.json").read_text())["rows"]
+    assert [r["labels"] for r in rows] == ["mfcc100", "mfcc50", "mfcc200", "bestrq"]
+    assert all(0 < r["pnmi"] < 1 for r in rows)
+    assert f"compare: {compared / 'comparison.html'}" in stdout
     # A second run finds every stage done and reports the same units.
     assert shown.group(0) in _demo(tmp_path)
