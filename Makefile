@@ -23,7 +23,8 @@ NUMERIC_TESTS := tests/units/features/test_kaldi.py tests/units/features/test_ss
 	tests/units/features/test_stage.py::test_a_tiny_hubert_from_a_local_directory_gives_its_layer \
 	tests/units/labels/test_stage.py::test_every_utterance_gets_the_units_of_its_exact_features \
 	tests/units/labels/test_stage.py::test_ssl_labels_follow_the_50hz_contract_on_odd_lengths \
-	tests/units/labels/test_w2vu_stage.py::test_the_split_files_equal_the_steps_done_one_at_a_time
+	tests/units/labels/test_w2vu_stage.py::test_the_split_files_equal_the_steps_done_one_at_a_time \
+	tests/units/bestrq/test_gaussian.py tests/units/bestrq/test_quantizer.py
 HASWELL := $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo OPENBLAS_CORETYPE=Haswell)
 NUMERIC_AVX2 := MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(HASWELL)
 NUMERIC_GENERIC := MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1

@@ -6,8 +6,14 @@ CPU actors encode every label shard: ROOT/pieces/NAME/pieces/*.parquet (key, pie
 piece's start frame and length in frames), one Parquet dataset beside the model
 (ROOT/pieces/NAME/model.spm) and its lineage (pieces.json).
 
+With --fairseq-splits, also ROOT/pieces/NAME/fairseq/{split}.tsv, {split}.piece and
+dict.piece.txt for fairseq's HuBERT task: one piece id per frame (--fairseq-level frames,
+HuBERT-AP's target, label_rate = the label set's frame rate) or one per piece
+(--fairseq-level pieces, label_rate -1: sequence targets).
+
 Example:
-    python -m pipelines.pieces --root /data/ls960 --labels it2 --name ap5k --vocab-size 5000
+    python -m pipelines.pieces --root /data/ls960 --labels it2 --name ap5k --vocab-size 5000 \\
+        --fairseq-splits train=99,valid=1
     python -m pipelines.pieces --root /data/ll --labels h6k500 --name ap10k \\
         --vocab-size 10000 --model-type unigram --hours 1000 --seed 1
 
@@ -22,6 +28,7 @@ import sys
 
 from . import _args, _cli
 from ._schema import REQUIRED, Choice, Float, Int, Option, Optional, Str, add_option, add_options
+from .label import OPTIONS as LABEL_OPTIONS
 
 #: The pieces options: the flags below.
 OPTIONS = {
@@ -42,6 +49,14 @@ OPTIONS = {
     ),
     "seed": Option(Int(), 0, "seed of the sample and of sentencepiece"),
     "workers": _args.WORKERS,
+    "fairseq_splits": LABEL_OPTIONS["fairseq_splits"],
+    "split_by": LABEL_OPTIONS["split_by"],
+    "split_seed": LABEL_OPTIONS["split_seed"],
+    "fairseq_level": Option(
+        Choice(("frames", "pieces")),
+        "frames",
+        "fairseq label lines: a piece id per frame (HuBERT-AP) or per piece (label_rate -1)",
+    ),
 }
 
 RECORD = "ROOT/runs/pieces-NAME.json"
@@ -87,7 +102,7 @@ def run(args) -> dict:
 
     connect(args)
     try:
-        return pieces(
+        result = pieces(
             args.root,
             args.labels,
             args.name,
@@ -99,8 +114,21 @@ def run(args) -> dict:
             workers=args.workers,
             progress=args.progress,
         )
+        if args.fairseq_splits:
+            from units.pieces.fairseq import export_fairseq
+
+            exported = export_fairseq(
+                args.root,
+                args.name,
+                args.fairseq_splits,
+                by=args.split_by,
+                seed=args.split_seed,
+                level=args.fairseq_level,
+            )
+            result = dict(result, fairseq=exported)
     except StageError as e:
         raise _cli.UsageError(str(e)) from None
+    return result
 
 
 def summarize(args, result: dict) -> str:
@@ -110,9 +138,18 @@ def summarize(args, result: dict) -> str:
         f"{result['vocab_size']}-piece {result['model_type']} model trained on "
         f"{result['sample_utterances']} utterances, in {args.root}/pieces/{args.name}/pieces"
     )
-    if not _cli.did_work(result):
-        return f"pieces: nothing to do: the pieces are complete; {what}"
-    return f"pieces: encoded {what}"
+    line = (
+        f"pieces: encoded {what}"
+        if _cli.did_work(result)
+        else f"pieces: nothing to do: the pieces are complete; {what}"
+    )
+    if "fairseq" in result:
+        record = result["fairseq"]
+        line += (
+            f"\nfairseq: {record['splits']} in {args.root}/pieces/{args.name}/fairseq "
+            f"(label_rate {record['label_rate']:g}, {record['level']})"
+        )
+    return line
 
 
 def record_path(args) -> str:

@@ -12,6 +12,7 @@ from shards import synthetic
 from shards.core.outputs import StageError
 from shards.plan import ShardingOptions
 from shards.ray_sharding import run as shard
+from tests.fairseq_checks import fairseq_label_checks
 from units.features.extractors import ExtractorOptions
 from units.features.frames import MFCC
 from units.features.sampling import SampleRequest, priority
@@ -175,6 +176,12 @@ def test_the_fairseq_export_has_a_label_line_per_tsv_line(root, level):
                 assert len(ids) == MFCC.frames(int(line.split("\t")[1]))  # Frame-aligned.
             else:
                 assert ids == row["pieces"]
+        # And fairseq's own checks pass on every split.
+        checked = fairseq_label_checks(
+            out / f"{split}.tsv", out / f"{split}.piece", out / "dict.piece.txt",
+            record["label_rate"],
+        )  # fmt: skip
+        assert checked == record["splits"][split]
 
 
 def _manifest(root):
