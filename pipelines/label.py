@@ -7,9 +7,11 @@ ROOT/labels/NAME/units/*.parquet (key, units, frames, frame_rate): one Parquet d
 With --fairseq-splits, also ROOT/labels/NAME/fairseq/{split}.tsv, {split}.km and
 dict.km.txt for fairseq's HuBERT training (audio paths point into the shards, no copies).
 
-Several k-means of the same features (k = 100, 500, 2,000 on one layer, say) label in one
-pass: --kmeans A B C --name LA LB LC computes each batch's features once and writes one label
-set per k-means, each the same files as a pass of its own; a shard is done when all have it.
+Several k-means of one extractor (k = 100, 500, 2,000 on one layer, or several layers of one
+model; bestrq:NAME for a BEST-RQ quantizer of the same features) label in one pass: --kmeans A
+B C --name LA LB LC computes each batch's features once (one forward to the deepest layer) and
+writes one label set per target, each the same files as a pass of its own; a shard is done
+when all have it.
 
 Example:
     python -m pipelines.label --root /data/ls100 --kmeans mfcc100 --name it1 \\
@@ -70,7 +72,8 @@ def add_arguments(parser) -> None:
         required=True,
         nargs="+",
         metavar="NAME",
-        help="finished k-means (ROOT/kmeans/NAME); several of the same features label in one pass",
+        help="finished k-means (ROOT/kmeans/NAME), or bestrq:NAME (a BEST-RQ quantizer); "
+        "several of one extractor label in one pass",
     )
     parser.add_argument(
         "--name",
@@ -130,15 +133,15 @@ def prepare(args) -> None:
     from shards.core import storage
     from shards.core.outputs import StageError
     from units.features import extractors
+    from units.labels import targets as label_targets
     from units.labels.fairseq import REMOTE_ROOT_HINT
-    from units.labels.model import KMeansModel
     from units.labels.stage import rebuilding
 
     if args.fairseq_splits and storage.is_url(args.root):
         hint = REMOTE_ROOT_HINT.format(root=args.root)
         raise _cli.UsageError(f"--fairseq-splits: fairseq reads local files: {hint}")
     try:
-        models = [KMeansModel.load(args.root, kmeans) for kmeans, _ in targets(args)]
+        models = [label_targets.load(args.root, kmeans) for kmeans, _ in targets(args)]
         # One extractor (the one asked for, or the first k-means's) for every k-means.
         rebuilding(models, _requested(args))
     except (StageError, extractors.ExtractorError) as e:

@@ -133,7 +133,7 @@ def run(
             options. Nothing is written then.
     """
     from units.features.stage import run as extract
-    from units.labels.stage import label_all, utterances_manifest
+    from units.labels.stage import label_all, lineage_of, utterances_manifest
 
     started = time.monotonic()
     root = RootLayout(root).root
@@ -166,19 +166,7 @@ def run(
         quantizer = RandomProjectionQuantizer.create(name, spec, config, stats)
         quantizer.save(directory, {"features": store, "frames": stats.count, **plan})
     quantizer = RandomProjectionQuantizer.load(directory, name)
-    lineage = {
-        "target": "bestrq",
-        "bestrq": name,
-        "bestrq_fingerprint": quantizer.fingerprint(),
-        "spec": spec.to_json(),
-        "k": config.codebook_size,
-        "codebooks": config.codebooks,
-        "stack": config.stack,
-        "checkpoint_sha256": spec.checkpoint_sha256,
-        "layer": spec.layer,
-        "manifest_sha256": sha256_file(manifest),
-        "dedup": dedup,
-    }
+    lineage = lineage_of(quantizer, sha256_file(manifest), dedup)
     (result,) = label_all(
         root,
         [f"bestrq:{name}"],

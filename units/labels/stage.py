@@ -336,10 +336,11 @@ def run_many(
     dedup: bool = False,
     progress: bool = False,
 ) -> list[dict]:
-    """:func:`run` for several k-means of the same features (k = 100, 500, 2,000 on one
-    layer, say) in one pass: the features of each batch are computed once, and k-means
-    ``kmeans[i]`` labels into ``ROOT/labels/names[i]``, the same files a pass of its own
-    writes. A shard is done when every label set has committed it.
+    """:func:`run` for several targets of one extractor (k-means of k = 100, 500, 2,000 on
+    one layer or on several layers of one model, BEST-RQ quantizers of the same features) in
+    one pass: the features of each batch are computed once, and target ``kmeans[i]`` (a
+    k-means name, or ``bestrq:NAME``) labels into ``ROOT/labels/names[i]``, the same files
+    a pass of its own writes. A shard is done when every label set has committed it.
 
     Returns:
         One result per label set, as :func:`run`'s (the throughput is the pass's).
@@ -350,26 +351,10 @@ def run_many(
     """
     started = time.monotonic()
     root = RootLayout(root).root
-    models = [KMeansModel.load(root, k) for k in kmeans]
+    models = [targets.load(root, reference) for reference in kmeans]
     extractor = rebuilding(models, extractor)
-    manifest = utterances_manifest(root)
-    manifest_sha256 = sha256_file(manifest)
-    lineages = [
-        {
-            "kmeans": model.name,
-            "kmeans_fingerprint": model.meta["fingerprint"],
-            "spec": model.meta["spec"],
-            "k": int(len(model.centroids)),
-            "pca": model.meta.get("pca"),
-            "features": model.meta.get("features"),
-            # Top level as well as in the spec: what the next HuBERT iteration starts from.
-            "checkpoint_sha256": model.spec.checkpoint_sha256,
-            "layer": model.spec.layer,
-            "manifest_sha256": manifest_sha256,
-            "dedup": dedup,
-        }
-        for model in models
-    ]
+    manifest_sha256 = sha256_file(utterances_manifest(root))
+    lineages = [lineage_of(model, manifest_sha256, dedup) for model in models]
     return label_all(
         root,
         list(kmeans),
@@ -380,6 +365,39 @@ def run_many(
         gpus_per_worker=gpus_per_worker,
         progress=progress,
         started=started,
+    )
+
+
+def lineage_of(target: targets.Target, manifest_sha256: str, dedup: bool) -> dict:
+    """What a label set records of its target (its ``plan.json`` and ``meta.json``): the
+    k-means or quantizer and its fingerprint, the feature spec, the manifest's sha256."""
+    if isinstance(target, KMeansModel):
+        lineage = {
+            "kmeans": target.name,
+            "kmeans_fingerprint": target.meta["fingerprint"],
+            "spec": target.meta["spec"],
+            "k": int(len(target.centroids)),
+            "pca": target.meta.get("pca"),
+            "features": target.meta.get("features"),
+        }
+    else:
+        config = target.config
+        lineage = {
+            "target": "bestrq",
+            "bestrq": target.name,
+            "bestrq_fingerprint": target.fingerprint(),
+            "spec": target.spec.to_json(),
+            "k": config.codebook_size,
+            "codebooks": config.codebooks,
+            "stack": config.stack,
+        }
+    return dict(
+        lineage,
+        # Top level as well as in the spec: what the next HuBERT iteration starts from.
+        checkpoint_sha256=target.spec.checkpoint_sha256,
+        layer=target.spec.layer,
+        manifest_sha256=manifest_sha256,
+        dedup=dedup,
     )
 
 

@@ -153,3 +153,24 @@ def test_other_options_under_the_same_name_and_a_store_of_other_features_are_ref
     with pytest.raises(StageError, match="codebook_size=70000"):
         bestrq(str(root), "big", config=QuantizerConfig(codebook_size=70000))
     assert not (root / "bestrq" / "big").exists()
+
+
+def test_a_quantizer_and_a_kmeans_of_the_same_fbank_label_in_one_pass(root, labelled):
+    """``label --kmeans fb8 bestrq:rq``: one filterbank computation per batch for both, and
+    each label set the bytes a pass of its own writes."""
+    from units.kmeans.estimator import KMeans
+    from units.kmeans.stage import run as fit_kmeans
+    from units.labels.stage import run as label
+    from units.labels.stage import run_many
+
+    extract(str(root), "fbank", ExtractorOptions("fbank"), SampleRequest(percent=50, seed=0))
+    fit_kmeans(str(root), "fbank", "fb8", KMeans(8, seed=0, block_rows=512))
+    label(str(root), "fb8", "alone-fb8")
+    both = run_many(str(root), ["fb8", "bestrq:rq"], ["both-fb8", "both-rq"])
+    assert both[1]["bestrq"] == "rq" and both[1]["frame_rate"] == 25.0
+    for alone, together in (("alone-fb8", "both-fb8"), ("rq", "both-rq")):
+        a, b = (root / "labels" / n / "units" for n in (alone, together))
+        files = sorted(p.name for p in a.iterdir())
+        assert files and sorted(p.name for p in b.iterdir()) == files
+        for f in files:
+            assert (a / f).read_bytes() == (b / f).read_bytes(), (together, f)
