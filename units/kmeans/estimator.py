@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -130,6 +131,15 @@ class KMeans:
         swap_fraction: Centroids moved per round, as a fraction of k (at least one).
         parts: Parts to cut an array into when fitting in process.
         block_rows: Rows per block; blocks fix the order of every sum.
+        random_state: scikit-learn's name for ``seed``: when given, it is the seed. An int
+            only (a ``RandomState`` has no value a checkpoint could record).
+
+    It follows scikit-learn's estimator contract where it can: ``get_params`` /
+    ``set_params`` (so ``sklearn.base.clone`` and grid searches work), ``random_state``,
+    ``fit`` / ``predict`` / ``fit_predict`` / ``transform`` / ``score``, and ``labels_`` after
+    a fit on an in-memory array. It differs in that a fit may take Ray parts instead of an
+    array (then there is no ``labels_``: the rows never come to this process), and ``init``
+    is k-means|| by default.
 
     Attributes:
         cluster_centers_: (k, d) float32.
@@ -138,6 +148,7 @@ class KMeans:
         iterations_: One :class:`IterationStats` per iteration; Lloyd's starts with
             iteration 0, the initial centroids (``n_iter_ + 1`` rows).
         counts_: Rows per cluster at the final centroids.
+        labels_: Each row's cluster, after a fit on an in-memory array.
     """
 
     def __init__(
@@ -160,6 +171,7 @@ class KMeans:
         swap_fraction: float = 0.05,
         parts: int = 1,
         block_rows: int = kmeans_parts.DEFAULT_BLOCK_ROWS,
+        random_state: int | None = None,
     ):
         self.n_clusters = n_clusters
         self.init = init
@@ -178,6 +190,39 @@ class KMeans:
         self.swap_fraction = swap_fraction
         self.parts = parts
         self.block_rows = block_rows
+        if random_state is not None:
+            self.seed = random_state
+
+    # ------------------------------------------------------------------ scikit-learn
+    @property
+    def random_state(self) -> int:
+        """``seed``, under scikit-learn's name."""
+        return self.seed
+
+    @random_state.setter
+    def random_state(self, value: int) -> None:
+        self.seed = value
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's arguments as set now (scikit-learn's contract)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params) -> KMeans:
+        """Sets constructor arguments by name; returns ``self``.
+
+        Raises:
+            ValueError: A name the constructor does not take.
+        """
+        names = self._param_names()
+        for name, value in params.items():
+            if name not in names:
+                raise ValueError(f"invalid parameter {name!r} for KMeans; valid: {names}")
+            setattr(self, name, value)
+        return self
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict:
@@ -278,10 +323,13 @@ class KMeans:
         """
         parts, owned = self._as_parts(data)
         try:
-            return self._fit(parts, checkpoint, check, callback)
+            self._fit(parts, checkpoint, check, callback)
         finally:
             if owned is not None:
                 owned.shutdown()
+        if isinstance(data, np.ndarray):  # In memory: scikit-learn's labels_, one more pass.
+            self.labels_ = self.predict(data)
+        return self
 
     def _fit(self, parts, checkpoint: str | None, check: bool, callback=None) -> KMeans:
         self._validate(parts)
@@ -697,7 +745,12 @@ class KMeans:
         return np.sqrt(np.maximum(d2, 0))
 
     def fit_predict(self, x: np.ndarray) -> np.ndarray:
-        return self.fit(x).predict(x)
+        return self.fit(x).labels_
+
+    def score(self, x: np.ndarray) -> float:
+        """Minus the k-means objective on ``x`` (the sum of squared distances to the nearest
+        centroid, in float64), as scikit-learn's ``score``: higher is better."""
+        return -float(np.sum(np.min(self.transform(x), axis=1) ** 2))
 
 
 def _ignore(stats: dict) -> None:

@@ -326,7 +326,7 @@ def _commit(
     table = pa.Table.from_pylist([dataclasses.asdict(s) for s in km.iterations_])
     write_parquet_atomic(os.path.join(out, "iterations.parquet"), table)
     if options.fairseq_export:
-        fairseq.export(km.cluster_centers_, os.path.join(out, "kmeans.joblib"))
+        fairseq.export(km.cluster_centers_, os.path.join(out, "kmeans.joblib"), km.inertia_)
     last = km.iterations_[-1]
     meta = {
         "features": config["features"],

@@ -232,3 +232,26 @@ def test_bad_arguments_are_refused_before_any_work():
         KMeans(2, init="kmeans").fit(x)
     with pytest.raises(RuntimeError, match="not fitted"):
         KMeans(2).predict(x)
+
+
+def test_it_follows_scikit_learns_estimator_contract():
+    """get_params / set_params (so clone works), random_state as the seed, labels_ after an
+    in-memory fit, and score as minus the objective."""
+    from sklearn.base import clone
+
+    x, _ = blobs()
+    km = KMeans(8, random_state=3, max_iter=30, block_rows=512)
+    assert km.seed == 3 and km.get_params()["random_state"] == 3
+    params = km.get_params()
+    assert params["n_clusters"] == 8 and params["max_iter"] == 30 and params["seed"] == 3
+    twin = clone(km)
+    assert twin is not km and twin.get_params() == params
+    assert twin.set_params(random_state=4, max_iter=10) is twin and twin.seed == 4
+    with pytest.raises(ValueError, match="invalid parameter 'k'"):
+        twin.set_params(k=3)
+    km.fit(x)
+    np.testing.assert_array_equal(km.labels_, km.predict(x))
+    # float32 GEMM distances against float64: within float32 rounding of the objective.
+    assert km.score(x) == pytest.approx(-exact_inertia(x, km.cluster_centers_), rel=1e-5)
+    assert km.score(x) == pytest.approx(-km.inertia_, rel=1e-5)
+    np.testing.assert_array_equal(clone(km).fit(x).cluster_centers_, km.cluster_centers_)

@@ -87,6 +87,13 @@ def test_stage_writes_centroids_stats_and_a_fairseq_export(root):
     clear = clear_frames(x, model.cluster_centers_, 0.0)
     assert clear.mean() > 0.99
     np.testing.assert_array_equal(np.argmin(dist, axis=1)[clear], km.predict(x)[clear])
+    # And it is a fitted scikit-learn KMeans: predict gives our units, with our centres.
+    from sklearn.cluster import KMeans as SklearnKMeans
+
+    assert isinstance(model, SklearnKMeans)
+    np.testing.assert_array_equal(model.cluster_centers_, km.cluster_centers_)
+    np.testing.assert_array_equal(model.predict(x)[clear], km.predict(x)[clear])
+    assert model.inertia_ == km.inertia_
     # Done is done; the same name with another config is refused, and nothing changes.
     before = {p: os.stat(out / p).st_mtime_ns for p in os.listdir(out)}
     again = run(str(root), "mfcc", "km12", KMeans(K, seed=0, max_iter=20, block_rows=256))
