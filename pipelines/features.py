@@ -26,7 +26,8 @@ OPTIONS = {
     "extractor": Option(
         Str(),
         REQUIRED,
-        "mfcc, fbank, hf:PATH (local Hugging Face model directory) or fairseq:PATH (.pt)",
+        "mfcc, fbank, hf:PATH (local Hugging Face model directory, or a hub id such as "
+        "facebook/hubert-base-ls960 found in the local Hugging Face cache) or fairseq:PATH (.pt)",
         "SPEC",
     ),
     "layer": Option(

@@ -63,6 +63,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -468,8 +469,10 @@ def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu") -> SSLM
             f"(missing {missing[:5]}, mismatched {mismatched[:5]})"
         )
     model.to(device)
+    # A hub id stays the name the spec records: each node resolves it from its own cache.
+    name = os.fspath(path) if is_hub_id(path) else directory
     return SSLModel.from_transformers(
-        model, path=directory, sha256=weights_sha256(weights), normalize_waveform=do_normalize
+        model, path=name, sha256=weights_sha256(weights), normalize_waveform=do_normalize
     )
 
 
@@ -488,12 +491,47 @@ def describe_hf(path: str | os.PathLike, layer: int) -> FeatureSpec:
         _hf_config(directory),
         layer,
         source="hf",
-        path=directory,
+        path=os.fspath(path) if is_hub_id(path) else directory,
         sha256=None,
         normalize_waveform=do_normalize,
     )
     # Hashed last, so a bad layer fails without reading gigabytes of weights.
     return dataclasses.replace(spec, checkpoint_sha256=weights_sha256(weights))
+
+
+#: ``ORG/NAME`` (or ``NAME``) as the Hugging Face hub names a model repository.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_hub_id(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names no local file but reads as a hub id (``facebook/hubert-base``)."""
+    text = os.fspath(path)
+    return not os.path.exists(text) and _HUB_ID.fullmatch(text) is not None
+
+
+def resolve_hf(path: str | os.PathLike) -> str:
+    """The local directory of ``path``: the directory itself, or, for a hub id, its snapshot
+    in the local Hugging Face cache (``HF_HUB_CACHE`` / ``HF_HOME``; offline, never a
+    download: DESIGN.md, safe loading).
+
+    Raises:
+        ModelLoadError: A hub id that is not in the cache, saying how to put it there.
+    """
+    text = os.fspath(path)
+    if not is_hub_id(text):
+        return text
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return snapshot_download(text, local_files_only=True)
+    except Exception as e:  # LocalEntryNotFoundError, or an id the hub library refuses.
+        raise ModelLoadError(
+            f"model directory {text} does not exist, and {text!r} is not in the local Hugging "
+            f"Face cache ({constants.HF_HUB_CACHE}): on a machine with network, run "
+            f"`huggingface-cli download {text}` (or `hf download {text}`) and copy the cache "
+            "there (or set HF_HUB_CACHE to it), or give the model's local directory "
+            f"({type(e).__name__})"
+        ) from None
 
 
 def _hf_directory(path: str | os.PathLike) -> tuple[str, str, list[str], bool | None]:
@@ -505,7 +543,7 @@ def _hf_directory(path: str | os.PathLike) -> tuple[str, str, list[str], bool | 
         ModelLoadError: Missing path, a file instead of a directory, no or an unreadable
             config, an unsupported ``model_type``, no weights.
     """
-    directory = os.fspath(path)
+    directory = resolve_hf(path)
     if not os.path.exists(directory):
         raise ModelLoadError(f"model directory {directory} does not exist")
     if not os.path.isdir(directory):

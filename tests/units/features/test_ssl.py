@@ -594,3 +594,29 @@ def test_cuda_matches_cpu(dtype, saved):
     gpu_model = load_hf(saved["wav2vec2-large"][1], device="cuda")
     gpu = SSLExtractor(gpu_model, 2, device="cuda", dtype=dtype)(wavs)
     assert _max_diff(gpu, cpu) < (1e-3 if dtype is None else 0.1)
+
+
+def test_a_hub_id_resolves_from_the_local_cache_only_and_says_how_to_fill_it(tmp_path, monkeypatch):
+    """``hf:ORG/NAME`` finds the model in the Hugging Face cache, offline, with the spec of
+    its directory and the hub id as its name; an id not there says how to download it."""
+    import huggingface_hub.constants
+
+    from tests.models import save_tiny
+    from units.features.ssl import ModelLoadError, describe_hf, resolve_hf
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--unitpipe--tiny-hubert" / "snapshots" / ("0" * 40)
+    save_tiny(snapshot)
+    (cache / "models--unitpipe--tiny-hubert" / "refs").mkdir()
+    (cache / "models--unitpipe--tiny-hubert" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    assert resolve_hf("unitpipe/tiny-hubert") == str(snapshot)
+    by_id, by_path = describe_hf("unitpipe/tiny-hubert", 2), describe_hf(snapshot, 2)
+    assert by_id.checkpoint == "unitpipe/tiny-hubert"
+    assert dataclasses.replace(by_id, checkpoint=by_path.checkpoint) == by_path
+    bundle = load_hf("unitpipe/tiny-hubert")
+    assert SSLExtractor(bundle, 2).spec == by_id
+    with pytest.raises(ModelLoadError, match="huggingface-cli download facebook/hubert-base-ls960"):
+        describe_hf("facebook/hubert-base-ls960", 9)
