@@ -119,6 +119,8 @@ class Report:
     durations: DurationHistogram
     hours_by_speaker: dict[str, float]
     rejects: dict[str, int]
+    #: Frames the k-means was fitted on: ``inertia`` is per frame when known, else the total.
+    inertia_frames: int | None = None
 
 
 def build(root: str, labels: str, phones: str | None = None) -> Report:
@@ -194,6 +196,9 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
         joint = metrics.joint_counts(refs, hyps, ref_rate=100.0, hyp_rate=meta["frame_rate"])
         numbers["phones"] = dict(metrics.quality(joint), references=phones)
     iterations, inertia = kmeans_iterations(root, meta.get("kmeans"))
+    fitted = _fitted_frames(root, meta.get("kmeans"))
+    if fitted:
+        inertia = [value / fitted for value in inertia]  # Comparable across corpus sizes.
     rejects = _rejects(root, layout)
     numbers["rejects"] = rejects
     return Report(
@@ -203,6 +208,7 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
         unit_counts=usage.counts.tolist(),
         inertia=inertia,
         iterations=iterations,
+        inertia_frames=fitted,
         durations=corpus.durations,
         hours_by_speaker={s: seconds / 3600 for s, seconds in corpus.seconds_by_speaker.items()},
         rejects=rejects,
@@ -315,6 +321,14 @@ def kmeans_iterations(root: str, kmeans: str | None) -> tuple[list[int], list[fl
         return [], []
     table = storage.read_parquet(path, columns=["iteration", "inertia"])
     return table.column("iteration").to_pylist(), table.column("inertia").to_pylist()
+
+
+def _fitted_frames(root: str, kmeans: str | None) -> int | None:
+    """The frames a k-means was fitted on (``kmeans.json``'s ``rows``), if it says."""
+    if kmeans is None:
+        return None
+    saved = read_json(os.path.join(root, "kmeans", kmeans, "kmeans.json"))
+    return int(saved["rows"]) if saved and saved.get("rows") else None
 
 
 def _rejects(root: str, layout: OutputLayout) -> dict[str, int]:
@@ -431,7 +445,7 @@ def _inertia_figure(plt, report: Report):
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(report.iterations, report.inertia, marker="o", ms=3)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("inertia")
+    ax.set_ylabel("inertia per frame" if report.inertia_frames else "inertia (total)")
     ax.set_title(f"k-means {report.metrics['kmeans']}")
     return fig
 
@@ -480,8 +494,9 @@ _CAPTIONS = {
     "usage": "How often each unit occurs. Dead units never occur; perplexity is exp(entropy).",
     "phone_unit": "Each column is a unit: the share of its frames on each phone. A good "
     "unit set shows a staircase: each phone owns a few pure units.",
-    "inertia": "k-means inertia (sum of squared distances) at the centroids of each "
-    "iteration: 0 is the initial centroids, the last is the final ones.",
+    "inertia": "k-means inertia (mean squared distance of a frame to its centroid, over the "
+    "frames it was fitted on) at the centroids of each iteration: 0 is the initial "
+    "centroids, the last is the final ones.",
     "corpus": "The corpus: utterance durations (on a log scale) and audio hours per speaker.",
     "rejects": "Inputs turned away, by stage and reason (details in the rejects tables).",
 }

@@ -82,6 +82,10 @@ def test_without_phones_the_report_shows_usage_only(demo, tmp_path):
     assert "phones" not in built.metrics and "phone_unit" not in paths
     assert built.metrics["usage"]["used"] + built.metrics["usage"]["dead"] == 24
     assert len(built.inertia) >= 1 and built.inertia == sorted(built.inertia, reverse=True)
+    # Per frame of the fit: the k-means's own final inertia over the frames it was fitted on.
+    fitted = json.loads((root / "kmeans" / built.metrics["kmeans"] / "kmeans.json").read_text())
+    assert built.inertia_frames == fitted["rows"] > 0
+    assert built.inertia[-1] == pytest.approx(fitted["inertia"] / fitted["rows"])
 
 
 def test_bad_references_are_clear_errors(demo, tmp_path, capsys):
