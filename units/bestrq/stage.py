@@ -170,6 +170,7 @@ def run(
     (result,) = label_all(
         root,
         [f"bestrq:{name}"],
+        [quantizer],
         [name],
         [lineage],
         extractor=extractor,

@@ -358,6 +358,7 @@ def run_many(
     return label_all(
         root,
         list(kmeans),
+        models,
         list(names),
         lineages,
         extractor=extractor,
@@ -449,6 +450,7 @@ def utterances_manifest(root: str) -> str:
 def label_all(
     root: str,
     references: list[str],
+    models: list[targets.Target],
     names: list[str],
     lineages: list[dict],
     *,
@@ -459,7 +461,8 @@ def label_all(
     started: float | None = None,
 ) -> list[dict]:
     """The label pass of targets (:mod:`units.labels.targets`) that read the same features,
-    once their stage has checked the request: target ``references[i]`` labels into
+    once their stage has checked the request and loaded them: target ``references[i]``
+    (``models[i]`` on the driver, for its label rate; each worker loads its own) labels into
     ``ROOT/labels/names[i]``. Claims each output with its lineage (which holds ``dedup``
     and the manifest's sha256), labels every shard not committed by all of them, and
     writes each ``meta.json`` (lineage, shards, label rate, totals) last.
@@ -477,7 +480,6 @@ def label_all(
     layouts = [label_layout(root, name) for name in names]
     for layout, lineage in zip(layouts, lineages, strict=True):
         claim(layout, lineage, "were started with another k-means, quantizer or manifest")
-    models = [targets.load(root, reference) for reference in references]
     manifest = RootLayout(root).manifest("utterances.parquet")
     # Columns, not a dict per utterance: the driver holds tens of bytes per utterance.
     rows = storage.read_parquet(manifest, columns=_MANIFEST_COLUMNS)

@@ -225,9 +225,8 @@ def test_layer_is_block_output_counted_from_one(name, loaded):
             np.testing.assert_allclose(normed, out.last_hidden_state[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["hubert-base", "wavlm-large"])
-def test_blocks_after_the_layer_do_not_run(name, loaded):
-    bundle = loaded[name]
+def _block_calls(bundle, run):
+    """``run()``'s result, and how many times each transformer block ran during it."""
     calls = [0] * LAYERS
 
     def counter(i):
@@ -236,14 +235,20 @@ def test_blocks_after_the_layer_do_not_run(name, loaded):
 
         return hook
 
-    handles = [
-        b.register_forward_pre_hook(counter(i)) for i, b in enumerate(bundle.model.encoder.layers)
-    ]
+    layers = bundle.model.encoder.layers
+    handles = [b.register_forward_pre_hook(counter(i)) for i, b in enumerate(layers)]
     try:
-        SSLExtractor(bundle, 1)([chirp(8000)])
+        result = run()
     finally:
         for h in handles:
             h.remove()
+    return result, calls
+
+
+@pytest.mark.parametrize("name", ["hubert-base", "wavlm-large"])
+def test_blocks_after_the_layer_do_not_run(name, loaded):
+    bundle = loaded[name]
+    _, calls = _block_calls(bundle, lambda: SSLExtractor(bundle, 1)([chirp(8000)]))
     assert calls == [1, 0, 0]
     # The hook is gone after the call: a plain forward runs every block.
     with torch.inference_mode():
@@ -257,22 +262,8 @@ def test_several_layers_from_one_forward_equal_each_layers_own_extractor(name, l
     each layer's own extractor's features, bit for bit, and no block runs twice."""
     bundle = loaded[name]
     wavs = [chirp(n, i) for i, n in enumerate((8000, 5000, 12345))]
-    calls = [0] * LAYERS
-
-    def counter(i):
-        def hook(_module, _args):
-            calls[i] += 1
-
-        return hook
-
-    handles = [
-        b.register_forward_pre_hook(counter(i)) for i, b in enumerate(bundle.model.encoder.layers)
-    ]
-    try:
-        together = SSLExtractor(bundle, 1, extra_layers=(2,)).layers_on_device(wavs, host=True)
-    finally:
-        for h in handles:
-            h.remove()
+    extract = SSLExtractor(bundle, 1, extra_layers=(2,))
+    together, calls = _block_calls(bundle, lambda: extract.layers_on_device(wavs, host=True))
     assert sorted(together) == [1, 2]
     batches = calls[0]
     assert batches >= 1 and calls == [batches, batches, 0]  # Up to block 2, once per batch.
