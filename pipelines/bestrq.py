@@ -32,7 +32,10 @@ from .label import OPTIONS as LABEL_OPTIONS
 OPTIONS = {
     "name": Option(Str(), REQUIRED, "name under ROOT/bestrq/ and ROOT/labels/", "NAME"),
     "extractor": Option(
-        Str(), "fbank", "input features: fbank (80 log-mel), mfcc, hf:PATH or fairseq:PATH", "SPEC"
+        Str(),
+        "fbank",
+        "input features: fbank (80 log-mel), mfcc, hf:PATH, fairseq:PATH or python:MODULE:CALLABLE",
+        "SPEC",
     ),
     "layer": Option(Optional(Int(lo=1)), None, "layer, with an SSL --extractor", "L"),
     "stack": Option(Int(lo=1), 4, "feature frames per label (4: 10 ms frames, 25 Hz labels)", "N"),

@@ -27,7 +27,8 @@ OPTIONS = {
         Str(),
         REQUIRED,
         "mfcc, fbank, hf:PATH (local Hugging Face model directory, or a hub id such as "
-        "facebook/hubert-base-ls960 found in the local Hugging Face cache) or fairseq:PATH (.pt)",
+        "facebook/hubert-base-ls960 found in the local Hugging Face cache), fairseq:PATH (.pt) "
+        "or python:MODULE:CALLABLE (any extractor; examples/librosa_logmel.py)",
         "SPEC",
     ),
     "layer": Option(

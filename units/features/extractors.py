@@ -1,5 +1,5 @@
-"""Extractors by name (``mfcc``, ``fbank``, ``hf:PATH``, ``fairseq:PATH``): what one computes,
-and building it.
+"""Extractors by name (``mfcc``, ``fbank``, ``hf:PATH``, ``fairseq:PATH``,
+``python:MODULE:CALLABLE``): what one computes, and building it.
 
 :func:`describe` says what an extractor computes, its
 :class:`~units.features.extractor.FeatureSpec`, from the name and the layer alone: a constant
@@ -8,6 +8,10 @@ It builds no network and loads no weights, so the driver can check a request and
 its spec cheaply. :func:`build` makes the extractor, whose ``spec`` is the same. Options
 travel to Ray workers as the small :class:`ExtractorOptions`; every worker builds its own
 extractor (one model load per worker), never a pickled model.
+
+``python:MODULE:CALLABLE`` is the hook for any other model: ``CALLABLE(options)`` returns an
+object that follows the :class:`~units.features.extractor.Extractor` protocol (see
+:func:`build_hook`).
 
 This module imports nothing heavy at import time (the command line reads
 :class:`ExtractorOptions`'s defaults without numpy or torch).
@@ -38,15 +42,17 @@ class ExtractorOptions:
     which moves features within float rounding only.
 
     Attributes:
-        extractor: ``mfcc``, ``fbank``, ``hf`` or ``fairseq``. Given as the command line's
-            ``hf:PATH`` or ``fairseq:PATH``, it is split: the path goes to ``checkpoint``.
+        extractor: ``mfcc``, ``fbank``, ``hf``, ``fairseq`` or ``python``. Given as the
+            command line's ``hf:PATH``, ``fairseq:PATH`` or ``python:MODULE:CALLABLE``, it is
+            split: what follows the first colon goes to ``checkpoint``.
         layer: Transformer block, counted from 1 (SSL extractors only).
         device: ``cpu`` or ``cuda``.
         dtype: ``bf16`` or ``fp16`` autocast on CUDA; ``None`` for float32.
         threads: CPU threads for torch (``None``: torch's default).
         batch_seconds: Audio per batch: the stages cut a shard's rows at this many seconds,
             and an SSL model pads its windows up to it. The one default of the project.
-        checkpoint: Local model path (``hf``: a directory, ``fairseq``: a ``.pt``).
+        checkpoint: Local model path (``hf``: a directory, ``fairseq``: a ``.pt``), or
+            ``MODULE:CALLABLE`` for ``python``.
         bucket_seconds: Audio a stage hands the extractor at once (see :attr:`bucket`),
             which an SSL model sorts by length into batches of ``batch_seconds``: the larger
             the bucket, the less padding. ``None``: one batch on CPU, where padding costs
@@ -112,6 +118,7 @@ GPU_BUCKET_BATCHES = 8
 
 _KALDI = ("mfcc", "fbank")
 _SSL = ("hf", "fairseq")
+_HOOK = "python"
 
 
 def describe(options: ExtractorOptions) -> FeatureSpec:
@@ -132,6 +139,8 @@ def describe(options: ExtractorOptions) -> FeatureSpec:
         from units.features.extractor import FBANK_SPEC, MFCC_SPEC
 
         return MFCC_SPEC if options.extractor == "mfcc" else FBANK_SPEC
+    if options.extractor == _HOOK:
+        return build_hook(options).spec  # A hook says what it computes only once built.
     with _extractor_errors():
         if options.extractor == "hf":
             from units.features.ssl import describe_hf
@@ -154,6 +163,8 @@ def build(options: ExtractorOptions) -> Extractor:
 
         cls = KaldiMFCC if options.extractor == "mfcc" else KaldiFbank
         return cls(device=options.device)
+    if options.extractor == _HOOK:
+        return build_hook(options)
     from units.features import ssl
 
     with _extractor_errors():
@@ -182,9 +193,18 @@ def _check(options: ExtractorOptions) -> None:
         if options.layer is not None or options.extra_layers:
             raise ExtractorError(f"--layer applies to SSL models, not to {kind}")
         return
+    if kind == _HOOK:
+        module, colon, name = (options.checkpoint or "").partition(":")
+        if not (module and colon and name):
+            raise ExtractorError(
+                f"{options.name!r}: give the factory as python:MODULE:CALLABLE, "
+                "e.g. python:my_models.cpc:build"
+            )
+        return
     if kind not in _SSL:
         raise ExtractorError(
-            f"unknown extractor {options.name!r}; use mfcc, fbank, hf:PATH or fairseq:PATH"
+            f"unknown extractor {options.name!r}; use mfcc, fbank, hf:PATH, fairseq:PATH "
+            "or python:MODULE:CALLABLE"
         )
     if not options.checkpoint:
         raise ExtractorError(f"{kind}: give a local path, as {kind}:/path/to/model")
@@ -201,3 +221,99 @@ def _extractor_errors() -> Iterator[None]:
         raise
     except (ValueError, OSError) as e:
         raise ExtractorError(str(e)) from e
+
+
+def build_hook(options: ExtractorOptions) -> Extractor:
+    """The extractor of ``python:MODULE:CALLABLE``: ``CALLABLE(options)``, checked and named.
+
+    The callable gets the :class:`ExtractorOptions` (its ``layer``, ``device``, ``dtype``,
+    ``threads`` and ``batch_seconds``) and returns an object with a ``spec``
+    (:class:`~units.features.extractor.FeatureSpec`: at least ``dim``, ``window`` and ``hop``,
+    the frame contract its frames keep) and ``__call__(waveforms) -> list of (T, dim)
+    float32 arrays``. The module must be importable on every Ray worker (installed, or in
+    the job's ``working_dir``). Importing it runs its code: a hook is code the user chose to
+    run, as with any Python package, never something read from data.
+
+    The spec it returns is recorded with ``extractor="python"``, ``checkpoint`` the hook's
+    ``MODULE:CALLABLE`` (so the k-means and the label pass rebuild the same hook from it),
+    ``checkpoint_sha256`` the sha256 of the module's source file and ``layer`` the options'.
+    Every call is checked against the protocol: one array per waveform, ``spec.dim``
+    columns, exactly the contract's frame count.
+
+    Raises:
+        ExtractorError: The module or callable cannot be found, or the object it returns
+            does not follow the protocol.
+    """
+    import hashlib
+    import importlib
+
+    from units.features.extractor import FeatureSpec
+
+    module_name, _, attribute = options.checkpoint.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ExtractorError(
+            f"python:{options.checkpoint}: cannot import {module_name!r} ({e}); it must be "
+            "importable on the driver and on every worker (pip install it, or ship it with "
+            "ray job submit --working-dir)"
+        ) from e
+    factory = module
+    for part in attribute.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory):
+        raise ExtractorError(
+            f"python:{options.checkpoint}: {module_name} has no callable {attribute!r}"
+        )
+    inner = factory(options)
+    spec = getattr(inner, "spec", None)
+    if not isinstance(spec, FeatureSpec) or not callable(inner):
+        raise ExtractorError(
+            f"python:{options.checkpoint} returned {type(inner).__name__}, which is not an "
+            "extractor: it needs a FeatureSpec `spec` and __call__(waveforms) -> arrays"
+        )
+    source = getattr(module, "__file__", None)
+    digest = None
+    if source is not None:
+        with open(source, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    named = dataclasses.replace(
+        spec,
+        extractor=_HOOK,
+        checkpoint=options.checkpoint,
+        checkpoint_sha256=digest,
+        layer=options.layer,
+    )
+    return _CheckedHook(named, inner, options.name)
+
+
+class _CheckedHook:
+    """A hook's extractor under the spec that names it, each call checked against the
+    :class:`~units.features.extractor.Extractor` protocol (code outside this project: a wrong
+    frame count would otherwise surface as a misaligned label much later)."""
+
+    def __init__(self, spec: FeatureSpec, inner: Extractor, name: str):
+        self.spec = spec
+        self._inner = inner
+        self._name = name
+
+    def __call__(self, waveforms):
+        import numpy as np
+
+        out = self._inner(waveforms)
+        if len(out) != len(waveforms):
+            raise ExtractorError(
+                f"{self._name}: {len(out)} feature arrays for {len(waveforms)} waveforms"
+            )
+        checked = []
+        for wav, feats in zip(waveforms, out, strict=True):
+            feats = np.asarray(feats)
+            want = (self.spec.contract.frames(len(wav)), self.spec.dim)
+            if feats.shape != want:
+                raise ExtractorError(
+                    f"{self._name}: features of shape {feats.shape} for {len(wav)} samples; "
+                    f"the spec's frame contract (window {self.spec.window}, hop "
+                    f"{self.spec.hop}) and dim give {want}"
+                )
+            checked.append(np.ascontiguousarray(feats, dtype=np.float32))
+        return checked
