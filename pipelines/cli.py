@@ -30,6 +30,7 @@ SUMMARIES = {
     "hubert": "One HuBERT iteration end to end: shard -> features (a sample) -> k-means -> "
     "labels -> report.",
     "w2vu": "Prepare wav2vec-U audio features from a sharded corpus, on Ray.",
+    "relocate": "Point the fairseq exports of a moved root at where the root is now.",
     "demo": "The demo job on in-process Ray, HuBERT's first iteration end to end on generated "
     "speech.",
 }

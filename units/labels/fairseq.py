@@ -178,6 +178,7 @@ def export(
         "split_by": by,
         "seed": seed,
         "audio": audio,
+        "audio_dir": audio_dir,
         "unlabelled": total - labelled,
     }
     write_atomic(os.path.join(out, "export.json"), json.dumps(record, indent=1).encode())

@@ -111,6 +111,7 @@ def export_fairseq(
         "splits": {split: f.count for split, f in files.items()},
         "split_by": by,
         "seed": seed,
+        "audio_dir": audio_dir,  # The first line of its tsvs: unitpipe relocate moves it.
     }
     write_atomic(os.path.join(out, "export.json"), json.dumps(record, indent=1).encode())
     return record

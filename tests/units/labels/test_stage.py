@@ -16,7 +16,7 @@ from shards import synthetic
 from shards.core.outputs import StageError
 from shards.plan import ShardingOptions
 from shards.ray_sharding import run as shard
-from tests.fairseq_checks import fairseq_label_checks
+from tests.fairseq_checks import fairseq_get_audio, fairseq_label_checks
 from tests.models import save_tiny
 from tests.numerics import SSL_FEATURE_BOUND, UnitAgreement, assert_units_agree, kaldi_bound
 from units.features.extractors import ExtractorOptions
@@ -90,28 +90,6 @@ def test_a_missing_kmeans_or_another_kmeans_under_the_same_name_is_refused(root)
         label(str(root), "km8pca", "taken")
 
 
-def _fairseq_parse_path(path):
-    """fairseq.data.audio.audio_utils.parse_path for a ``FILE:OFFSET:LENGTH`` path."""
-    _path, *slice_ptr = path.split(":")
-    return _path, [int(i) for i in slice_ptr]
-
-
-def _fairseq_get_audio(audio_root: str, name: str):
-    """HubertDataset.get_audio: ``root/name`` is a file, or ``FILE.zip:OFFSET:LENGTH``."""
-    import io
-
-    import soundfile as sf
-
-    path, slice_ptr = _fairseq_parse_path(os.path.join(audio_root, name))
-    if not slice_ptr:
-        return sf.read(path, dtype="float32"), None
-    assert path.endswith(".zip")  # HubertDataset.get_audio asserts it.
-    offset, length = slice_ptr
-    with open(path, "rb") as f:  # read_from_stored_zip
-        f.seek(offset)
-        return sf.read(io.BytesIO(f.read(length)), dtype="float32"), (path, offset)
-
-
 @pytest.mark.parametrize("audio", ["shards", "source"])
 def test_fairseq_export_lines_read_back_as_their_audio_with_aligned_units(root, audio):
     label(str(root), "km8", "fs")
@@ -136,7 +114,7 @@ def test_fairseq_export_lines_read_back_as_their_audio_with_aligned_units(root, 
         assert len(lines) == len(km) == record["splits"][split]
         for line, units in zip(lines, km, strict=True):
             name, frames = line.split("\t")
-            (wav, rate), member = _fairseq_get_audio(audio_root, name)
+            (wav, rate), member = fairseq_get_audio(audio_root, name)
             if audio == "shards":
                 key = by_member[(os.path.basename(member[0]), member[1])]
             else:  # The synthetic corpus is whole 16 kHz mono files: all are sources.
