@@ -51,10 +51,9 @@ test-numerics: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
-# Benchmarks install their baselines into the venv: lhotse is never a test dependency;
-# scikit-learn already comes with the dev extra (the k-means tests score against it).
+# Benchmarks' baselines come with the dev extra: lhotse (the export tests read our Shar with
+# it) and scikit-learn (the k-means tests score against it).
 bench: install
-	$(PIP_INSTALL) lhotse
 	$(PY) bench/shards.py
 	$(PY) bench/decode.py
 	$(PY) bench/features.py
