@@ -137,7 +137,7 @@ def _split(member: tarfile.TarInfo) -> tuple[str, str]:
 
 def iter_shard(path: str) -> Iterator[Sample]:
     """Yields the samples of one shard tar, in stored order."""
-    with storage.open_input(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with storage.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         pending: dict[str, dict[str, bytes]] = {}
         for member in tar:
             key, ext = _split(member)

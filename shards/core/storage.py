@@ -219,6 +219,23 @@ def open_input(path: str) -> BinaryIO:
     return open(local_path(path), "rb")
 
 
+#: Read buffer of a remote file read front to back (:func:`open_stream`). Against a real S3
+#: API a 2.4 MB tar of 40 members took 243 ranged GETs unbuffered (tarfile reads 10 KiB at a
+#: time), 3 with this buffer.
+STREAM_BUFFER = 1 << 20
+
+
+def open_stream(path: str) -> BinaryIO:
+    """Opens a file to read front to back (a tar streamed member by member), local or remote:
+    a remote file gets a read buffer of :data:`STREAM_BUFFER` bytes, so small reads do not
+    each become a request; a local file is buffered already."""
+    if is_url(path):
+        import pyarrow as pa
+
+        return pa.input_stream(open_input(path), buffer_size=STREAM_BUFFER)
+    return open(local_path(path), "rb")
+
+
 def read_text(path: str) -> str:
     with open_input(path) as f:
         return f.read().decode("utf-8")

@@ -110,7 +110,11 @@ def crop(
     )
 
 
-def _rng(*parts) -> np.random.Generator:
+def seeded_rng(*parts) -> np.random.Generator:
+    """A generator seeded by ``parts`` (a purpose, the seed, the epoch, a key ...): the same
+    draws in every process, so shard orders and crops repeat across DataLoader workers,
+    ranks and reruns, and the webdataset pipeline (:mod:`units.labels.streaming`) draws the
+    same ones."""
     # Seeded from a digest rather than hash(): Python salts str hashes per process, and
     # DataLoader workers are processes, so hash() would give each rerun other crops.
     digest = hashlib.sha256(repr(parts).encode()).digest()
@@ -254,7 +258,7 @@ class UnitDataset(IterableDataset):
     def _order(self) -> list[str]:
         if not self.shuffle:
             return list(self.shards)
-        perm = _rng("shards", self.seed, self.epoch).permutation(len(self.shards))
+        perm = seeded_rng("shards", self.seed, self.epoch).permutation(len(self.shards))
         return [self.shards[i] for i in perm]
 
     def shards_for(self, rank: int, worker: int, num_workers: int) -> list[str]:
@@ -283,7 +287,7 @@ class UnitDataset(IterableDataset):
             samples = self._read_shard(shard)
             if self.shuffle:
                 samples = _shuffled(
-                    samples, self.shuffle_buffer, _rng("buffer", self.seed, self.epoch, shard)
+                    samples, self.shuffle_buffer, seeded_rng("buffer", self.seed, self.epoch, shard)
                 )
             yield from samples
 
@@ -324,7 +328,7 @@ class UnitDataset(IterableDataset):
             wav, sample_rate = decode_member(flac)
             start = 0
             if self.max_samples is not None:
-                rng = _rng("crop", self.seed, self.epoch, key) if self.random_crop else None
+                rng = seeded_rng("crop", self.seed, self.epoch, key) if self.random_crop else None
                 wav, units, start = crop(wav, units, self.max_samples, rate, rng, sample_rate)
             yield {
                 "key": key,
@@ -457,7 +461,7 @@ class LengthBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         d = self.dataset
         worker, _ = d._worker()
-        rng = _rng("batches", d.seed, d.epoch, d.rank, worker) if d.shuffle else None
+        rng = seeded_rng("batches", d.seed, d.epoch, d.rank, worker) if d.shuffle else None
         pending: list[dict] = []
         for sample in d:
             pending.append(sample)
