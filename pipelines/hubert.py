@@ -39,7 +39,8 @@ Config keys (defaults in brackets; each is the stage's flag of the same name):
     label.extractor         label.layer      label.dedup [false]
     label.fairseq_splits [{train: 99, valid: 1}]  label.split_by [utterance]
     label.split_seed [0]    label.fairseq_audio [shards]
-    report.phones           reference phones for PNMI (tsv, ctm, TextGrid directory)
+    report.phones           reference phones for PNMI (tsv, ctm, TextGrid directory; a rerun
+                            without them reuses the report's own while their sha256 holds)
     report.out              [ROOT/reports/LABELNAME]
     ray.address             a running cluster (also RAY_ADDRESS) [in-process local Ray]
     ray.num_cpus            CPUs of in-process local Ray

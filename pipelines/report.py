@@ -18,6 +18,15 @@ Example:
     python -m pipelines.report --root /data/ll --labels it2 --phones /data/mfa_textgrids/
     python -m pipelines.report --root /data/ls100 --labels km100 km500 rq --phones /data/dev.tsv
 
+A rerun never replaces a report with a poorer one, and never leaves an earlier run's files:
+each report's files are written to a hidden sibling directory and swapped in as a whole.
+Without --phones, a report already in the output directory decides: when it was made with
+reference phones that are still there with the same sha256 (metrics.json records it),
+they are used again; when they are gone or changed and the labels are the same, that
+report is kept as it is, nothing is written and the summary says so (give --phones to
+rebuild it, or --out for a usage-only report elsewhere); when the labels changed, the
+report shows unit usage. The output directory must hold nothing but a report's files.
+
 The run's JSON record (the metrics and the files written) goes to
 ROOT/runs/report-LABELS.json (report-A+B+C.json for several; --record); stdout gets the
 headline numbers (one line per label set for several).
@@ -34,7 +43,11 @@ from ._schema import Option, Optional, Str, add_options
 #: The report options: the flags below, and the ``report`` section of the hubert config.
 OPTIONS = {
     "phones": Option(
-        Optional(Str()), None, "reference phones for PNMI (tsv, ctm, TextGrid directory)", "PATH"
+        Optional(Str()),
+        None,
+        "reference phones for PNMI (tsv, ctm, TextGrid directory; default: those of the report "
+        "already in the output directory, while their sha256 is unchanged)",
+        "PATH",
     ),
     "out": Option(
         Optional(Str()),
@@ -90,30 +103,25 @@ def run(args) -> dict:
     from units.quality import compare, report
 
     names = _names(args)
-    try:  # No labels, unreadable references, references at another rate: usage errors.
-        if len(names) == 1:
-            built = {names[0]: report.build(args.root, names[0], args.phones)}
-        else:
-            comparison = compare.compare(args.root, names, args.phones)
-            built = comparison.reports
-    except (ValueError, FileNotFoundError) as e:
-        raise _cli.UsageError(str(e)) from None
     out = _out(args)
     if args.out is None or len(names) > 1:  # Each set's own report goes under ROOT.
         _cli.check_writable(args.root)
     if args.out is not None:
         _cli.check_writable(os.path.dirname(os.path.abspath(out)))
     results = {}
-    for name, one in built.items():
-        own = out if len(names) == 1 else os.path.join(args.root, "reports", name)
-        results[name] = {
-            "labels": name,
-            "metrics": one.metrics,
-            "headline": report.headline(one.metrics),
-            "paths": report.write(one, own),
-        }
-    if len(names) == 1:  # One label set: the record it has always had.
-        return results[names[0]]
+    # No labels, unreadable references, references at another rate, an output directory
+    # holding other files: usage errors.
+    try:
+        if len(names) == 1:  # One label set: the record it has always had.
+            return _result(names[0], report.update(args.root, names[0], out, args.phones))
+        comparison = compare.compare(args.root, names, args.phones)
+        for name in names:
+            own = os.path.join(args.root, "reports", name)
+            built = comparison.reports[name]
+            done = report.update(args.root, name, own, args.phones, built=built)
+            results[name] = _result(name, done)
+    except (ValueError, FileNotFoundError) as e:
+        raise _cli.UsageError(str(e)) from None
     reports = {name: r["paths"]["report"] for name, r in results.items()}
     return {
         "labels": names,
@@ -124,10 +132,33 @@ def run(args) -> dict:
     }
 
 
+def _result(name: str, done) -> dict:
+    """One label set's record: its numbers, headline and files, whether it was written, and
+    what was decided about its reference phones (``note``, when none were given)."""
+    from units.quality import report
+
+    result = {
+        "labels": name,
+        "metrics": done.metrics,
+        "headline": report.headline(done.metrics),
+        "paths": done.paths,
+        "written": done.written,
+    }
+    if done.note:
+        result["note"] = done.note
+    return result
+
+
+def _report_lines(result: dict) -> list[str]:
+    state = "" if result.get("written", True) else " (kept as it was)"
+    lines = [f"report: {result['paths']['report']}{state}"]
+    return lines + ([f"  note: {result['note']}"] if result.get("note") else [])
+
+
 def summarize(args, result: dict) -> str:
     if "comparison" not in result:
-        return f"report: {result['paths']['report']}\n  {result['headline']}"
-    lines = [f"report: {r['paths']['report']}" for r in result["reports"].values()]
+        return "\n".join(_report_lines(result) + [f"  {result['headline']}"])
+    lines = [line for r in result["reports"].values() for line in _report_lines(r)]
     lines.append(f"comparison: {result['paths']['comparison']}")
     return "\n".join(lines + [f"  {line}" for line in result["headline"]])
 

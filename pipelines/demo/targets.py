@@ -34,7 +34,7 @@ def run_targets(root: str, phones: str, progress: bool) -> dict:
     from units.kmeans.stage import run as fit_kmeans
     from units.labels.stage import run_many
     from units.pieces.stage import run as pieces
-    from units.quality import compare
+    from units.quality import compare, report
 
     names = [f"mfcc{k}" for k in MORE_K]
     for k, name in zip(MORE_K, names, strict=True):
@@ -44,6 +44,9 @@ def run_targets(root: str, phones: str, progress: bool) -> dict:
     encoded = pieces(root, MAIN, PIECES, vocab_size=300, progress=progress)
     sets = [MAIN, *names, BESTRQ]
     comparison = compare.compare(root, sets, phones)
+    for name in sets[1:]:  # The main set's report is the hubert job's; the page links them all.
+        directory = os.path.join(root, "reports", name)
+        report.update(root, name, directory, phones, built=comparison.reports[name])
     out = os.path.join(root, "reports", "compare-" + "+".join(sets))
     reports = {name: os.path.join(root, "reports", name, "report.html") for name in sets}
     paths = compare.write_comparison(comparison, out, reports)

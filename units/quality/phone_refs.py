@@ -8,12 +8,14 @@ MFA's empty intervals, are ``sil``. fairseq's tsv is taken as it is (``UTTID<TAB
 one phone per 100 Hz frame), with stress digits removed as ``measure_teacher_quality.py``
 does.
 
-Malformed input is an error naming the file and line.
+TextGrids are parsed by praatio (long and short text formats, UTF-8 and UTF-16). Malformed
+input is an error naming the file (and the line, for tsv and CTM).
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import math
 import os
 import re
@@ -70,37 +72,47 @@ def frames_from_segments(segments: list[tuple[str, float, float]], end: float) -
     return out
 
 
-_INTERVAL = re.compile(
-    r'xmin\s*=\s*([-\d.eE+]+)\s*xmax\s*=\s*([-\d.eE+]+)\s*text\s*=\s*"((?:[^"]|"")*)"'
-)
-
-
 def read_textgrid(path: str, *, tier: str = "phones", remove_stress: bool = True) -> list[str]:
-    """The ``phones`` tier of a Praat TextGrid (long text format, as MFA writes it)."""
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
-    items = re.split(r"\n\s*item\s*\[\d+\]\s*:", text)
-    for item in items[1:]:
-        name = re.search(r'name\s*=\s*"([^"]*)"', item)
-        if name is None or name.group(1) != tier:
-            continue
-        segments = []
-        for m in _INTERVAL.finditer(item):
-            start, stop, label = float(m.group(1)), float(m.group(2)), m.group(3)
-            if not (math.isfinite(start) and math.isfinite(stop)) or stop < start:
-                line = text[: text.find(m.group(0))].count("\n") + 1
-                raise ReferenceError(f"{path}, line {line}: interval {start}..{stop}")
-            label = label.replace('""', '"').strip()
-            segments.append((_strip_stress(label) if remove_stress else label, start, stop))
-        if not segments:
-            raise ReferenceError(f"{path}: tier {tier!r} has no intervals")
-        return frames_from_segments(segments, max(s[2] for s in segments))
-    raise ReferenceError(f"{path}: no interval tier named {tier!r}")
+    """The ``phones`` tier of a Praat TextGrid, one phone per 100 Hz frame.
+
+    praatio parses it: the long and the short text formats, UTF-8 (with or without a byte
+    order mark) and UTF-16 with its byte order mark, as Praat and MFA write them. Empty
+    intervals are kept and become ``sil``.
+
+    Raises:
+        ReferenceError: A file praatio cannot read, no interval tier ``tier``, a tier
+            without intervals, or an interval that ends before it starts; the message names
+            the file.
+    """
+    from praatio import textgrid
+    from praatio.utilities.errors import PraatioException
+
+    try:
+        grid = textgrid.openTextgrid(path, includeEmptyIntervals=True)
+    # praatio's parsers end on whatever a malformed line makes them meet (an IndexError on a
+    # missing header line, a ValueError on a number that is not one): all name the file here.
+    except (PraatioException, ValueError, IndexError, KeyError, AttributeError) as e:
+        raise ReferenceError(f"{path}: not a TextGrid praatio can read ({e})") from None
+    if tier not in grid.tierNames or not isinstance(grid.getTier(tier), textgrid.IntervalTier):
+        raise ReferenceError(f"{path}: no interval tier named {tier!r}")
+    segments = []
+    for number, (start, stop, label) in enumerate(grid.getTier(tier).entries, 1):
+        if not (math.isfinite(start) and math.isfinite(stop)) or stop < start:
+            raise ReferenceError(f"{path}: tier {tier!r}, interval {number}: {start}..{stop}")
+        label = label.strip()
+        segments.append((_strip_stress(label) if remove_stress else label, start, stop))
+    if not segments:
+        raise ReferenceError(f"{path}: tier {tier!r} has no intervals")
+    return frames_from_segments(segments, max(s[2] for s in segments))
+
+
+def _textgrid_paths(directory: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(directory, "**", "*.TextGrid"), recursive=True))
 
 
 def read_textgrids(directory: str, **kwargs) -> dict[str, list[str]]:
     """Every ``*.TextGrid`` under ``directory`` (MFA's output tree), by file stem."""
-    paths = sorted(glob.glob(os.path.join(directory, "**", "*.TextGrid"), recursive=True))
+    paths = _textgrid_paths(directory)
     if not paths:
         raise ReferenceError(f"{directory}: no .TextGrid files")
     return {os.path.splitext(os.path.basename(p))[0]: read_textgrid(p, **kwargs) for p in paths}
@@ -143,6 +155,34 @@ def read_references(path: str) -> dict[str, list[str]]:
     if path.endswith(".tsv"):
         return read_phone_tsv(path)
     raise ReferenceError(f"{path}: expected a .tsv, .ctm, .TextGrid or a directory of them")
+
+
+def fingerprint(path: str) -> str:
+    """sha256 of a reference's content, to tell later whether the same phones are still there.
+
+    A file: the sha256 of its bytes (what ``sha256sum`` prints). A directory: the files
+    :func:`read_references` reads from it (every ``*.TextGrid`` under it), each as its path
+    relative to the directory, its size and its bytes, in sorted order; moving the
+    directory keeps the sha256, editing or renaming a file changes it.
+
+    Raises:
+        OSError: The path cannot be read.
+    """
+    digest = hashlib.sha256()
+    if os.path.isdir(path):
+        for file in _textgrid_paths(path):
+            size = os.path.getsize(file)
+            digest.update(f"{os.path.relpath(file, path)}\0{size}\0".encode())
+            _hash_file(digest, file)
+    else:
+        _hash_file(digest, path)
+    return digest.hexdigest()
+
+
+def _hash_file(digest, path: str) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
 
 
 def check_rate(

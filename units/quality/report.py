@@ -5,21 +5,30 @@ manifests and rejects) and, given reference phones, the purity and PNMI measures
 :mod:`units.quality.metrics`; :func:`write` renders ``ROOT/reports/NAME/``::
 
     report.html     every figure embedded (base64 PNG): one file to open or send
-    metrics.json    the numbers the page shows
+    metrics.json    the numbers the page shows, the lineage, the reference phones' sha256
     usage.png       unit usage, most used first, with dead units and perplexity
     phone_unit.png  P(phone | unit), units ordered by their dominant phone (HuBERT, Fig. 2)
+    utterances.png  a few utterances: log-mel spectrogram, phones and units on one time axis
     inertia.png     k-means inertia per iteration (a k-means label set's only)
     corpus.png      utterance durations and hours per speaker
     rejects.png     rejects by stage and reason (when there are any)
+
+The files are written to a hidden sibling directory and swapped in as a whole: no figure of
+an earlier run stays beside a new page, and a run stopped while writing leaves the earlier
+report whole (:func:`write`). :func:`update` builds and writes a report without ever
+replacing one with a poorer one: a rerun without reference phones reuses those of the
+report already there, or keeps that report when they are gone
+(:func:`units.quality.lineage.choose_phones`).
 
 A label set from any target is reported: a k-means's (``meta.json`` names it in
 ``kmeans``) or a BEST-RQ quantizer's (``target: bestrq``; the first codebook's units).
 :mod:`units.quality.compare` puts several label sets side by side.
 
 The manifests, label shards and rejects are read in record batches and aggregated batch by
-batch with Arrow: only per-speaker hours, a fixed-bin duration histogram, per-unit counts
-and the units of utterances with references are kept, so the report's memory follows the
-speakers, the units and the reference set, never the number of utterances.
+batch with Arrow: only per-speaker hours, a fixed-bin duration histogram, per-unit counts,
+the units of utterances with references and the few utterances the view draws are kept, so
+the report's memory follows the speakers, the units and the reference set, never the number
+of utterances.
 """
 
 from __future__ import annotations
@@ -30,18 +39,23 @@ import dataclasses
 import html
 import io
 import json
+import logging
 import os
+import shutil
+import uuid
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from shards.core import storage
-from shards.core.atomic import read_json, write_atomic
+from shards.core.atomic import fsync_dir, read_json, temp_prefix, write_atomic
 from shards.core.outputs import OutputLayout, StageError
 from shards.root import RootLayout
 from units.labels.model import label_layout
-from units.quality import metrics, phone_refs
+from units.quality import lineage, metrics, phone_refs, utterance_view
+
+log = logging.getLogger(__name__)
 
 #: Rows per record batch aggregated at once. The driver holds one Parquet row group and
 #: one batch of it (a batch of manifest keys, durations and speakers is a few MB), so its
@@ -121,6 +135,8 @@ class Report:
     rejects: dict[str, int]
     #: Frames the k-means was fitted on: ``inertia`` is per frame when known, else the total.
     inertia_frames: int | None = None
+    #: The few utterances the utterance view draws (:mod:`units.quality.utterance_view`).
+    utterances: list[utterance_view.Utterance] = dataclasses.field(default_factory=list)
 
 
 def build(root: str, labels: str, phones: str | None = None) -> Report:
@@ -128,7 +144,8 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
 
     Streams the utterances manifest, the label shards and the rejects in record batches of
     at most :data:`BATCH_ROWS` rows, aggregating each batch with Arrow: the driver's memory
-    follows the speakers, the units and the reference utterances, never the corpus.
+    follows the speakers, the units and the reference utterances, never the corpus. The
+    audio of the few utterances the utterance view draws is read from their shards.
 
     Args:
         root: The dataset root (a local path or a URL).
@@ -146,10 +163,7 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
     """
     root = RootLayout(root).root
     layout = label_layout(root, labels)
-    meta_path = layout.path("meta.json")
-    meta = read_json(meta_path)
-    if meta is None:
-        raise StageError(f"no finished labels {labels!r} under {root}: run pipelines.label first")
+    meta = label_meta(root, labels)
     refs = phone_refs.read_references(phones) if phones else None
     # The reference keys as an Arrow set: each batch picks its reference rows with is_in,
     # not with a Python lookup per row.
@@ -163,14 +177,20 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
 
     k, hyps = int(meta["k"]), {}
     usage = metrics.UnitUsage(k)
+    shown = utterance_view.Selection(meta["frame_rate"])
     for batch in _batches(layout.path("units"), ["key", "units"]):
         units = batch.column("units")
         # flatten() honours a sliced array, where .values would not.
         offsets = units.offsets.to_numpy() - units.offsets[0].as_py()
         values = units.flatten().to_numpy().astype(np.int64)
         usage.add_flat(values, offsets)
-        if ref_keys is not None:
-            keys = batch.column("key")
+        keys = batch.column("key")
+        if ref_keys is None:
+            for i in range(len(keys)):  # The first few utterances only: then it is full.
+                if shown.full:
+                    break
+                shown.offer(keys[i].as_py(), values[offsets[i] : offsets[i + 1]])
+        else:
             picked = pc.is_in(keys, value_set=ref_keys).to_numpy(zero_copy_only=False)
             for i in np.flatnonzero(picked):
                 # A copy: a view would keep the whole batch's values alive with it.
@@ -194,7 +214,14 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
     joint = None
     if refs is not None:
         joint = metrics.joint_counts(refs, hyps, ref_rate=100.0, hyp_rate=meta["frame_rate"])
-        numbers["phones"] = dict(metrics.quality(joint), references=phones)
+        numbers["phones"] = dict(
+            metrics.quality(joint),
+            references=phones,
+            references_sha256=phone_refs.fingerprint(phones),
+        )
+        for key, units in hyps.items():  # With references: the first ones that have them.
+            shown.offer(key, units)
+    numbers["lineage"] = lineage.of_labels(root, labels, meta)
     iterations, inertia = kmeans_iterations(root, meta.get("kmeans"))
     fitted = _fitted_frames(root, meta.get("kmeans"))
     if fitted:
@@ -212,7 +239,20 @@ def build(root: str, labels: str, phones: str | None = None) -> Report:
         durations=corpus.durations,
         hours_by_speaker={s: seconds / 3600 for s, seconds in corpus.seconds_by_speaker.items()},
         rejects=rejects,
+        utterances=utterance_view.load(root, shown.units, meta, refs),
     )
+
+
+def label_meta(root: str, labels: str) -> dict:
+    """The ``meta.json`` of a finished label set.
+
+    Raises:
+        StageError: No finished label set of that name.
+    """
+    meta = read_json(label_layout(root, labels).path("meta.json"))
+    if meta is None:
+        raise StageError(f"no finished labels {labels!r} under {root}: run pipelines.label first")
+    return meta
 
 
 #: The lineage keys of ``meta.json`` that say which target labelled (BEST-RQ's; a k-means
@@ -386,6 +426,7 @@ def figures(report: Report) -> dict[str, bytes]:
     for name, draw in (
         ("usage", _usage),
         ("phone_unit", _phone_unit),
+        ("utterances", _utterances),
         ("inertia", _inertia_figure),
         ("corpus", _corpus),
         ("rejects", _rejects_figure),
@@ -437,6 +478,16 @@ def _phone_unit(plt, report: Report):
     ax.set_title(f"P(phone | unit), PNMI {report.metrics['phones']['pnmi']:.3f}")
     fig.colorbar(image, ax=ax, fraction=0.03)
     return fig
+
+
+def _utterances(plt, report: Report):
+    parts = "log-mel spectrogram, reference phones and units"
+    if all(u.waveform is None for u in report.utterances):
+        parts = "reference phones and units"
+    elif all(u.phones is None for u in report.utterances):
+        parts = "log-mel spectrogram and units"
+    title = f"{len(report.utterances)} utterances: {parts} ({target(report.metrics)})"
+    return utterance_view.figure(plt, report.utterances, title)
 
 
 def _inertia_figure(plt, report: Report):
@@ -494,6 +545,10 @@ _CAPTIONS = {
     "usage": "How often each unit occurs. Dead units never occur; perplexity is exp(entropy).",
     "phone_unit": "Each column is a unit: the share of its frames on each phone. A good "
     "unit set shows a staircase: each phone owns a few pure units.",
+    "utterances": "The first utterances of the label shards (with reference phones, the first "
+    "that have them), from their start: the log-mel spectrogram, the reference phones and the "
+    "units on one time axis. A line marks each place where the unit changes; a label is "
+    "written where it fits. Each label is drawn over the hop around its window's centre.",
     "inertia": "k-means inertia (mean squared distance of a frame to its centroid, over the "
     "frames it was fitted on) at the centroids of each iteration: 0 is the initial "
     "centroids, the last is the final ones.",
@@ -518,6 +573,7 @@ PHONE_NAMES = {
     "missing_utterances": "reference utterances without units",
     "extra_utterances": "utterances with units but no reference",
     "references": "reference phones",
+    "references_sha256": "reference phones sha256",
 }
 USAGE_NAMES = {
     "k": "units (k)",
@@ -564,15 +620,24 @@ def render_html(report: Report, pngs: dict[str, bytes]) -> str:
         for name, png in pngs.items()
     )
     title = html.escape(f"unitpipe report: {report.name} ({target(m)})")
+    made_from = ""
+    if "lineage" in m:
+        made_from = "\n".join(
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+            for k, v in lineage.rows(m["lineage"])
+        )
+        made_from = f"<h2>Lineage</h2>\n<table class=lineage>{made_from}</table>"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}th,td{{padding:2px 10px;border-bottom:1px solid #ddd;
-text-align:left}}figure{{margin:2em 0}}img{{max-width:100%}}.head{{font-size:1.3em}}</style>
+text-align:left}}figure{{margin:2em 0}}img{{max-width:100%}}.head{{font-size:1.3em}}
+.lineage td{{font-family:monospace;font-size:0.9em;word-break:break-all}}</style>
 </head><body><h1>{title}</h1>
 {headline}
 <table>{table}</table>
 {images}
+{made_from}
 </body></html>
 """
 
@@ -584,16 +649,194 @@ def _fmt(value) -> str:
 
 
 def write(report: Report, directory: str) -> dict[str, str]:
-    """Writes the page, ``metrics.json`` and the PNGs under ``directory``; returns paths."""
-    storage.makedirs(directory)
+    """Writes the page, ``metrics.json`` and the PNGs as ``directory``; returns their paths.
+
+    A local directory is replaced as a whole (:func:`replace_directory`): nothing of an
+    earlier report stays, and a run stopped midway leaves the earlier report whole. On an
+    object store, which has no rename, each file is written whole, the page last (the
+    report's commit), then the earlier report's other files are deleted.
+
+    Raises:
+        StageError: ``directory`` holds files that are not a report's.
+    """
     pngs = figures(report)
-    paths = {}
-    for name, png in pngs.items():
-        paths[name] = os.path.join(directory, f"{name}.png")
-        write_atomic(paths[name], png, sync_dir=False)
+    files = {f"{name}.png": png for name, png in pngs.items()}
+    files["metrics.json"] = json.dumps(report.metrics, indent=1, sort_keys=True).encode()
+    files["report.html"] = render_html(report, pngs).encode()
+    replace_directory(directory, files)
+    return _paths(directory, list(pngs))
+
+
+def _paths(directory: str, figures: list[str]) -> dict[str, str]:
+    paths = {name: os.path.join(directory, f"{name}.png") for name in figures}
     paths["metrics"] = os.path.join(directory, "metrics.json")
-    write_atomic(paths["metrics"], json.dumps(report.metrics, indent=1, sort_keys=True).encode())
-    # The page last: it is the report's commit.
     paths["report"] = os.path.join(directory, "report.html")
-    write_atomic(paths["report"], render_html(report, pngs).encode())
     return paths
+
+
+# --------------------------------------------------------------- writing, and rerunning
+@dataclasses.dataclass
+class Outcome:
+    """What :func:`update` did.
+
+    Attributes:
+        paths: The report's files (figure names, ``metrics``, ``report``).
+        metrics: Its numbers (``metrics.json``).
+        written: False when the report already there was kept as it was.
+        note: What was decided about the reference phones, when none were given.
+    """
+
+    paths: dict[str, str]
+    metrics: dict
+    written: bool
+    note: str | None = None
+
+
+def update(
+    root: str,
+    labels: str,
+    directory: str,
+    phones: str | None = None,
+    *,
+    built: Report | None = None,
+) -> Outcome:
+    """Builds and writes label set ``labels``' report as ``directory``, never replacing a
+    report with a poorer one.
+
+    With ``phones``, they are used. Without, the report already in ``directory`` decides
+    (:func:`units.quality.lineage.choose_phones`): its reference phones are used again when
+    they are still there with the same sha256; when they are gone or changed and the labels
+    are the same, that report is kept as it is and nothing is written; otherwise the report
+    shows unit usage only. The decision is logged and returned in ``note``.
+
+    Args:
+        root: The dataset root.
+        labels: The label set's name.
+        directory: The report's directory (``ROOT/reports/NAME`` by default).
+        phones: Reference phones, or None.
+        built: This label set's report already built with ``phones`` (a comparison builds
+            every set's), written as it is unless other phones are chosen.
+
+    Raises:
+        As :func:`build` and :func:`write`.
+    """
+    root = RootLayout(root).root
+    meta = label_meta(root, labels)
+    _recover(directory)  # A swap cut short: the earlier report back in place first.
+    check_directory(directory)
+    fingerprint = lineage.labels_fingerprint(meta)
+    choice = lineage.choose_phones(directory, phones, labels, fingerprint, meta)
+    if choice.note:  # Phones reused: as asked for, in effect; otherwise worth a warning.
+        level = logging.INFO if choice.phones else logging.WARNING
+        log.log(level, "report %s: %s", labels, choice.note)
+    if choice.keep:
+        figures = [n[: -len(".png")] for n in storage.listdir(directory) if n.endswith(".png")]
+        kept = lineage.previous_metrics(directory)
+        return Outcome(_paths(directory, figures), kept, written=False, note=choice.note)
+    if built is None or choice.phones != phones:
+        built = build(root, labels, choice.phones)
+    return Outcome(write(built, directory), built.metrics, written=True, note=choice.note)
+
+
+def _is_report_file(name: str) -> bool:
+    """A name a report directory holds: the page, the numbers, the figures (whatever their
+    names, those of earlier versions too), or a temporary file of an earlier writer."""
+    return name in ("report.html", "metrics.json") or name.endswith(".png") or ".tmp-" in name
+
+
+def check_directory(directory: str) -> None:
+    """Raises :class:`StageError` when ``directory`` holds anything but a report's files: a
+    report replaces its directory as a whole, which must not take anything else with it."""
+    if storage.is_url(directory):
+        return
+    directory = storage.local_path(directory)
+    if not os.path.lexists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise StageError(f"{directory} is a file, not a report directory")
+    others = [name for name in sorted(os.listdir(directory)) if not _is_report_file(name)]
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise StageError(
+            f"{directory} holds files that are not a report's ({shown}): a report replaces its "
+            "directory as a whole; give it a directory of its own"
+        )
+
+
+def replace_directory(directory: str, files: dict[str, bytes]) -> None:
+    """Makes ``directory`` hold ``files`` (name: bytes) and nothing else.
+
+    Locally: the files are written and fsynced in a hidden sibling directory
+    (``.NAME.tmp-...``), the earlier directory is renamed aside (``.NAME.old-...``), the new
+    one renamed into place, and the earlier one deleted. Until the second rename the earlier
+    report is untouched; a process killed between the two renames leaves it aside, and the
+    next writer puts it back (:func:`_recover`) before anything else. Written by hand: the
+    standard library and pyarrow swap single files, not directories.
+
+    On an object store each file is written whole, ``report.html`` last, then files of the
+    earlier report that are not among ``files`` are deleted.
+    """
+    if storage.is_url(directory):
+        order = sorted(files, key=lambda name: name == "report.html")  # The page last.
+        for name in order:
+            write_atomic(storage.join(directory, name), files[name])
+        for name in storage.listdir(directory):
+            if name not in files and _is_report_file(name):
+                storage.remove(storage.join(directory, name))
+        return
+    directory = os.path.normpath(storage.local_path(directory))
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    _recover(directory)
+    check_directory(directory)
+    fresh = f"{temp_prefix(directory)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    aside = None
+    os.mkdir(fresh)
+    try:
+        for name, data in files.items():
+            with open(os.path.join(fresh, name), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_dir(fresh)
+        if os.path.lexists(directory):
+            aside = _aside_prefix(directory) + f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(directory, aside)
+        os.rename(fresh, directory)
+    except BaseException:
+        if aside is not None and not os.path.lexists(directory):
+            os.rename(aside, directory)  # The earlier report back where it was.
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    fsync_dir(parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _aside_prefix(directory: str) -> str:
+    parent, name = os.path.split(directory)
+    return os.path.join(parent, f".{name}.old-")
+
+
+def _recover(directory: str) -> None:
+    """Puts back an earlier report left aside by a writer stopped between its two renames
+    (when nothing is at ``directory``), and deletes what stopped writers left: their
+    unfinished directories and reports set aside. Call with no other writer of ``directory``
+    alive (one report is written by one process at a time)."""
+    if storage.is_url(directory):
+        return
+    directory = os.path.normpath(storage.local_path(directory))
+    parent = os.path.dirname(directory)
+    prefixes = (temp_prefix(directory), _aside_prefix(directory))
+    left = [
+        os.path.join(parent, name)
+        for name in storage.listdir(parent)
+        if os.path.join(parent, name).startswith(prefixes)
+    ]
+    aside = sorted((p for p in left if p.startswith(prefixes[1])), key=os.path.getmtime)
+    if aside and not os.path.lexists(directory):
+        log.warning("report: %s was left aside by a stopped writer: put back", aside[-1])
+        os.rename(aside[-1], directory)
+        left.remove(aside[-1])
+    for path in left:
+        shutil.rmtree(path, ignore_errors=True)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
+from praatio import textgrid
 
 from units.features.frames import MFCC
 from units.quality.phone_refs import (
     ReferenceError,
     check_rate,
+    fingerprint,
     frames_from_segments,
     read_ctm,
     read_phone_tsv,
     read_references,
+    read_textgrid,
     read_textgrids,
 )
 
@@ -95,6 +100,68 @@ def test_malformed_tsv_lines_name_the_file_and_line(tmp_path, content, message):
     (tmp_path / "bad.tsv").write_text(content)
     with pytest.raises(ReferenceError, match=message):
         read_phone_tsv(str(tmp_path / "bad.tsv"))
+
+
+#: TEXTGRID's phones, one per 100 Hz frame: the empty first interval is silence.
+FRAMES = ["sil"] * 9 + ["HH"] * 20 + ["AY"] * 19
+
+
+def test_a_long_format_textgrid_gives_the_phones_tier_with_empty_intervals_as_silence(tmp_path):
+    (tmp_path / "utt1.TextGrid").write_text(TEXTGRID)
+    assert read_textgrid(str(tmp_path / "utt1.TextGrid")) == FRAMES
+    stressed = read_textgrid(str(tmp_path / "utt1.TextGrid"), remove_stress=False)
+    assert stressed[-1] == "AY1"
+    # Another tier by name: the words tier has one interval over the whole utterance.
+    assert set(read_textgrid(str(tmp_path / "utt1.TextGrid"), tier="words")) == {"hi"}
+
+
+def test_a_short_format_textgrid_written_by_praatio_reads_the_same(tmp_path):
+    (tmp_path / "long.TextGrid").write_text(TEXTGRID)
+    grid = textgrid.openTextgrid(str(tmp_path / "long.TextGrid"), includeEmptyIntervals=True)
+    grid.save(str(tmp_path / "short.TextGrid"), format="short_textgrid", includeBlankSpaces=True)
+    written = (tmp_path / "short.TextGrid").read_text()
+    assert "intervals [" not in written and '"IntervalTier"' in written  # The short format.
+    assert read_textgrid(str(tmp_path / "short.TextGrid")) == FRAMES
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-8-sig"])
+def test_textgrids_in_utf16_or_with_a_byte_order_mark_read_the_same(tmp_path, encoding):
+    text = TEXTGRID.replace('"HH"', '"ʃ"')  # A phone outside ASCII, as IPA phone sets have.
+    data = text.encode(encoding)
+    if encoding in ("utf-16-le", "utf-16-be"):  # Praat writes the byte order mark first.
+        data = ("\ufeff").encode(encoding) + data
+    assert data[:2] in (b"\xff\xfe", b"\xfe\xff") or data[:3] == b"\xef\xbb\xbf"
+    (tmp_path / "utt1.TextGrid").write_bytes(data)
+    want = ["sil"] * 9 + ["ʃ"] * 20 + ["AY"] * 19
+    assert read_references(str(tmp_path / "utt1.TextGrid")) == {"utt1": want}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("not a textgrid at all\n", "bad.TextGrid: not a TextGrid praatio can read"),
+        (TEXTGRID.replace("xmax = 0.3", "xmax = soon"), "bad.TextGrid: not a TextGrid"),
+        (TEXTGRID[: TEXTGRID.index("item [2]")], "bad.TextGrid: no interval tier named 'phones'"),
+    ],
+)
+def test_a_malformed_textgrid_is_an_error_naming_the_file(tmp_path, content, message):
+    (tmp_path / "bad.TextGrid").write_text(content)
+    with pytest.raises(ReferenceError, match=message):
+        read_textgrid(str(tmp_path / "bad.TextGrid"))
+
+
+def test_the_fingerprint_is_the_files_sha256_and_follows_a_directorys_content(tmp_path):
+    (tmp_path / "p.tsv").write_text("u1\tsil,a\n")
+    assert fingerprint(str(tmp_path / "p.tsv")) == hashlib.sha256(b"u1\tsil,a\n").hexdigest()
+    (tmp_path / "mfa" / "spk").mkdir(parents=True)
+    (tmp_path / "mfa" / "spk" / "utt1.TextGrid").write_text(TEXTGRID)
+    before = fingerprint(str(tmp_path / "mfa"))
+    (tmp_path / "mfa").rename(tmp_path / "moved")  # Moved: the same content.
+    assert fingerprint(str(tmp_path / "moved")) == before
+    (tmp_path / "moved" / "spk" / "utt1.TextGrid").rename(tmp_path / "moved" / "spk" / "u.TextGrid")
+    assert fingerprint(str(tmp_path / "moved")) != before  # Renamed: another utterance id.
+    with pytest.raises(OSError):
+        fingerprint(str(tmp_path / "gone.tsv"))
 
 
 def test_malformed_ctm_textgrid_and_unknown_files(tmp_path):

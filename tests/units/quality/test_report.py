@@ -6,12 +6,15 @@ import base64
 import io
 import json
 
+import matplotlib.image
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
 from pipelines import report as cli
 from pipelines.demo.corpus import write_demo_corpus
+from shards import reader
 from shards.plan import ShardingOptions
 from shards.ray_sharding import run as shard
 from units.features.extractors import ExtractorOptions
@@ -20,9 +23,11 @@ from units.features.stage import run as extract
 from units.kmeans.estimator import KMeans
 from units.kmeans.stage import run as fit_kmeans
 from units.labels.stage import run as label
-from units.quality import report
+from units.quality import report, utterance_view
 from units.quality.metrics import MetricsError, joint_counts, quality, usage
 from units.quality.phone_refs import ReferenceError, read_phone_tsv
+
+matplotlib.use("Agg")
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -40,6 +45,7 @@ def demo(tmp_path_factory, ray_local):
 
 
 def _labels(root):
+    """The stored units by key, in the label shards' order."""
     table = ds.dataset(str(root / "labels" / "km" / "units")).to_table(columns=["key", "units"])
     return {r["key"]: r["units"] for r in table.to_pylist()}
 
@@ -59,11 +65,11 @@ def test_the_report_renders_and_its_numbers_are_the_metrics(demo, tmp_path):
     for name in ("perplexity", "dead", "used", "mean_run_length", "dedup_ratio", "frames"):
         assert saved["usage"][name] == pytest.approx(plain[name]), name
     page = (out / "report.html").read_text()
-    import matplotlib.image
 
     # A rejects panel only where there are rejects: no figure without data.
     assert (out / "rejects.png").exists() == bool(saved["rejects"])
-    figures = ["usage", "phone_unit", "inertia", "corpus"] + ["rejects"] * bool(saved["rejects"])
+    figures = ["usage", "phone_unit", "utterances", "inertia", "corpus"]
+    figures += ["rejects"] * bool(saved["rejects"])
     for name in figures:
         png = (out / f"{name}.png").read_bytes()
         image = matplotlib.image.imread(io.BytesIO(png), format="png")
@@ -112,3 +118,65 @@ def test_bad_references_are_clear_errors(demo, tmp_path, capsys):
     assert "broken.tsv, line 2: empty line" in capsys.readouterr().err
     assert cli.main(["--root", str(root), "--labels", "nope"]) == 2
     assert np.isfinite(built.metrics["phones"]["pnmi"])
+
+
+def test_the_utterance_view_draws_the_first_utterances_from_their_shards_and_units(demo, tmp_path):
+    root, phones = demo
+    stored, refs = _labels(root), read_phone_tsv(str(phones))
+    built = report.build(str(root), "km", str(phones))
+    shown = built.utterances
+    # The first utterances of the label shards (every one has references here).
+    assert [u.key for u in shown] == list(stored)[: utterance_view.COUNT]
+    for utterance in shown:
+        np.testing.assert_array_equal(utterance.units, stored[utterance.key])
+        assert utterance.phones == refs[utterance.key]
+        # The audio is the shard's member, read back independently by key.
+        np.testing.assert_array_equal(
+            utterance.waveform, reader.get(str(root), utterance.key).waveform
+        )
+        # The drawn unit boundaries are the stored units' changes: the runs give them back.
+        runs = utterance_view.segments(utterance.units, utterance.contract)
+        lengths = [round((r.end - r.start) * built.metrics["frame_rate"]) for r in runs]
+        np.testing.assert_array_equal(np.repeat([r.label for r in runs], lengths), utterance.units)
+        changes = np.flatnonzero(np.diff(utterance.units.astype(np.int64))) + 1
+        assert len(runs) == len(changes) + 1
+        assert runs[0].start == pytest.approx(0.0075)  # MFCC: 12.5 ms less half a hop.
+    paths = report.write(built, str(tmp_path / "with"))
+    page = (tmp_path / "with" / "report.html").read_text()
+    png = open(paths["utterances"], "rb").read()
+    assert base64.b64encode(png).decode() in page and "reference phones and the units" in page
+
+    plain = report.build(str(root), "km")  # Without phones: spectrogram and units only.
+    assert [u.key for u in plain.utterances] == [u.key for u in shown]
+    assert all(u.phones is None and u.waveform is not None for u in plain.utterances)
+    paths = report.write(plain, str(tmp_path / "without"))
+    png = open(paths["utterances"], "rb").read()
+    image = matplotlib.image.imread(io.BytesIO(png), format="png")
+    assert image.std() > 0.01
+    assert base64.b64encode(png).decode() in (tmp_path / "without" / "report.html").read_text()
+
+
+def test_the_lineage_is_what_the_label_set_and_its_k_means_recorded(demo):
+    root, _ = demo
+    built = report.build(str(root), "km")
+    made_from = built.metrics["lineage"]
+    meta = json.loads((root / "labels" / "km" / "meta.json").read_text())
+    fitted = json.loads((root / "kmeans" / "km" / "kmeans.json").read_text())
+    summary = json.loads((root / "manifest" / "summary.json").read_text())
+    assert made_from["labels"] == "km" and made_from["target"] == "kmeans"
+    assert made_from["extractor"] == meta["spec"] and made_from["extractor"]["extractor"] == "mfcc"
+    for key in ("frame_rate", "manifest_sha256", "hours", "utterances", "features"):
+        assert made_from[key] == meta[key], key
+    assert made_from["kmeans"]["name"] == meta["kmeans"] == "km"
+    assert made_from["kmeans"]["fingerprint"] == meta["kmeans_fingerprint"] == fitted["fingerprint"]
+    for key in ("k", "seed", "config", "rows", "iterations", "converged", "features_fingerprint"):
+        assert made_from["kmeans"][key] == fitted[key], key
+    assert made_from["kmeans"]["config"]["n_clusters"] == 24
+    assert made_from["corpus"]["hours"] == summary["hours"]
+    assert made_from["versions"]["labels"] == meta["version"]
+    assert made_from["libraries"]["numpy"] == np.__version__
+    assert made_from["libraries"]["pyarrow"] == pa.__version__
+    page = report.render_html(built, {})
+    lineage_section = page[page.index("<h2>Lineage</h2>") :]
+    assert meta["kmeans_fingerprint"] in lineage_section and meta["manifest_sha256"] in page
+    assert "<th>k-means frames fitted</th>" in lineage_section  # Names, not keys.
