@@ -29,6 +29,8 @@ SUMMARIES = {
     "on a page.",
     "hubert": "One HuBERT iteration end to end: shard -> features (a sample) -> k-means -> "
     "labels -> report.",
+    "export": "Export a finished label set for lhotse, NeMo or Hugging Face datasets, one Ray "
+    "task per shard.",
     "w2vu": "Prepare wav2vec-U audio features from a sharded corpus, on Ray.",
     "relocate": "Point the fairseq exports of a moved root at where the root is now.",
     "demo": "The demo job on in-process Ray, HuBERT's first iteration end to end on generated "

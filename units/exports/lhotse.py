@@ -70,6 +70,7 @@ from shards.core.atomic import (
 from shards.core.outputs import StageError
 from shards.reader import UnsafeMemberError
 from shards.root import RootLayout
+from units.exports.common import finished_meta, unit_columns
 from units.labels.model import label_layout
 
 FORMAT = "lhotse"
@@ -105,9 +106,9 @@ def commit_path(out: str, shard: str) -> str:
 
 
 def unit_fields(meta: dict) -> list[str]:
-    """The unit fields of a label set (its ``meta.json``): ``units``, then ``units_1`` ... for
-    each further codebook, named as the label shards' columns."""
-    return ["units"] + [f"units_{c}" for c in range(1, meta.get("codebooks", 1))]
+    """The unit fields of a label set: its unit columns (``units``, ``units_1`` ...), each a
+    Shar field of the same name."""
+    return unit_columns(meta)
 
 
 def shar_files(shard: str, fields: list[str]) -> dict[str, str]:
@@ -145,7 +146,7 @@ def export_shard(root: str, labels: str, shard: str, out: str) -> dict:
     _lhotse()
     root = RootLayout(root).root
     layout = label_layout(root, labels)
-    meta = _label_meta(layout, labels, root)
+    meta = finished_meta(root, labels)
     source = layout.read_commit(shard)
     if source is None:
         raise StageError(
@@ -215,7 +216,7 @@ def finish(root: str, labels: str, out: str, results: list[dict]) -> dict:
     """
     lhotse = _lhotse()
     root = RootLayout(root).root
-    meta = _label_meta(label_layout(root, labels), labels, root)
+    meta = finished_meta(root, labels)
     out = _local_out(out)
     by_shard = {r["shard"]: r for r in results}
     missing = [s for s in meta["shards"] if s not in by_shard]
@@ -263,13 +264,6 @@ def finish(root: str, labels: str, out: str, results: list[dict]) -> dict:
     }
     write_atomic(os.path.join(out, "export.json"), json.dumps(record, indent=1).encode())
     return record
-
-
-def _label_meta(layout, labels: str, root: str) -> dict:
-    meta = read_json(layout.path("meta.json"))
-    if meta is None:
-        raise StageError(f"no finished labels {labels!r} under {root}: run pipelines.label first")
-    return meta
 
 
 def _local_out(out: str) -> str:
@@ -341,7 +335,7 @@ def _flac_members(path: str, wanted) -> Iterator[tuple[str, bytes]]:
     """``(key, bytes)`` of the ``KEY.flac`` members of a shard tar whose key is in ``wanted``,
     in stored order, read in one pass (one sequential read from an object store). Nothing
     is extracted to disk; a member that is not a plain file is refused."""
-    with storage.open_input(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with storage.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
             key, _, ext = member.name.partition(".")
             if ext != "flac" or key not in wanted:
