@@ -63,5 +63,26 @@ def test_the_demo_runs_every_stage_and_reports_pnmi_against_its_alignments(tmp_p
     assert [r["labels"] for r in rows] == ["mfcc100", "mfcc50", "mfcc200", "bestrq"]
     assert all(0 < r["pnmi"] < 1 for r in rows)
     assert f"compare: {compared / 'comparison.html'}" in stdout
+    # The report people look at: three utterances on one time axis, and where the units
+    # came from.
+    html = (root / "reports" / "mfcc100" / "report.html").read_text()
+    assert 'alt="utterances"' in html and "<h2>Lineage</h2>" in html
+    kmeans = json.loads((root / "kmeans" / "mfcc100" / "kmeans.json").read_text())
+    assert metrics["lineage"]["kmeans"]["fingerprint"] == kmeans["fingerprint"]
+    for name in ("mfcc50", "mfcc200", "bestrq"):  # Each set the comparison page links to.
+        assert (root / "reports" / name / "report.html").exists()
     # A second run finds every stage done and reports the same units.
     assert shown.group(0) in _demo(tmp_path)
+    # The job again without report.phones: the PNMI report stays (its phones are reused).
+    rerun = subprocess.run(
+        [sys.executable, "-m", "pipelines.hubert", "--config", str(tmp_path / "demo.yaml"),
+         "report.phones=null"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    again = json.loads((root / "reports" / "mfcc100" / "metrics.json").read_text())
+    assert (
+        again["phones"] == phones
+        and 'alt="phone_unit"' in (root / "reports" / "mfcc100" / "report.html").read_text()
+    )
