@@ -60,6 +60,7 @@ bench: install
 	$(PY) bench/kmeans.py
 	$(PY) bench/label.py
 	$(PY) bench/targets.py
+	$(PY) bench/exports.py
 	$(PY) bench/roots.py
 	$(PY) bench/gpu.py
 	$(PY) bench/determinism.py

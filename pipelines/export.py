@@ -7,7 +7,9 @@ FORMAT is one of:
   hf      Hugging Face datasets Parquet, audio (the FLAC bytes as stored) and units in one
           table: OUT/data/train-*.parquet; load_dataset("parquet", data_dir=OUT,
           split="train") types audio as Audio(sampling_rate=16000). Needs unitpipe[hf].
-  lhotse  lhotse manifests (units.exports.lhotse). Needs unitpipe[lhotse].
+  lhotse  a Lhotse Shar CutSet in OUT/shar (the FLAC bytes as stored, the units as a
+          temporal array at the label rate): CutSet.from_shar(in_dir=OUT/shar).
+          Needs unitpipe[lhotse].
 
 Only labelled utterances are exported (label-pass rejects are left out, and counted). OUT
 defaults to ROOT/labels/NAME/FORMAT. Each audio shard's files are written under temporary
@@ -189,9 +191,9 @@ def usage(result: dict) -> list[str]:
             f"tarred_audio_filepaths: {record['tarred_audio_filepaths']}",
             "(with is_tarred: true, use_lhotse: true, skip_missing_manifest_entries: true)",
         ]
-    if "load" in record:
+    if "load" in record:  # hf's export.json says it.
         return [record["load"]]
-    return [f"see {os.path.join(result['out'], 'export.json')}"]
+    return [f'lhotse.CutSet.from_shar(in_dir="{os.path.join(result["out"], "shar")}")']
 
 
 def record_path(args) -> str:

@@ -42,7 +42,7 @@ from shards.root import RootLayout
 from units.features.extractor import FeatureSpec
 from units.features.frames import FrameContract
 from units.labels.model import label_layout
-from units.labels.torch_dataset import LabelMismatchError, crop, seeded_rng
+from units.labels.torch_dataset import LabelMismatchError, crop, read_shard_labels, seeded_rng
 
 log = logging.getLogger(__name__)
 
@@ -336,33 +336,6 @@ def is_flac_member(name: str) -> bool:
     except ValueError as e:
         raise UnsafeMemberError(f"tar member {name!r}: {e}") from e
     return True
-
-
-def read_shard_labels(path: str) -> dict[str, tuple[np.ndarray, float]]:
-    """``key -> (units, label rate)`` of one label shard, local or remote.
-
-    Raises:
-        LabelMismatchError: A row whose units disagree with its ``frames``.
-    """
-    table = storage.read_parquet(path, columns=["key", "units", "frames", "frame_rate"])
-    units = table.column("units").combine_chunks()
-    offsets = units.offsets.to_numpy()
-    values = units.values.to_numpy()
-    keys_ = table.column("key").to_pylist()
-    frames = table.column("frames").to_numpy()
-    lengths = np.diff(offsets)
-    bad = np.flatnonzero(lengths != frames)
-    if len(bad):
-        i = int(bad[0])
-        raise LabelMismatchError(
-            f"{path}: key {keys_[i]!r} has {lengths[i]} units but frames={frames[i]} "
-            f"({len(bad)} such keys); the label shard is damaged: delete it and its "
-            "commit record and relabel"
-        )
-    rates = table.column("frame_rate").to_numpy()
-    return {
-        key: (values[offsets[i] : offsets[i + 1]], float(rates[i])) for i, key in enumerate(keys_)
-    }
 
 
 class LabelledMembers:

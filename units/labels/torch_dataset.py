@@ -32,10 +32,10 @@ import tarfile
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from shards.core import storage
 from shards.reader import UnsafeMemberError, decode_member
 from shards.root import RootLayout
 from units.labels.model import label_layout
@@ -139,6 +139,33 @@ def _default_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def read_shard_labels(path: str) -> dict[str, tuple[np.ndarray, float]]:
+    """``key -> (units, label rate)`` of one label shard, local or remote.
+
+    Raises:
+        LabelMismatchError: A row whose units disagree with its ``frames``.
+    """
+    table = storage.read_parquet(path, columns=["key", "units", "frames", "frame_rate"])
+    units = table.column("units").combine_chunks()
+    offsets = units.offsets.to_numpy()
+    values = units.values.to_numpy()
+    keys_ = table.column("key").to_pylist()
+    frames = table.column("frames").to_numpy()
+    lengths = np.diff(offsets)
+    bad = np.flatnonzero(lengths != frames)
+    if len(bad):
+        i = int(bad[0])
+        raise LabelMismatchError(
+            f"{path}: key {keys_[i]!r} has {lengths[i]} units but frames={frames[i]} "
+            f"({len(bad)} such keys); the label shard is damaged: delete it and its "
+            "commit record and relabel"
+        )
+    rates = table.column("frame_rate").to_numpy()
+    return {
+        key: (values[offsets[i] : offsets[i + 1]], float(rates[i])) for i, key in enumerate(keys_)
+    }
 
 
 class UnitDataset(IterableDataset):
@@ -292,27 +319,7 @@ class UnitDataset(IterableDataset):
             yield from samples
 
     def _read_labels(self, shard: str) -> dict[str, tuple[np.ndarray, float]]:
-        path = self.layout.shard_path("units", shard)
-        table = pq.read_table(path, columns=["key", "units", "frames", "frame_rate"])
-        units = table.column("units").combine_chunks()
-        offsets = units.offsets.to_numpy()
-        values = units.values.to_numpy()
-        keys = table.column("key").to_pylist()
-        frames = table.column("frames").to_numpy()
-        lengths = np.diff(offsets)
-        bad = np.flatnonzero(lengths != frames)
-        if len(bad):
-            i = int(bad[0])
-            raise LabelMismatchError(
-                f"{path}: key {keys[i]!r} has {lengths[i]} units but frames={frames[i]} "
-                f"({len(bad)} such keys); the label shard is damaged: delete it and its "
-                "commit record and relabel"
-            )
-        rates = table.column("frame_rate").to_numpy()
-        return {
-            key: (values[offsets[i] : offsets[i + 1]], float(rates[i]))
-            for i, key in enumerate(keys)
-        }
+        return read_shard_labels(self.layout.shard_path("units", shard))
 
     def _read_shard(self, shard: str) -> Iterator[dict]:
         labels = self._read_labels(shard)
