@@ -86,10 +86,10 @@ def test_unitpipe_lists_every_subcommand_and_each_help_has_an_example(capsys):
 @pytest.mark.slow
 def test_one_config_runs_every_stage_and_a_rerun_skips_them(tmp_path, ray_local, capsys):
     corpus = tmp_path / "corpus"
-    write_demo_corpus(str(corpus), minutes=1.0, speakers=2, seed=3)
+    write_demo_corpus(str(corpus), minutes=0.5, speakers=2, seed=3)  # 6 utterances
     root = tmp_path / "root"
     argv = [
-        "--config", CONFIG, f"root={root}", f"inputs=[{corpus}]", "shard.max_samples=8",
+        "--config", CONFIG, f"root={root}", f"inputs=[{corpus}]", "shard.max_samples=4",
         "features.percent=50", "kmeans.k=16", f"report.phones={corpus / 'phones.tsv'}",
         "label.fairseq_splits={train: 80, valid: 20}", "kmeans.fairseq_export=true",
         "features.batch_seconds=60",

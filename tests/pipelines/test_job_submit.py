@@ -60,11 +60,11 @@ def test_ray_job_submit_runs_the_hubert_pipeline_on_a_running_head(tmp_path):
             "--submission-id", "unitpipe-test", "--working-dir", REPO, "--no-wait",
             "--", *entrypoint,
         ]  # fmt: skip
-        for _ in range(60):  # The head's job agent comes up some seconds after `ray start`.
+        for _ in range(240):  # The head's job agent comes up some seconds after `ray start`.
             submitted = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=180)
             if "No available agent" not in submitted.stderr:
                 break
-            time.sleep(2)
+            time.sleep(0.5)
         assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
         from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -72,7 +72,7 @@ def test_ray_job_submit_runs_the_hubert_pipeline_on_a_running_head(tmp_path):
         deadline = time.monotonic() + 420
         status = client.get_job_status("unitpipe-test")
         while not status.is_terminal() and time.monotonic() < deadline:
-            time.sleep(1)
+            time.sleep(0.25)
             status = client.get_job_status("unitpipe-test")
         logs = client.get_job_logs("unitpipe-test")
         assert status == JobStatus.SUCCEEDED, f"{status}: {logs[-3000:]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -91,27 +93,39 @@ def _checkpoint_iteration(path: str) -> int:
 
 
 @pytest.mark.slow
-def test_a_driver_killed_mid_fit_resumes_to_the_uninterrupted_centroids(tmp_path):
-    lengths = tuple(tuple([2000] * 25) for _ in range(6))  # 300,000 frames in 6 shards.
-    for name in ("clean", "killed"):
-        write_store(tmp_path / name, "mfcc", utterances_per_shard=lengths)
+def test_a_driver_killed_mid_fit_resumes_to_the_uninterrupted_centroids(
+    tmp_path, ray_local, capsys
+):
+    """The uninterrupted reference fit runs in this process (``kmeans.main``, what ``python -m
+    pipelines.kmeans`` runs, on the module's Ray of 2 CPUs, as ``--num-cpus 2`` gives); the
+    killed driver, its resumption and the run that finds nothing to do are fresh
+    interpreters, each starting its own Ray."""
+    lengths = tuple(tuple([2000] * 5) for _ in range(6))  # 60,000 frames in 6 shards.
+    write_store(tmp_path / "clean", "mfcc", utterances_per_shard=lengths)
+    shutil.copytree(tmp_path / "clean", tmp_path / "killed")  # The same store, unfitted.
     ray_tmp = tempfile.mkdtemp(prefix="up-ray-", dir="/tmp")
     env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=REPO)
 
-    def command(root):
+    def argv(root):
         return [
-            sys.executable, "-m", "pipelines.kmeans", "--root", str(root), "--features",
-            "mfcc", "--name", "km", "--k", "64", "--max-iter", "60", "--tol", "0",
-            "--num-cpus", "2",
+            "--root", str(root), "--features", "mfcc", "--name", "km", "--k", "64",
+            "--max-iter", "60", "--tol", "0", "--num-cpus", "2",
         ]  # fmt: skip
 
+    def command(root):
+        return [sys.executable, "-m", "pipelines.kmeans", *argv(root)]
+
+    root_logger = logging.getLogger()
+    level = root_logger.level
     try:
-        clean = subprocess.run(
-            [*command(tmp_path / "clean"), "--log-level", "DEBUG"],
-            env=env, cwd=REPO, capture_output=True, text=True,
-        )  # fmt: skip
-        assert clean.returncode == 0, clean.stderr[-3000:]
-        kill_ray_of(ray_tmp)
+        capsys.readouterr()
+        try:
+            code = kmeans.main([*argv(tmp_path / "clean"), "--log-level", "DEBUG"])
+        finally:
+            root_logger.setLevel(level)  # setup_logging set DEBUG for the whole process.
+        captured = capsys.readouterr()
+        clean = types.SimpleNamespace(stdout=captured.out, stderr=captured.err)
+        assert code == 0, clean.stderr[-3000:]
         _iterations_agree(tmp_path / "clean", clean)
 
         out = tmp_path / "killed" / "kmeans" / "km"

@@ -51,9 +51,14 @@ def test_bad_splits_exit_2_before_the_label_pass(tmp_path, capsys, splits, messa
 
 
 @pytest.mark.slow
-def test_a_driver_killed_mid_pass_resumes_to_the_uninterrupted_labels(tmp_path):
+def test_a_driver_killed_mid_pass_resumes_to_the_uninterrupted_labels(tmp_path, capsys):
     """SIGKILL the label driver and its Ray after some shards are committed: the rerun
-    labels only the rest, and every label file equals the uninterrupted run's bytes."""
+    labels only the rest, and every label file equals the uninterrupted run's bytes.
+
+    The killed driver and its resumption are fresh interpreters, each starting its own Ray;
+    the uninterrupted run and the run that finds nothing left to do are ``label.main``
+    (what ``python -m pipelines.label`` runs) in this process, on the Ray (2 CPUs, as
+    ``--num-cpus 2`` gives) that made the root."""
     import ray
 
     from shards import synthetic
@@ -69,30 +74,32 @@ def test_a_driver_killed_mid_pass_resumes_to_the_uninterrupted_labels(tmp_path):
     synthetic.write_librispeech(
         str(corpus), speakers=4, chapters=1, utterances=6, seconds=(1.0, 3.0)
     )
+    ray_tmp = tempfile.mkdtemp(prefix="up-ray-", dir="/tmp")
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=REPO)
+
+    def argv(name):
+        return [
+            "--root", str(root), "--kmeans", "km", "--name", name, "--workers", "1",
+            "--num-cpus", "2",
+        ]  # fmt: skip
+
+    def command(name):
+        return [sys.executable, "-m", "pipelines.label", *argv(name)]
+
+    def in_process(name):
+        capsys.readouterr()
+        code = label.main(argv(name))
+        done = capsys.readouterr()
+        assert code == 0, done.err[-3000:]
+        return done
+
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         shard([str(corpus)], str(root), ShardingOptions(max_samples=2))  # 12 shards.
         extract(str(root), "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=50))
         fit_kmeans(str(root), "mfcc", "km", KMeans(16, seed=0, block_rows=1024))
-    finally:
-        ray.shutdown()
-    ray_tmp = tempfile.mkdtemp(prefix="up-ray-", dir="/tmp")
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=REPO)
+        in_process("clean")
 
-    def command(name):
-        return [
-            sys.executable, "-m", "pipelines.label", "--root", str(root), "--kmeans", "km",
-            "--name", name, "--workers", "1", "--num-cpus", "2",
-        ]  # fmt: skip
-
-    def run(name):
-        done = subprocess.run(command(name), env=env, cwd=REPO, capture_output=True, text=True)
-        kill_ray_of(ray_tmp)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done
-
-    try:
-        run("clean")
         commits = root / "labels" / "killed" / "commits"
         log = open(tmp_path / "driver.log", "wb")
         proc = subprocess.Popen(
@@ -109,7 +116,11 @@ def test_a_driver_killed_mid_pass_resumes_to_the_uninterrupted_labels(tmp_path):
         committed = len(list(commits.glob("*.json")))
         assert 2 <= committed < 12 and not (root / "labels" / "killed" / "meta.json").exists()
 
-        resumed = run("killed")
+        resumed = subprocess.run(
+            command("killed"), env=env, cwd=REPO, capture_output=True, text=True
+        )
+        kill_ray_of(ray_tmp)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
         meta = json.loads((root / "runs" / "label-killed.json").read_text())  # Its record.
         assert meta["shards_written"] == 12 - committed
         assert f"labelled {meta['utterances']} utterances" in resumed.stdout
@@ -119,8 +130,9 @@ def test_a_driver_killed_mid_pass_resumes_to_the_uninterrupted_labels(tmp_path):
         assert len(files) == 12 and sorted(p.name for p in killed.iterdir()) == files
         for name in files:
             assert (killed / name).read_bytes() == (clean / name).read_bytes(), name
-        assert "nothing to do" in run("killed").stdout
+        assert "nothing to do" in in_process("killed").out
     finally:
+        ray.shutdown()
         kill_ray_of(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

@@ -29,15 +29,17 @@ pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OPTS = ShardingOptions(max_samples=1)  # One input per shard: many short, separate commits.
+SECONDS = 120  # Per recording: long enough that a kill lands while a shard is being written.
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Eight 48 kHz WAVs of 10 minutes: each shard takes a visible moment to transcode."""
+    """Eight 48 kHz WAVs of 2 minutes: each shard takes a visible moment to transcode (its
+    temporary tar is there for a few hundred milliseconds; the kills poll every 5-10 ms)."""
     root = tmp_path_factory.mktemp("long48k")
     rng = np.random.default_rng(0)
     for i in range(8):
-        x = (0.05 * rng.standard_normal(48000 * 600)).astype(np.float32)
+        x = (0.05 * rng.standard_normal(48000 * SECONDS)).astype(np.float32)
         sf.write(root / f"rec{i}.wav", x, 48000, subtype="PCM_16")
     return root
 

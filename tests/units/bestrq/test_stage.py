@@ -163,8 +163,8 @@ def test_a_quantizer_and_a_kmeans_of_the_same_fbank_label_in_one_pass(root, labe
     from units.labels.stage import run as label
     from units.labels.stage import run_many
 
-    extract(str(root), "fbank", ExtractorOptions("fbank"), SampleRequest(percent=50, seed=0))
-    fit_kmeans(str(root), "fbank", "fb8", KMeans(8, seed=0, block_rows=512))
+    # A k-means of the quantizer's own sample of filterbank features: a store of fbank's spec.
+    fit_kmeans(str(root), "bestrq-rq", "fb8", KMeans(8, seed=0, block_rows=512))
     label(str(root), "fb8", "alone-fb8")
     both = run_many(str(root), ["fb8", "bestrq:rq"], ["both-fb8", "both-rq"])
     assert both[1]["bestrq"] == "rq" and both[1]["frame_rate"] == 25.0

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,47 +17,26 @@ import pytest
 from lhotse import CutSet
 
 import shards
-from shards import synthetic
 from shards.core.outputs import StageError
-from shards.plan import ShardingOptions
-from shards.ray_sharding import run as shard
+from tests.exports_root import build_exports_root
 from units.exports import lhotse as export
-from units.features.extractors import ExtractorOptions
-from units.features.sampling import SampleRequest
-from units.features.stage import run as extract
-from units.kmeans.estimator import KMeans
-from units.kmeans.stage import StageOptions
-from units.kmeans.stage import run as fit_kmeans
 from units.labels.stage import labels_schema
-from units.labels.stage import run as label
-
-pytestmark = pytest.mark.usefixtures("ray_local")
 
 RATE = 16_000
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, ray_local):
-    """8 utterances of 0.5-1.5 s in 3 audio shards, MFCC k-means units at 100 Hz.
+def root(tmp_path_factory, request):
+    """The session's labelled root (tests/exports_root.py), a copy of its own: 8 utterances
+    of 0.5-2 s in 4 audio shards of 2, MFCC k-means units (k=8) at 100 Hz.
 
-    One member is zeroed before labelling, so it fails to decode and the label pass rejects
-    it: the root holds an audio member without labels.
+    One member was zeroed before labelling, so it fails to decode and the label pass rejected
+    it: the root holds an audio member without labels. The export runs without Ray: Ray
+    starts only if this module is the first to build the root.
     """
-    corpus = tmp_path_factory.mktemp("corpus")
-    synthetic.write_librispeech(
-        str(corpus), speakers=2, chapters=1, utterances=4, seconds=(0.5, 1.5)
-    )
-    out = tmp_path_factory.mktemp("root")
-    shard([str(corpus)], str(out), ShardingOptions(max_samples=3))
-    victim = pq.read_table(out / "manifest" / "utterances.parquet").to_pylist()[4]
-    tar = out / "shards" / f"{victim['shard']}.tar"
-    data = bytearray(tar.read_bytes())
-    data[victim["offset"] : victim["offset"] + victim["size"]] = bytes(victim["size"])
-    tar.write_bytes(bytes(data))
-    extract(str(out), "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=50, seed=0))
-    fit_kmeans(str(out), "mfcc", "km8", KMeans(8, seed=0, block_rows=512), StageOptions())
-    meta = label(str(out), "km8", "km8")
-    assert meta["rejects"] == 1 and meta["utterances"] == 7 and len(meta["shards"]) == 3
+    out = Path(build_exports_root(tmp_path_factory, request))
+    meta = json.loads((out / "labels" / "km8" / "meta.json").read_text())
+    assert meta["rejects"] == 1 and meta["utterances"] == 7 and len(meta["shards"]) == 4
     return out
 
 
@@ -142,7 +122,7 @@ def test_each_audio_shard_is_the_shar_shard_of_its_number_with_our_flac_bytes_as
             f"units.{int(r['shard']):06d}.tar",
         )
     }
-    assert set(os.listdir(shar)) == expected and len(expected) == 9
+    assert set(os.listdir(shar)) == expected and len(expected) == 12
     for r in results:
         audio = (root / "shards" / f"{r['shard']}.tar").read_bytes()
         with tarfile.open(shar / f"recording.{r['shard']}.tar") as tar:
@@ -162,7 +142,7 @@ def test_a_label_reject_is_not_exported_and_export_json_counts_what_was(
     assert victim in manifest and victim not in keys and len(keys) == 7
     assert json.loads((out / "export.json").read_text()) == record
     assert record["cuts"] == sum(r["cuts"] for r in results) == 7
-    assert record["unlabelled"] == 1 and record["shards"] == record["shar_shards"] == 3
+    assert record["unlabelled"] == 1 and record["shards"] == record["shar_shards"] == 4
     seconds = sum(manifest[k]["num_samples"] for k in labels) / RATE
     assert record["hours"] == pytest.approx(seconds / 3600, rel=1e-12)
     assert (record["k"], record["frame_rate"], record["frame_shift"]) == (8, 100, 0.01)
@@ -214,7 +194,7 @@ def test_finish_refuses_results_that_miss_a_shard_or_files_lhotse_would_misread(
     root, exported, tmp_path
 ):
     out, results, _ = exported
-    with pytest.raises(StageError, match=r"missing \['000002'\]"):
+    with pytest.raises(StageError, match=r"missing \['000002', '000003'\]"):
         export.finish(str(root), "km8", str(out), results[:2])
     copy = tmp_path / "lhotse"
     shutil.copytree(out, copy)

@@ -26,7 +26,7 @@ from units.kmeans.stage import StageOptions
 from units.kmeans.stage import run as fit_kmeans
 from units.labels import fairseq as fairseq_export
 from units.labels.relocate import relocate
-from units.labels.stage import run as label
+from units.labels.stage import run_many
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -48,8 +48,9 @@ def root(tmp_path_factory, ray_local):
     shard([str(corpus)], str(out), ShardingOptions(max_samples=2))
     extract(str(out), "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=100, seed=0))
     fit_kmeans(str(out), "mfcc", "km8", KMeans(8, seed=0, block_rows=512), StageOptions())
+    # Both label sets in one pass: the files two passes of their own write (labels/test_stage).
+    run_many(str(out), ["km8", "km8"], ["fs", "src"])
     for name, audio in (("fs", "shards"), ("src", "source")):
-        label(str(out), "km8", name)
         fairseq_export.export(str(out), name, SPLITS, seed=1, audio=audio)
     return out
 

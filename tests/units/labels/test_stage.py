@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,11 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import shards
-from shards import synthetic
 from shards.core.outputs import StageError
-from shards.plan import ShardingOptions
-from shards.ray_sharding import run as shard
 from tests.fairseq_checks import fairseq_get_audio, fairseq_label_checks
+from tests.mfcc_root import build_mfcc_root
 from tests.models import save_tiny
 from tests.numerics import SSL_FEATURE_BOUND, UnitAgreement, assert_units_agree, kaldi_bound
 from units.features.extractors import ExtractorOptions
@@ -37,22 +36,32 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, ray_local):
-    corpus = tmp_path_factory.mktemp("corpus")
-    synthetic.write_librispeech(
-        str(corpus), speakers=2, chapters=1, utterances=5, seconds=(0.5, 2.0)
-    )
-    out = tmp_path_factory.mktemp("root")
-    shard([str(corpus)], str(out), ShardingOptions(max_samples=4))
-    extract(str(out), "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=50, seed=0))
-    fit_kmeans(str(out), "mfcc", "km8", KMeans(8, seed=0, block_rows=512), StageOptions())
-    fit_kmeans(str(out), "mfcc", "km8pca", KMeans(8, seed=0, block_rows=512), StageOptions(pca=5))
-    return out
+def root(tmp_path_factory, request, ray_local):
+    """The session's MFCC root (tests/mfcc_root.py), a copy of its own: 10 utterances of
+    0.5-2 s in 3 audio shards of 4, 4 and 2, k-means km8 and km8pca; nothing labelled."""
+    return Path(build_mfcc_root(tmp_path_factory, request))
+
+
+@pytest.fixture(scope="module")
+def alone(root) -> dict[str, dict]:
+    """km8 and km8pca, each labelled by a pass of its own into the label set of its name, once
+    for the module: each pass's result, for the test of a fresh pass, and the files a
+    one-pass, resumed or refused run must equal or leave alone."""
+    return {kmeans: label(str(root), kmeans, kmeans) for kmeans in ("km8", "km8pca")}
+
+
+@pytest.fixture(scope="module")
+def exported(root) -> None:
+    """The label sets the export and reader tests read, in one pass: km8's into ``fs``,
+    ``stream`` and ``hf``, km8pca's into ``checks`` (the files passes of their own write, as
+    test_several_kmeans_in_one_pass_write_the_files_separate_passes_write checks)."""
+    names = ["fs", "stream", "hf", "checks"]
+    label_stage.run_many(str(root), ["km8", "km8", "km8", "km8pca"], names)
 
 
 @pytest.mark.parametrize("kmeans", ["km8", "km8pca"])
-def test_every_utterance_gets_the_units_of_its_exact_features(root, kmeans):
-    meta = label(str(root), kmeans, kmeans)
+def test_every_utterance_gets_the_units_of_its_exact_features(root, alone, kmeans):
+    meta = alone[kmeans]  # The result of the pass that labelled it, on a fresh label set.
     manifest = pq.read_table(root / "manifest" / "utterances.parquet").to_pylist()
     assert meta["utterances"] == len(manifest) == 10 and meta["rejects"] == 0
     assert meta["kmeans"] == kmeans and meta["spec"]["extractor"] == "mfcc"
@@ -82,17 +91,19 @@ def test_every_utterance_gets_the_units_of_its_exact_features(root, kmeans):
     assert again["shards_written"] == 0
 
 
-def test_a_missing_kmeans_or_another_kmeans_under_the_same_name_is_refused(root):
+def test_a_missing_kmeans_or_another_kmeans_under_the_same_name_is_refused(root, alone):
     with pytest.raises(StageError, match="no finished k-means 'nope'"):
         label(str(root), "nope", "x")
-    label(str(root), "km8", "taken")
+    assert not (root / "labels" / "x").exists()
+    taken = root / "labels" / "km8"  # Labelled by km8.
+    before = {p: p.read_bytes() for p in taken.rglob("*") if p.is_file()}
     with pytest.raises(StageError, match="another k-means"):
-        label(str(root), "km8pca", "taken")
+        label(str(root), "km8pca", "km8")
+    assert {p: p.read_bytes() for p in taken.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("audio", ["shards", "source"])
-def test_fairseq_export_lines_read_back_as_their_audio_with_aligned_units(root, audio):
-    label(str(root), "km8", "fs")
+def test_fairseq_export_lines_read_back_as_their_audio_with_aligned_units(root, exported, audio):
     record = fairseq_export.export(str(root), "fs", {"train": 70, "valid": 30}, seed=1, audio=audio)
     out = root / "labels" / "fs" / "fairseq"
     assert record["label_rate"] == 100.0 and record["k"] == 8 and record["audio"] == audio
@@ -127,11 +138,12 @@ def test_fairseq_export_lines_read_back_as_their_audio_with_aligned_units(root, 
     assert sorted(seen) == sorted(labels)  # Every labelled utterance once, in one split.
 
 
-def test_the_export_streams_shard_by_shard_and_an_empty_split_leaves_no_file(root, monkeypatch):
+def test_the_export_streams_shard_by_shard_and_an_empty_split_leaves_no_file(
+    root, exported, monkeypatch
+):
     """The export reads one shard's units at a time (never the whole label set: at
     Libri-light scale that is hundreds of GB), and a split that ends up empty fails the export
     with nothing of it published or left behind."""
-    label(str(root), "km8", "stream")
     out = root / "labels" / "stream" / "fairseq"
     read = []
     real = fairseq_export.storage.read_parquet
@@ -228,8 +240,14 @@ def test_dedup_gives_runs_and_durations_that_repeat_back_to_the_units():
     assert len(empty[0]) == len(empty[1]) == 0
 
 
-def test_dedup_column_and_lineage_in_meta(root):
-    meta = label(str(root), "km8", "gslm", dedup=True)
+@pytest.fixture(scope="module")
+def gslm(root) -> dict:
+    """km8 labelled with the dedup column, ``gslm``, once for the module: the pass's result."""
+    return label(str(root), "km8", "gslm", dedup=True)
+
+
+def test_dedup_column_and_lineage_in_meta(root, gslm):
+    meta = gslm
     assert meta["dedup"] is True and meta["version"] not in ("", None)
     assert meta["manifest_sha256"] and meta["kmeans_fingerprint"]
     assert meta["features"] == "mfcc" and meta["layer"] is None
@@ -240,11 +258,10 @@ def test_dedup_column_and_lineage_in_meta(root):
         assert np.all(np.diff(np.asarray(row["dedup_units"], np.int64)) != 0)
 
 
-def test_a_label_shard_is_streamed_in_fixed_row_groups_with_the_same_rows(root, monkeypatch):
+def test_a_label_shard_is_streamed_in_fixed_row_groups_with_the_same_rows(root, gslm, monkeypatch):
     """A worker writes its units a row group at a time (its memory does not grow with the
-    shard); the rows are those of the shard written whole. The worker runs in this process
-    here, with row groups of 3 utterances."""
-    label(str(root), "km8", "one-group", dedup=True)
+    shard); the rows are those of the shard written whole (by the pass, ``gslm``). The worker
+    runs in this process here, with row groups of 3 utterances."""
     monkeypatch.setattr(label_stage, "UNITS_ROW_GROUP", 3)
     layout = label_layout(str(root), "grouped")
     layout.make_dirs()
@@ -254,7 +271,7 @@ def test_a_label_shard_is_streamed_in_fixed_row_groups_with_the_same_rows(root, 
     for name, rows in rows_by_shard(manifest).items():
         assert worker.process_shard(name, rows)["written"]
         grouped = pq.ParquetFile(layout.shard_path("units", name))
-        whole = pq.ParquetFile(root / "labels" / "one-group" / "units" / f"{name}.parquet")
+        whole = pq.ParquetFile(root / "labels" / "gslm" / "units" / f"{name}.parquet")
         assert grouped.read().equals(whole.read())
         assert grouped.metadata.num_row_groups == -(-grouped.metadata.num_rows // 3)
         assert whole.metadata.num_row_groups == 1
@@ -263,14 +280,13 @@ def test_a_label_shard_is_streamed_in_fixed_row_groups_with_the_same_rows(root, 
 
 
 def test_hugging_face_datasets_and_pyarrow_read_the_labels_and_join_the_manifest(
-    root, tmp_path, monkeypatch
+    root, exported, tmp_path, monkeypatch
 ):
     import datasets
     import pyarrow.compute as pc
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    label(str(root), "km8", "hf")
     units_dir = root / "labels" / "hf" / "units"
     (units_dir / ".000000.parquet.tmp-left-by-a-kill").write_bytes(b"not parquet")
     hf = datasets.load_dataset(
@@ -293,8 +309,7 @@ def test_hugging_face_datasets_and_pyarrow_read_the_labels_and_join_the_manifest
     assert joined["frames"].to_pylist() == want.to_pylist()
 
 
-def test_the_export_passes_fairseqs_label_checks(root):
-    label(str(root), "km8pca", "checks")
+def test_the_export_passes_fairseqs_label_checks(root, exported):
     record = fairseq_export.export(str(root), "checks", {"train": 60, "valid": 20, "test": 20})
     out = root / "labels" / "checks" / "fairseq"
     total = 0
@@ -308,9 +323,8 @@ def test_the_export_passes_fairseqs_label_checks(root):
         fairseq_label_checks(out / "train.tsv", out / "train.km", out / "dict.km.txt", 50.0)
 
 
-def test_resume_after_lost_shards_equals_the_uninterrupted_run(root):
-    label(str(root), "km8", "whole")
-    whole = root / "labels" / "whole"
+def test_resume_after_lost_shards_equals_the_uninterrupted_run(root, alone):
+    whole = root / "labels" / "km8"  # The uninterrupted pass's.
     reference = {p.name: p.read_bytes() for p in (whole / "units").iterdir()}
     assert len(reference) >= 2
     import shutil
@@ -330,20 +344,19 @@ def test_resume_after_lost_shards_equals_the_uninterrupted_run(root):
     assert got == reference  # Same files, byte for byte; no temp left behind.
 
 
-def test_several_kmeans_in_one_pass_write_the_files_separate_passes_write(root):
+def test_several_kmeans_in_one_pass_write_the_files_separate_passes_write(root, alone):
     """One extractor, features once per batch, a label set per k-means: each equal, byte
     for byte, to its own pass's."""
     results = label_stage.run_many(str(root), ["km8", "km8pca"], ["both8", "both8pca"])
     assert [r["kmeans"] for r in results] == ["km8", "km8pca"]
     for kmeans, name in (("km8", "both8"), ("km8pca", "both8pca")):
-        label(str(root), kmeans, f"alone-{kmeans}")
-        alone = root / "labels" / f"alone-{kmeans}"
+        own = root / "labels" / kmeans  # The files of a pass of its own.
         together = root / "labels" / name
         for part in ("units", "rejects", "commits"):
-            files = sorted(p.name for p in (alone / part).iterdir())
+            files = sorted(p.name for p in (own / part).iterdir())
             assert files and files == sorted(p.name for p in (together / part).iterdir())
             for f in files:
-                assert (together / part / f).read_bytes() == (alone / part / f).read_bytes()
+                assert (together / part / f).read_bytes() == (own / part / f).read_bytes()
         meta = json.loads((together / "meta.json").read_text())
         assert meta["kmeans"] == kmeans and meta["utterances"] == 10
 
@@ -385,6 +398,13 @@ def hubert(root, tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def h4(root, hubert) -> dict:
+    """h4 labelled by a pass of its own into label set ``h4``, once for the module: the
+    pass's result, and the files a one-pass or moved-extractor run must equal."""
+    return label(str(root), "h4", "h4")
+
+
 @pytest.mark.parametrize("pca", [None, 3])
 def test_units_searched_beside_the_features_on_their_device_agree(root, hubert, pca):
     """The GPU label path (features left on the device, centroid search there, units back)
@@ -410,25 +430,27 @@ def test_units_searched_beside_the_features_on_their_device_agree(root, hubert, 
     assert labeller.units(batch)[0].dtype == np.uint16  # On CPU: the NumPy path.
 
 
-def test_several_layers_of_one_model_label_in_one_forward_pass_as_they_would_alone(root, hubert):
+def test_several_layers_of_one_model_label_in_one_forward_pass_as_they_would_alone(
+    root, hubert, h4
+):
     options = ExtractorOptions(f"hf:{hubert}", layer=1)
     extract(str(root), "hubert1", options, SampleRequest(percent=50, seed=0))
     fit_kmeans(str(root), "hubert1", "h1k4", KMeans(4, seed=0, block_rows=256), StageOptions())
     results = label_stage.run_many(str(root), ["h4", "h1k4"], ["two-2", "two-1"])
     assert [r["layer"] for r in results] == [2, 1]
+    label(str(root), "h1k4", "h1k4")  # h4 was labelled alone by its fixture.
     for kmeans, name in (("h4", "two-2"), ("h1k4", "two-1")):
-        label(str(root), kmeans, f"one-{kmeans}")
-        alone, together = (root / "labels" / n / "units" for n in (f"one-{kmeans}", name))
+        alone, together = (root / "labels" / n / "units" for n in (kmeans, name))
         files = sorted(p.name for p in alone.iterdir())
         assert files and files == sorted(p.name for p in together.iterdir())
         for f in files:
             assert (together / f).read_bytes() == (alone / f).read_bytes(), (kmeans, f)
 
 
-def test_ssl_labels_follow_the_50hz_contract_on_odd_lengths(root, hubert):
+def test_ssl_labels_follow_the_50hz_contract_on_odd_lengths(root, hubert, h4):
     from units.features.ssl import SSLExtractor, load_hf
 
-    meta = label(str(root), "h4", "h4")
+    meta = h4
     assert meta["frame_rate"] == 50.0 and meta["layer"] == 2 and meta["checkpoint_sha256"]
     manifest = pq.read_table(root / "manifest" / "utterances.parquet").to_pylist()
     assert any(r["num_samples"] % 2 for r in manifest)  # Odd lengths are in the corpus,
@@ -448,7 +470,9 @@ def test_ssl_labels_follow_the_50hz_contract_on_odd_lengths(root, hubert):
     agreement.check()
 
 
-def test_an_extractor_with_other_features_is_refused_and_a_moved_one_is_not(root, hubert, tmp_path):
+def test_an_extractor_with_other_features_is_refused_and_a_moved_one_is_not(
+    root, hubert, h4, tmp_path
+):
     import shutil
 
     with pytest.raises(StageError, match=r"layer: k-means 2, extractor 3"):
@@ -467,7 +491,7 @@ def test_an_extractor_with_other_features_is_refused_and_a_moved_one_is_not(root
 
 
 def test_the_driver_checks_the_recorded_spec_without_building_an_extractor(
-    root, hubert, monkeypatch
+    root, hubert, h4, monkeypatch
 ):
     from units.features import extractors
 
@@ -482,7 +506,7 @@ def test_the_driver_checks_the_recorded_spec_without_building_an_extractor(
         label(str(root), "h4", "gone", extractor=ExtractorOptions("hf:/no/such/model", layer=2))
     meta = label(str(root), "h4", "rebuilt")  # From the recorded spec's own fields.
     assert meta["spec"] == KMeansModel.load(str(root), "h4").spec.to_json()
-    label(str(root), "h4", "h4")  # Done already when the tests run in order.
+    assert label(str(root), "h4", "h4")["shards_written"] == 0  # Labelled by the fixture.
     a, b = (
         ds.dataset(str(root / "labels" / n / "units")).to_table().sort_by("key")
         for n in ("h4", "rebuilt")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -19,48 +20,29 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 import shards
-from shards import synthetic
-from shards.plan import ShardingOptions
-from shards.ray_sharding import run as shard
-from units.features.extractors import ExtractorOptions
-from units.features.sampling import SampleRequest
-from units.features.stage import run as extract
-from units.kmeans.estimator import KMeans
-from units.kmeans.stage import StageOptions
-from units.kmeans.stage import run as fit_kmeans
-from units.labels.stage import run as label
+from tests.exports_root import build_exports_root
 from units.labels.streaming import unit_pipeline
 from units.labels.torch_dataset import LabelMismatchError, UnitDataset, collate, label_span
 
-# Ray started after the S3 server's environment: one Ray for the module, for building.
-pytestmark = pytest.mark.usefixtures("ray_after_s3")
+# The S3 server's environment for every test; the pipeline itself runs without Ray.
+pytestmark = pytest.mark.usefixtures("s3_server")
 
 RATE = 16_000
 BUCKET = "streams"
 
 
 @pytest.fixture(scope="module")
-def local_root(tmp_path_factory, ray_after_s3):
-    """10 utterances of 0.5-2 s in 5 audio shards, MFCC k-means units at 100 Hz.
+def local_root(tmp_path_factory, request):
+    """The session's labelled root (tests/exports_root.py), a copy of its own: 8 utterances
+    of 0.5-2 s in 4 audio shards of 2, MFCC k-means units (k=8) at 100 Hz.
 
-    One member is zeroed before labelling, so it fails to decode and the label pass rejects
-    it: the root holds an audio member without labels, as real ones do.
+    One member was zeroed before labelling, so it fails to decode and the label pass rejected
+    it: the root holds an audio member without labels, as real ones do. Ray starts only if
+    this module is the first to build the root.
     """
-    corpus = tmp_path_factory.mktemp("corpus")
-    synthetic.write_librispeech(
-        str(corpus), speakers=2, chapters=1, utterances=5, seconds=(0.5, 2.0)
-    )
-    out = tmp_path_factory.mktemp("root")
-    shard([str(corpus)], str(out), ShardingOptions(max_samples=2))
-    victim = pq.read_table(out / "manifest" / "utterances.parquet").to_pylist()[5]
-    tar = out / "shards" / f"{victim['shard']}.tar"
-    data = bytearray(tar.read_bytes())
-    data[victim["offset"] : victim["offset"] + victim["size"]] = bytes(victim["size"])
-    tar.write_bytes(bytes(data))
-    extract(str(out), "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=50, seed=0))
-    fit_kmeans(str(out), "mfcc", "km8", KMeans(8, seed=0, block_rows=512), StageOptions())
-    meta = label(str(out), "km8", "km8")
-    assert meta["rejects"] == 1 and meta["utterances"] == 9 and len(meta["shards"]) == 5
+    out = Path(build_exports_root(tmp_path_factory, request))
+    meta = json.loads((out / "labels" / "km8" / "meta.json").read_text())
+    assert meta["rejects"] == 1 and meta["utterances"] == 7 and len(meta["shards"]) == 4
     return out
 
 
@@ -134,7 +116,7 @@ def test_two_ranks_of_two_workers_read_each_labelled_key_once_per_epoch_with_its
         assert sorted(seen[0] + seen[1]) == sorted(labels)  # Each once: none twice or missing.
         orders.append(seen[0] + seen[1])
     assert orders[0] != orders[1]  # set_epoch draws another shard order.
-    assert ranks[0].utterances == len(labels) == 9
+    assert ranks[0].utterances == len(labels) == 7
 
 
 def test_every_rank_draws_the_same_shard_order_and_each_pair_gets_its_slice(local_root):
@@ -151,7 +133,7 @@ def test_without_explicit_ranks_the_pipeline_takes_webdatasets_rank_and_world_si
     local_root, monkeypatch
 ):
     explicit = [s["key"] for s in unit_pipeline(str(local_root), "km8", rank=1, world_size=2)]
-    assert 0 < len(explicit) < 9  # Rank 1's shards: some of the nine labelled utterances.
+    assert 0 < len(explicit) < 7  # Rank 1's shards: some of the seven labelled utterances.
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     data = unit_pipeline(str(local_root), "km8")
@@ -162,14 +144,14 @@ def test_without_explicit_ranks_the_pipeline_takes_webdatasets_rank_and_world_si
 def test_fewer_shards_than_ranks_times_workers_is_refused_unless_empty_check_is_off(
     local_root, labels, monkeypatch, caplog
 ):
-    with pytest.raises(ValueError, match=r"5 label shards for 6 ranks x 1 workers: 1 of the 6"):
-        unit_pipeline(str(local_root), "km8", rank=0, world_size=6)
-    # Two ranks of three workers each: six pairs for five shards, found in the workers
+    with pytest.raises(ValueError, match=r"4 label shards for 5 ranks x 1 workers: 1 of the 5"):
+        unit_pipeline(str(local_root), "km8", rank=0, world_size=5)
+    # Two ranks of three workers each: six pairs for four shards, found in the workers
     # (WORKER/NUM_WORKERS stand for a DataLoader's, as webdataset's split_by_worker reads).
     monkeypatch.setenv("NUM_WORKERS", "3")
     monkeypatch.setenv("WORKER", "0")
     data = unit_pipeline(str(local_root), "km8", rank=0, world_size=2)
-    with pytest.raises(ValueError, match=r"2 ranks x 3 workers: 1 of the 6 .*empty_check=False"):
+    with pytest.raises(ValueError, match=r"2 ranks x 3 workers: 2 of the 6 .*empty_check=False"):
         list(data)
     keys, empty = [], 0
     with caplog.at_level(logging.WARNING, logger="units.labels.streaming"):
@@ -180,7 +162,7 @@ def test_fewer_shards_than_ranks_times_workers_is_refused_unless_empty_check_is_
                 got = [s["key"] for s in data]
                 empty += not got
                 keys += got
-    assert empty == 1 and sorted(keys) == sorted(labels)
+    assert empty == 2 and sorted(keys) == sorted(labels)
     assert "would read nothing" in caplog.text
 
 
@@ -217,7 +199,7 @@ def test_crops_on_s3_take_the_stored_slice_and_the_label_span_of_its_units_and_r
         np.testing.assert_array_equal(s["waveform"].numpy(), whole[start : start + max_samples])
         frm_start, frm_size = label_span(start, max_samples, 100, RATE, len(units))
         np.testing.assert_array_equal(s["units"].numpy(), units[frm_start : frm_start + frm_size])
-    assert cropped >= 5
+    assert 4 <= cropped < len(labels)  # Four of the seven are longer: both kinds are seen.
     # Seeded by (seed, epoch, key): the same without workers, another epoch moves them.
     first = {s["key"]: s["start"] for s in samples}
     assert {s["key"]: s["start"] for s in data} == first
@@ -251,7 +233,7 @@ def test_user_stages_append_after_the_samples_shuffled_and_batched_with_collate(
     data.append(wds.shuffle(100, seed=0))
     data.append(wds.batched(4, collation_fn=collate))
     batches = list(data)
-    assert [len(b["keys"]) for b in batches] == [4, 4, 1]
+    assert [len(b["keys"]) for b in batches] == [4, 3]
     keys = [k for b in batches for k in b["keys"]]
     assert sorted(keys) == sorted(labels)
     assert keys != [s["key"] for s in unit_pipeline(str(local_root), "km8", shuffle_shards=False)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,16 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import shards
-from shards import synthetic
-from shards.plan import ShardingOptions
-from shards.ray_sharding import run as shard
-from units.features.extractors import ExtractorOptions
-from units.features.sampling import SampleRequest
-from units.features.stage import run as extract
-from units.kmeans.estimator import KMeans
-from units.kmeans.stage import StageOptions
-from units.kmeans.stage import run as fit_kmeans
-from units.labels.stage import run as label
+from tests.exports_root import build_exports_root
 from units.labels.torch_dataset import (
     LabelMismatchError,
     LengthBatches,
@@ -33,33 +25,21 @@ from units.labels.torch_dataset import (
     pack,
 )
 
-pytestmark = pytest.mark.usefixtures("ray_local")
-
 RATE = 16_000
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, ray_local):
-    """14 utterances of 0.5-2 s in 4 audio shards, MFCC k-means units at 100 Hz.
+def root(tmp_path_factory, request):
+    """The session's labelled root (tests/exports_root.py), a copy of its own: 8 utterances
+    of 0.5-2 s in 4 audio shards of 2, MFCC k-means units (k=8) at 100 Hz.
 
-    One member is zeroed before labelling, so it fails to decode and the label pass rejects
-    it: the root holds an audio member without labels, as real ones do.
+    One member was zeroed before labelling, so it fails to decode and the label pass rejected
+    it: the root holds an audio member without labels, as real ones do. The data set reads
+    it without Ray: Ray starts only if this module is the first to build the root.
     """
-    corpus = tmp_path_factory.mktemp("corpus")
-    synthetic.write_librispeech(
-        str(corpus), speakers=2, chapters=1, utterances=7, seconds=(0.5, 2.0)
-    )
-    out = tmp_path_factory.mktemp("root")
-    shard([str(corpus)], str(out), ShardingOptions(max_samples=4))
-    victim = pq.read_table(out / "manifest" / "utterances.parquet").to_pylist()[5]
-    tar = out / "shards" / f"{victim['shard']}.tar"
-    data = bytearray(tar.read_bytes())
-    data[victim["offset"] : victim["offset"] + victim["size"]] = bytes(victim["size"])
-    tar.write_bytes(bytes(data))
-    extract(str(out), "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=50, seed=0))
-    fit_kmeans(str(out), "mfcc", "km8", KMeans(8, seed=0, block_rows=512), StageOptions())
-    meta = label(str(out), "km8", "km8")
-    assert meta["rejects"] == 1 and meta["utterances"] == 13 and len(meta["shards"]) == 4
+    out = Path(build_exports_root(tmp_path_factory, request))
+    meta = json.loads((out / "labels" / "km8" / "meta.json").read_text())
+    assert meta["rejects"] == 1 and meta["utterances"] == 7 and len(meta["shards"]) == 4
     return out
 
 
@@ -98,7 +78,7 @@ def test_a_dataloader_with_two_workers_yields_every_labelled_key_once_per_epoch(
         assert sorted(keys) == sorted(labels)  # Each once: no repeats, none missing.
         epochs.append(keys)
     assert epochs[0] != epochs[1]  # set_epoch reshuffles.
-    assert data.utterances == len(labels) == 13
+    assert data.utterances == len(labels) == 7
 
 
 def test_without_shuffling_every_epoch_reads_the_shards_in_stored_order(root, labels):
@@ -231,7 +211,7 @@ def test_dataset_crops_take_the_stored_slice_and_its_units_and_repeat_with_the_s
         frm_start, frm_size = label_span(start, max_samples, 100, RATE, len(units))
         assert frm_start == int(round(start / 160)) and frm_size <= 75
         np.testing.assert_array_equal(s["units"].numpy(), units[frm_start : frm_start + frm_size])
-    assert cropped >= 8
+    assert 4 <= cropped < len(labels)  # Four of the seven are longer: both kinds are seen.
     # Seeded by (seed, epoch, key): the same with workers as without, another epoch moves them.
     first = _crops(data)
     assert first == {s["key"]: s["start"] for s in data}

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from shards import synthetic
 from shards.core.outputs import StageError
-from shards.plan import ShardingOptions
-from shards.ray_sharding import run as shard
 from tests.fairseq_checks import fairseq_label_checks
-from units.features.extractors import ExtractorOptions
+from tests.mfcc_root import build_mfcc_root
 from units.features.frames import MFCC
-from units.features.sampling import SampleRequest, priority
-from units.features.stage import run as extract
-from units.kmeans.estimator import KMeans
-from units.kmeans.stage import StageOptions
-from units.kmeans.stage import run as fit_kmeans
+from units.features.sampling import priority
 from units.labels.model import dedup
 from units.labels.stage import run as label
 from units.pieces.model import Pieces
@@ -31,15 +25,10 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, ray_local):
-    corpus = tmp_path_factory.mktemp("corpus")
-    synthetic.write_librispeech(
-        str(corpus), speakers=2, chapters=1, utterances=5, seconds=(0.5, 2.0)
-    )
-    out = tmp_path_factory.mktemp("root")
-    shard([str(corpus)], str(out), ShardingOptions(max_samples=4))
-    extract(str(out), "mfcc", ExtractorOptions("mfcc"), SampleRequest(percent=50, seed=0))
-    fit_kmeans(str(out), "mfcc", "km8", KMeans(8, seed=0, block_rows=512), StageOptions())
+def root(tmp_path_factory, request, ray_local):
+    """The session's MFCC root (tests/mfcc_root.py), a copy of its own: 10 utterances of
+    0.5-2 s in 3 audio shards of 4, 4 and 2, k-means km8; km8's units labelled as ``it1``."""
+    out = Path(build_mfcc_root(tmp_path_factory, request))
     label(str(out), "km8", "it1")
     return out
 
