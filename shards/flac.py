@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 import fastcrc
 import numpy as np
+import soundfile as sf
 
 _MAGIC = b"fLaC"
 
@@ -60,6 +61,21 @@ def read_streaminfo(f: BinaryIO) -> StreamInfo | None:
     if sample_rate == 0 or total == 0:
         return None
     return StreamInfo(sample_rate, channels, bits, total, min_block, max_block, max_frame)
+
+
+def member_samples(data: bytes) -> tuple[int, int, int]:
+    """``(samples, sample_rate, channels)`` of one FLAC member's bytes: its STREAMINFO's (42
+    bytes, no decoding), or libsndfile's answer where STREAMINFO does not say (another
+    format, an unknown length).
+
+    Raises:
+        soundfile.LibsndfileError: Bytes that libsndfile cannot open either.
+    """
+    info = read_streaminfo(io.BytesIO(data))
+    if info is not None:
+        return info.total_samples, info.sample_rate, info.channels
+    probed = sf.info(io.BytesIO(data))
+    return probed.frames, probed.samplerate, probed.channels
 
 
 _BLOCK_SIZES = {

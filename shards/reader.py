@@ -135,6 +135,20 @@ def _split(member: tarfile.TarInfo) -> tuple[str, str]:
     return key, ext
 
 
+def iter_members(path: str, ext: str = "flac") -> Iterator[tuple[str, bytes]]:
+    """``(key, bytes)`` of each ``KEY.ext`` member of a shard tar, in stored order, read in
+    one sequential pass (a buffered stream from an object store) without decoding.
+
+    Nothing is extracted to disk. Every member is checked as :func:`iter_shard` checks it:
+    a plain ``KEY.ext`` file with a valid key, or :class:`UnsafeMemberError`.
+    """
+    with storage.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            key, found = _split(member)
+            if found == ext:
+                yield key, tar.extractfile(member).read()
+
+
 def iter_shard(path: str) -> Iterator[Sample]:
     """Yields the samples of one shard tar, in stored order."""
     with storage.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -201,10 +215,16 @@ def read_audio(root: str, shard: str, offset: int, size: int) -> tuple[np.ndarra
     """Decodes one member found through the manifest (``shard``, ``offset``, ``size``)."""
     path = os.path.join(RootLayout(root).shards_dir, f"{shard}.tar")
     with storage.open_input(path) as f:
-        return decode_member(_read_member(f, path, offset, size))
+        return decode_member(read_member(f, path, offset, size))
 
 
-def _read_member(f, path: str, offset: int, size: int) -> bytes:
+def read_member(f, path: str, offset: int, size: int) -> bytes:
+    """The ``size`` bytes at ``offset`` of the open shard tar ``f`` (``path`` names it in
+    errors), a member found through the manifest.
+
+    Raises:
+        ValueError: A span that starts inside the first tar header or ends past the file.
+    """
     total = f.seek(0, io.SEEK_END)
     if offset < 512 or offset + size > total:
         raise ValueError(f"offset {offset}+{size} lies outside {path} ({total} bytes)")
@@ -215,7 +235,7 @@ def _read_member(f, path: str, offset: int, size: int) -> bytes:
 def _read_at(layout: RootLayout, key: str, shard: str, offset: int, size: int) -> Sample:
     path = os.path.join(layout.shards_dir, f"{shard}.tar")
     with storage.open_input(path) as f:
-        flac = _read_member(f, path, offset, size)
+        flac = read_member(f, path, offset, size)
         # The json member follows the flac data (padded to 512 bytes); tarfile reads its
         # header from there, PAX extensions included.
         f.seek(offset + ((size + 511) // 512) * 512)

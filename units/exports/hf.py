@@ -35,7 +35,6 @@ dataset; join them by key (``streaming=True`` reads the tars without an Arrow ca
 
 from __future__ import annotations
 
-import io
 import os
 
 import pyarrow as pa
@@ -43,7 +42,7 @@ import pyarrow as pa
 from shards import flac
 from shards.core import storage
 from shards.core.atomic import ParquetStream, remove_temps
-from shards.reader import decode_member
+from shards.reader import read_member
 from shards.root import RootLayout
 from units.exports.common import (
     finished_meta,
@@ -142,13 +141,8 @@ def export_shard(root: str, labels: str, shard: str, out: str) -> dict:
 
 def _member(f, tar: str, row: dict) -> bytes:
     """The FLAC member's bytes, as stored; checked to hold the manifest's samples."""
-    f.seek(row["offset"])
-    data = f.read(row["size"])
-    if len(data) != row["size"]:
-        raise RuntimeError(f"{tar}: {row['key']} ends past the end of the shard")
-    # STREAMINFO says the length in 42 bytes; a full decode judges anything else.
-    info = flac.read_streaminfo(io.BytesIO(data))
-    samples = info.total_samples if info is not None else len(decode_member(data)[0])
+    data = read_member(f, tar, row["offset"], row["size"])
+    samples = flac.member_samples(data)[0]
     if samples != row["num_samples"]:
         raise RuntimeError(
             f"{tar}: {row['key']} holds {samples} samples, the manifest says {row['num_samples']}"

@@ -48,13 +48,10 @@ import gzip
 import io
 import json
 import os
-import tarfile
-from collections.abc import Iterator
 
 import numpy as np
-import soundfile as sf
 
-from shards import flac, keys
+from shards import flac
 from shards.core import storage
 from shards.core.atomic import (
     committed,
@@ -68,9 +65,9 @@ from shards.core.atomic import (
     write_atomic,
 )
 from shards.core.outputs import StageError
-from shards.reader import UnsafeMemberError
+from shards.reader import iter_members
 from shards.root import RootLayout
-from units.exports.common import finished_meta, unit_columns
+from units.exports.common import finished_meta, labelled_rows, unit_columns
 from units.labels.model import label_layout
 
 FORMAT = "lhotse"
@@ -161,14 +158,8 @@ def export_shard(root: str, labels: str, shard: str, out: str) -> dict:
     if record is not None and record["labels"] == source and _whole(out, record):
         return dict(_summary(record), skipped=True)
 
-    rows = _manifest_rows(root, shard)
-    units = _read_units(layout.shard_path("units", shard), fields)
-    record = {
-        "shard": shard,
-        "shar_shard": int(shard),
-        "labels": source,
-        "unlabelled": sum(1 for key in rows if key not in units),
-    }
+    rows, unlabelled = labelled_rows(root, labels, shard, meta)
+    record = {"shard": shard, "shar_shard": int(shard), "labels": source, "unlabelled": unlabelled}
     storage.makedirs(shar_dir(out))
     storage.makedirs(os.path.dirname(commit_path(out, shard)))
     # Redone from nothing: no record vouches for files being rewritten, and no file of an
@@ -182,12 +173,15 @@ def export_shard(root: str, labels: str, shard: str, out: str) -> dict:
     data = None
     try:
         audio = os.path.join(RootLayout(root).shards_dir, f"{shard}.tar")
-        for key, member in _flac_members(audio, units):
-            writer.add(key, member, rows.get(key), units.pop(key))
-        if units:
+        wanted = {row["key"]: row for row in rows}
+        for key, member in iter_members(audio):
+            row = wanted.pop(key, None)
+            if row is not None:
+                writer.add(key, member, row, [row[field] for field in fields])
+        if wanted:
             raise ValueError(
                 f"label shard {shard} of {labels!r} has keys that are not in {audio}: "
-                f"{sorted(units)[:5]}; the labels belong to another root"
+                f"{sorted(wanted)[:5]}; the labels belong to another root"
             )
         published = writer.publish()
         record.update(cuts=writer.cuts, seconds=writer.seconds, files=writer.sizes)
@@ -294,68 +288,6 @@ def _summary(record: dict) -> dict:
     return {name: record[name] for name in names}
 
 
-def _manifest_rows(root: str, shard: str) -> dict[str, dict]:
-    """The shard's manifest rows by key. The manifest holds each shard's rows together, so
-    the filter reads the row groups of this shard only, not the corpus."""
-    import pyarrow.compute as pc
-
-    table = storage.read_parquet(
-        RootLayout(root).manifest("utterances.parquet"),
-        columns=["key", "shard", "num_samples", "speaker"],
-        filters=pc.field("shard") == shard,
-    )
-    return {row["key"]: row for row in table.to_pylist()}
-
-
-def _read_units(path: str, fields: list[str]) -> dict[str, list[np.ndarray]]:
-    """Each key's units, one uint16 array per field, checked against ``frames``."""
-    table = storage.read_parquet(path, columns=["key", "frames", *fields])
-    keys_ = table.column("key").to_pylist()
-    frames = table.column("frames").to_numpy()
-    columns = []
-    for field in fields:
-        column = table.column(field).combine_chunks()
-        offsets, values = column.offsets.to_numpy(), column.values.to_numpy()
-        lengths = np.diff(offsets)
-        bad = np.flatnonzero(lengths != frames)
-        if len(bad):
-            i = int(bad[0])
-            raise ValueError(
-                f"{path}: key {keys_[i]!r} has {lengths[i]} {field} but frames={frames[i]}; "
-                "the label shard is damaged: delete it and its commit record and relabel"
-            )
-        columns.append((offsets, values))
-    return {
-        key: [values[offsets[i] : offsets[i + 1]] for offsets, values in columns]
-        for i, key in enumerate(keys_)
-    }
-
-
-def _flac_members(path: str, wanted) -> Iterator[tuple[str, bytes]]:
-    """``(key, bytes)`` of the ``KEY.flac`` members of a shard tar whose key is in ``wanted``,
-    in stored order, read in one pass (one sequential read from an object store). Nothing
-    is extracted to disk; a member that is not a plain file is refused."""
-    with storage.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if ext != "flac" or key not in wanted:
-                continue
-            if not member.isreg():
-                raise UnsafeMemberError(f"{path}: tar member {member.name!r} is not a file")
-            keys.check(key)
-            yield key, tar.extractfile(member).read()
-
-
-def _num_samples(data: bytes) -> tuple[int, int, int]:
-    """``(samples, rate, channels)`` of a FLAC member: its STREAMINFO (42 bytes), or
-    libsndfile's answer where that does not say."""
-    stream = flac.read_streaminfo(io.BytesIO(data))
-    if stream is not None and stream.total_samples:
-        return stream.total_samples, stream.sample_rate, stream.channels
-    info = sf.info(io.BytesIO(data))
-    return info.frames, info.samplerate, info.channels
-
-
 class _SharShardWriter:
     """One Shar shard's files, built under temporary names and published together.
 
@@ -382,15 +314,13 @@ class _SharShardWriter:
         # name keep a redone shard byte-identical.
         self._cuts = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0)
 
-    def add(self, key: str, data: bytes, row: dict | None, units: list[np.ndarray]) -> None:
+    def add(self, key: str, data: bytes, row: dict, units: list[np.ndarray]) -> None:
         """Writes one utterance: its FLAC bytes, its units and its cut."""
         from lhotse import AudioSource, Recording, SupervisionSegment, fastcopy
         from lhotse.array import Array, TemporalArray, seconds_to_frames
         from lhotse.shar.utils import to_shar_placeholder
 
-        if row is None:
-            raise ValueError(f"{key}: labelled, but not in the utterances manifest")
-        samples, rate, channels = _num_samples(data)
+        samples, rate, channels = flac.member_samples(data)
         if (samples, rate, channels) != (row["num_samples"], SAMPLE_RATE, 1):
             raise ValueError(
                 f"{key}: the FLAC member holds {samples} samples at {rate} Hz in {channels} "

@@ -28,7 +28,6 @@ import glob
 import hashlib
 import logging
 import os
-import tarfile
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -36,7 +35,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.core import storage
-from shards.reader import UnsafeMemberError, decode_member
+from shards.reader import decode_member, iter_members
 from shards.root import RootLayout
 from units.labels.model import label_layout
 
@@ -325,7 +324,7 @@ class UnitDataset(IterableDataset):
         labels = self._read_labels(shard)
         path = self._audio_path(shard)
         skipped = 0
-        for key, flac in _flac_members(path):
+        for key, flac in iter_members(path):
             if key not in labels:
                 skipped += 1
                 continue
@@ -349,22 +348,6 @@ class UnitDataset(IterableDataset):
                 f"{path}: {sorted(labels)[:5]}; the labels belong to another root"
             )
         log.debug("shard %s: %d audio members without labels skipped", shard, skipped)
-
-
-def _flac_members(path: str) -> Iterator[tuple[str, bytes]]:
-    """``(key, bytes)`` of each ``KEY.flac`` member of a shard tar, in stored order.
-
-    Nothing is extracted to disk, so member names cannot reach outside the archive; a
-    member that is not a regular file is refused, as shards.reader does.
-    """
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if ext != "flac":
-                continue
-            if not member.isreg():
-                raise UnsafeMemberError(f"{path}: tar member {member.name!r} is not a file")
-            yield key, tar.extractfile(member).read()
 
 
 def collate(samples: list[dict], pad_unit: int = -100) -> dict:

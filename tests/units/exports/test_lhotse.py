@@ -206,9 +206,10 @@ def test_finish_refuses_results_that_miss_a_shard_or_files_lhotse_would_misread(
 # Other label sets and states.
 
 
-def derive(root, tmp_path, name: str, edit, meta: dict, codebooks: int = 1):
+def derive(root, tmp_path, name: str, edit, meta: dict, codebooks: int = 1, spec=None):
     """A copy of the root with label set ``name``: km8's rows after ``edit(row, num_samples)``
-    in the schema of ``codebooks`` codebooks, its meta.json updated with ``meta``."""
+    in the schema of ``codebooks`` codebooks, its meta.json updated with ``meta`` and its
+    feature spec with ``spec``."""
     copy = tmp_path / "root"
     for part in ("shards", "manifest"):
         shutil.copytree(root / part, copy / part)
@@ -227,7 +228,8 @@ def derive(root, tmp_path, name: str, edit, meta: dict, codebooks: int = 1):
         text = json.dumps(dict(commit, bytes=units.stat().st_size))
         (target / "commits" / f"{path.stem}.json").write_text(text)
     record = json.loads((source / "meta.json").read_text())
-    (target / "meta.json").write_text(json.dumps(dict(record, **meta)))
+    record = dict(record, **meta, spec=dict(record["spec"], **(spec or {})))
+    (target / "meta.json").write_text(json.dumps(record))
     return copy
 
 
@@ -240,9 +242,9 @@ def at_50_hz_with_two_codebooks(row: dict, num_samples: int) -> dict:
 
 
 def test_a_50_hz_two_codebook_set_gives_units_1_and_a_20_ms_frame_shift(root, tmp_path):
-    copy = derive(
-        root, tmp_path, "b2", at_50_hz_with_two_codebooks, {"frame_rate": 50, "codebooks": 2}, 2
-    )
+    meta = {"frame_rate": 50, "codebooks": 2}
+    ssl_framing = {"hop": 320, "frame_rate": 50.0}  # Units on the 50 Hz contract.
+    copy = derive(root, tmp_path, "b2", at_50_hz_with_two_codebooks, meta, 2, ssl_framing)
     stored = ds.dataset(str(copy / "labels" / "b2" / "units")).to_table().to_pylist()
     out = tmp_path / "lhotse"
     record = export.finish(str(copy), "b2", str(out), export_all(copy, "b2", out))
