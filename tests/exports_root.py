@@ -13,31 +13,15 @@ import shutil
 
 import pyarrow.parquet as pq
 
+from tests.session_roots import session_copy
+
 #: The label set every export test reads.
 LABELS = "km8"
 
-_BUILT: dict[str, str] = {}
-
 
 def build_exports_root(tmp_path_factory, request) -> str:
-    """A fresh copy of the session's labelled root (built on first use); returns its path.
-
-    The first call shards, extracts, fits and labels on Ray: it asks for the calling
-    module's ``ray_local`` (through ``request``, the fixture's) unless the module runs a Ray
-    of its own already, so a module that only reads the root starts no Ray when another
-    module built it first. Each call returns a copy of its own, so a test may delete or
-    damage files without touching another module's root.
-    """
-    base = str(tmp_path_factory.getbasetemp())
-    if base not in _BUILT:
-        import ray
-
-        if not ray.is_initialized():
-            request.getfixturevalue("ray_local")
-        _BUILT[base] = _build(str(tmp_path_factory.mktemp("exports-root-template")))
-    copy = str(tmp_path_factory.mktemp("exports-root"))
-    shutil.copytree(_BUILT[base], copy, symlinks=True, dirs_exist_ok=True)
-    return copy
+    """A fresh copy of the session's labelled root (built on first use); returns its path."""
+    return session_copy(tmp_path_factory, request, "exports-root", _build)
 
 
 def _build(out: str) -> str:

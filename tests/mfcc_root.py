@@ -10,29 +10,13 @@ a fairseq export of source audio reads.
 from __future__ import annotations
 
 import os
-import shutil
 
-_BUILT: dict[str, str] = {}
+from tests.session_roots import session_copy
 
 
 def build_mfcc_root(tmp_path_factory, request) -> str:
-    """A fresh copy of the session's MFCC k-means root (built on first use); returns its path.
-
-    The first call shards, extracts and fits on Ray: it asks for the calling module's
-    ``ray_local`` (through ``request``, the fixture's) unless a Ray runs already. Each call
-    returns a copy of its own, so a module may label into it, delete or damage files without
-    touching another module's root.
-    """
-    base = str(tmp_path_factory.getbasetemp())
-    if base not in _BUILT:
-        import ray
-
-        if not ray.is_initialized():
-            request.getfixturevalue("ray_local")
-        _BUILT[base] = _build(str(tmp_path_factory.mktemp("mfcc-root-template")))
-    copy = str(tmp_path_factory.mktemp("mfcc-root"))
-    shutil.copytree(_BUILT[base], copy, symlinks=True, dirs_exist_ok=True)
-    return copy
+    """A fresh copy of the session's MFCC k-means root (built on first use); returns its path."""
+    return session_copy(tmp_path_factory, request, "mfcc-root", _build)
 
 
 def _build(out: str) -> str:
