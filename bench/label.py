@@ -3,13 +3,18 @@
 ``label``: every utterance of a corpus gets one k-means unit per MFCC frame (k = 100 on
 39-dim MFCC with deltas, HuBERT's first iteration), two cores for each contender:
 
-* ours: :func:`units.labels.stage.run` on local Ray (``num_cpus=2``), two ``LabelWorker``
-  actors: FLAC decoded from the shard tars, MFCC with :class:`units.features.kaldi.KaldiMFCC`,
-  nearest centroid, one Parquet file of units per shard, committed atomically. Timed from
-  the call to its return, with Ray already up and the k-means already fitted; the actors'
-  start-up is inside the call. Ray starts as the pipelines start a local Ray
+* ours: :func:`units.labels.stage.run` on local Ray (``num_cpus=2``), ``workers=2``: one
+  task per shard, two at a time, each on one of Ray's pooled worker processes, which builds
+  a ``LabelWorker`` on its first shard of the run and keeps it for the run's next ones
+  (:mod:`units.stage`): FLAC decoded from the shard tars, MFCC with
+  :class:`units.features.kaldi.KaldiMFCC`, nearest centroid, one Parquet file of units per
+  shard, committed atomically. Timed from the call to its return, with Ray already up and
+  the k-means already fitted. Ray starts as the pipelines start a local Ray
   (``pipelines._ray.local_options``): its idle workers import torch and the stages before
-  they take work, so an actor's start-up is Ray's, not torch's import.
+  they take work. The untimed warm-up round is the first label run of the Ray instance: its
+  workers had run only the set-up's shard tasks, and its time is printed as
+  ``first_run_seconds`` (a pipeline's first label run; the timed rounds are like the label
+  stage of ``pipelines.hubert``, whose workers ran the feature stage before it).
 * fairseq: ``examples/hubert/simple_kmeans`` as its README runs it, ``nshard = 2`` ranks,
   each rank a fresh interpreter, first ``dump_mfcc_feature.py`` for both ranks, then
   ``dump_km_label.py`` for both:
@@ -33,10 +38,10 @@
     contenders assign to the same centroids.
 
   Timed from starting the first rank's interpreter to the last ``.km`` written: both
-  scripts' start-up (interpreter, ``import torch``) included, as ours includes its actors'.
+  scripts' start-up (interpreter, ``import torch``) included, as ours includes its own.
   Each process runs one torch thread and one BLAS thread (``OMP_NUM_THREADS=1``), one
-  core per rank, as each of our actors does (Ray sets ``OMP_NUM_THREADS=1`` for a one-CPU
-  actor). fairseq's scripts set none, and torch's default, two threads in each of two ranks
+  core per rank, as each of our tasks does (Ray sets ``OMP_NUM_THREADS=1`` for a one-CPU
+  task). fairseq's scripts set none, and torch's default, two threads in each of two ranks
   on two cores, made the per-utterance MFCC some 14x slower here (55 against 780 audio s/s
   per process): the baseline as run here is the fast configuration. tqdm's progress bars
   are left out.
@@ -48,9 +53,9 @@ amortise and 960 hours can, so the lines also give the time without it
 (``*_less_startup``): for fairseq, each script's slowest rank from the end of its imports
 to its exit, both scripts added; for ours, from the start of the first ``process_shard`` task
 (Ray's task timeline) to the return of ``run``. ``busy_seconds``: the ``process_shard`` tasks'
-own time, summed over both actors; the rest of two cores' share of ``seconds_less_startup``
-is Ray's dispatch and idle tails. ``first_shard_seconds`` (an actor's first shard, which
-also pays for lazy set-up) and ``later_shard_seconds`` (the median of the others) show what
+own time, summed over both worker processes; the rest of two cores' share of
+``seconds_less_startup`` is Ray's dispatch and idle tails. ``first_shard_seconds`` (a worker
+process's first shard of the run, which also builds its ``LabelWorker``) and ``later_shard_seconds`` (the median of the others) show what
 a steady worker costs per shard. Between runs the script waits for the cores to go idle (Ray
 starts fresh idle workers after a run, for a second or two).
 
@@ -59,7 +64,8 @@ MFCCs differ by ~1e-4 in float32 rounding, which can only flip a near tie). The 
 is printed, not asserted.
 
 ``label.startup``: a fresh Ray worker's start (an actor that does nothing) and ``import torch``
-in a fresh interpreter: the parts of the start-up that come before any of the stage's code runs.
+in a fresh interpreter: what a stage of actors pays at the start of every run, and its tasks
+do not (they take pooled workers that Ray started before).
 
 ``label.memory``: peak RSS of one label worker (``LabelWorker`` shards via ``process_shard``,
 one after the other, in a fresh interpreter that receives one shard's manifest rows at a
@@ -466,11 +472,13 @@ def run_ours(corpus: Corpus, name: str) -> Timing:
     """Our label pass into ``ROOT/labels/NAME``.
 
     Its start-up is read from Ray's task timeline: the time until the first
-    ``process_shard`` task starts (planning, two actors starting: a Ray worker each, imports,
-    k-means load); the rest is the work, to the call's return.
+    ``process_shard`` task starts (reading the manifest, planning, sending the tasks); the
+    rest is the work, to the call's return.
     """
     from units.labels.stage import run
 
+    # A label set left by an interrupted benchmark would make the run do nothing.
+    shutil.rmtree(os.path.join(corpus.root, "labels", name), ignore_errors=True)
     started = time.time()  # Epoch seconds, as the timeline's.
     meta = run(corpus.root, KMEANS, name, workers=CORES)
     finished = time.time()
@@ -478,22 +486,22 @@ def run_ours(corpus: Corpus, name: str) -> Timing:
         raise SystemExit(f"ours labelled {meta['utterances']} of {corpus.utterances} utterances")
     spans = _label_spans(started, finished, corpus.shards)
     first = min(begin for begin, _, _ in spans)
-    by_actor: dict[str, list[float]] = {}
-    for begin, end, actor in sorted(spans):
-        by_actor.setdefault(actor, []).append(end - begin)
-    later = [s for shards in by_actor.values() for s in shards[1:]]
+    by_worker: dict[str, list[float]] = {}
+    for begin, end, worker in sorted(spans):
+        by_worker.setdefault(worker, []).append(end - begin)
+    later = [s for shards in by_worker.values() for s in shards[1:]]
     parts = {
         "busy_seconds": sum(end - begin for begin, end, _ in spans),
-        # An actor's first shard also pays for lazy set-up (first torch calls, FFT plans,
-        # pyarrow's Parquet writer, page faults of fresh buffers).
-        "first_shard_seconds": statistics.mean(s[0] for s in by_actor.values()),
+        # A worker's first shard of the run also builds its LabelWorker (and, in a process
+        # new to the stage, pays for lazy set-up: numba's kernel, first torch calls).
+        "first_shard_seconds": statistics.mean(s[0] for s in by_worker.values()),
         "later_shard_seconds": statistics.median(later) if later else math.nan,
     }
     return Timing(finished - started, first - started, finished - first, parts)
 
 
 def _label_spans(started: float, finished: float, shards: int) -> list[tuple[float, float, str]]:
-    """``(start, end, actor)`` of each ``process_shard`` task run in ``[started, finished]``
+    """``(start, end, worker)`` of each ``process_shard`` task run in ``[started, finished]``
     (epoch seconds), from ``ray.timeline()`` (workers report their events about once a
     second)."""
     import logging
@@ -507,7 +515,8 @@ def _label_spans(started: float, finished: float, shards: int) -> list[tuple[flo
         spans = [
             (e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, e["tid"])
             for e in ray.timeline()
-            if e.get("name") == "process_shard"
+            # A task's event is named after its module (units.stage.process_shard).
+            if e.get("name", "").rpartition(".")[2] == "process_shard"
             and e.get("ph") == "X"
             and started <= e["ts"] / 1e6 <= finished
         ]
@@ -721,9 +730,9 @@ def profile_worker(corpus: Corpus, shards: int = 2, top: int = 25) -> None:
 def settle(what: str, limit: float = 20.0) -> None:
     """Waits for the cores to go idle before ``what``; warns after ``limit`` seconds.
 
-    Ray starts fresh idle workers when a run's actors exit, which keeps both cores busy for
-    a second or two after ``run`` returns: without the wait, that would fall on whichever
-    contender runs next.
+    Ray may start fresh idle workers after a run (when actors exit, or a worker was lost),
+    which keeps both cores busy for a second or two after ``run`` returns: without the
+    wait, that would fall on whichever contender runs next.
     """
     deadline = time.monotonic() + limit
     while (busy := busy_cores(0.5)) > 0.3:
@@ -761,7 +770,7 @@ def bench_label(corpus: Corpus, workdir: str, repeats: int) -> None:
     fairseq_out = os.path.join(workdir, "runs", "fairseq")
     # Untimed warm-up of both: page cache, Ray's idle workers, .pyc files.
     run_fairseq(corpus, fairseq_out)
-    run_ours(corpus, "warmup")
+    first_run = run_ours(corpus, "warmup")
     ours, fairseq = [], []
     for i in range(repeats):
         settle(f"ours, round {i}")
@@ -787,7 +796,9 @@ def bench_label(corpus: Corpus, workdir: str, repeats: int) -> None:
         f"RESULT bench=label case=mfcc_k{K} hours={corpus.hours:.2f}"
         f" utterances={corpus.utterances} shards={corpus.shards} k={K} cores={CORES}"
     )
-    ours_s, ours_less = _report(head, "ours", ours, corpus.hours)
+    ours_s, ours_less = _report(
+        head, "ours", ours, corpus.hours, f" first_run_seconds={first_run.seconds:.2f}"
+    )
     fs_s, fs_less = _report(head, "fairseq", fairseq, corpus.hours, f" npy_MB={npy_mb:.0f}")
     speedup, speedup_less = fs_s / ours_s, fs_less / ours_less
     print(
@@ -815,12 +826,11 @@ class _Empty:
 def report_startup() -> None:
     """``label.startup``: what one run's start-up is made of, on this Ray and machine.
 
-    ``fresh_worker_seconds``: from creating an actor that does nothing to its being ready,
-    once the runs' workers are gone. Ray keeps no idle worker after a run's actors exit, so
-    every run after the first of a Ray instance starts its actors' processes anew, each
-    importing what the pipelines preload (torch and the stages). ``import_torch_seconds``:
-    ``import torch`` in a fresh interpreter, most of that. Printed so that the start-up in the
-    ``ours`` line can be read against what comes before any of the stage's code runs.
+    ``fresh_worker_seconds``: from creating an actor that does nothing to its being ready.
+    An actor never takes a worker that has run a task: every run of a stage of actors
+    starts their processes anew, each importing what the pipelines preload (torch and the
+    stages). ``import_torch_seconds``: ``import torch`` in a fresh interpreter, most of that.
+    Printed as what the label pass's tasks save by taking pooled workers instead.
     """
     import ray
 
@@ -909,7 +919,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"setup: {corpus.hours:.3f} audio hours, {corpus.utterances} utterances of"
             f" {MIN_SECONDS:g}-{MAX_SECONDS:g} s, {corpus.shards} shards of"
             f" {corpus.max_samples} utterances, k={K}, cores={CORES} (ours: {CORES} Ray"
-            f" actors; fairseq: nshard={CORES}), repeats={args.repeats}",
+            f" tasks at a time; fairseq: nshard={CORES}), repeats={args.repeats}",
             flush=True,
         )
         bench_label(corpus, workdir, args.repeats)

@@ -75,3 +75,30 @@ def remove_whole_node(cluster, node) -> int:
             pass
     cluster.remove_node(node, allow_graceful=False)
     return len(workers)
+
+
+def freeze_running(cluster, task: str):
+    """Stops (SIGSTOP) a worker process of ``cluster`` caught running ``task`` (Ray titles a
+    worker ``ray::TASK`` while it runs one); returns its node, or ``None`` when no worker
+    runs it now. A worker that finished the task just before it was stopped is let go."""
+    title = f"ray::{task}".encode()
+    for node in cluster.worker_nodes:
+        for pid in children_of(raylet_pid(node)):
+            if not _titled(pid, title):
+                continue
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+            if _titled(pid, title):  # Stopped inside the task: it can finish it no more.
+                return node
+            os.kill(pid, signal.SIGCONT)
+    return None
+
+
+def _titled(pid: int, title: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].strip() == title
+    except OSError:
+        return False

@@ -4,15 +4,22 @@ A stage gives an :class:`~shards.core.outputs.OutputLayout`, a worker class and 
 each shard to do; the engine owns the rest:
 
 - the pending list (a committed shard is never done twice; a finished run does nothing),
-- placement (:func:`shards.core.placement.place`): one actor per CPU, or GPU actors whose
-  audio is decoded by threads of their own, members ahead of the batch the GPU computes, so
-  a GPU never waits on FLAC decoding (:func:`read_ahead`),
-- a shard whose actor is lost goes to a live actor (:class:`shards.core.placement.ShardPool`),
+- placement (:func:`shards.core.placement.place`): one task at a time per CPU, or GPU actors
+  whose audio is decoded by threads of their own, members ahead of the batch the GPU
+  computes, so a GPU never waits on FLAC decoding (:func:`read_ahead`),
+- a shard whose worker is lost goes to a live one (:class:`shards.core.placement.TaskPool`,
+  :class:`shards.core.placement.ShardPool`),
 - decoding and batching (:func:`batches`, a rule of the shard alone, so neither the number
   of workers nor a retry changes what shares a batch: README, "Determinism"),
 - one shard's files written through a :class:`~shards.core.outputs.ShardOutput` and
   committed, or removed on failure,
 - progress in audio hours, temporary files cleaned at the end, the throughput record.
+
+On CPUs a shard is a Ray task (:func:`process_shard`) on one of the pooled worker processes
+that Ray starts with the pipelines' modules imported (``pipelines._ray.WORKER_PRELOAD``):
+an actor would start a process of its own for every run, 2-4 s with torch. The process
+builds the stage's worker on its first shard of a run and keeps it for the run's next ones
+(:class:`_Kept`). On GPUs a pool of actors holds the models.
 
 A worker only implements "process one shard and write it through this output"::
 
@@ -42,10 +49,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import gc
 import itertools
 import json
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -53,12 +63,14 @@ from typing import TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
 from shards.core import throughput
 from shards.core.atomic import read_json, write_atomic
 from shards.core.heap import release_free_memory
 from shards.core.outputs import OutputLayout, StageError
 from shards.core.placement import (
+    TaskPool,
     actor_pool,
     column_total,
     longest_first,
@@ -244,6 +256,81 @@ class ShardActor:
         return dict(record, written=True, bytes_written=out.bytes_written)
 
 
+#: Seconds a pooled worker process keeps the stage worker it built after its last shard:
+#: long enough for the run's next shard, short enough that a model on CPU does not stay in
+#: every idle process after the stage.
+KEEP_SECONDS = 30.0
+
+
+class _Kept:
+    """The stage worker (a :class:`ShardActor`) that a pooled Ray worker process built for
+    one run, kept for that run's next shards. A shard of another run replaces it; a daemon
+    thread drops it once it has been idle for :data:`KEEP_SECONDS`."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._actor: ShardActor | None = None
+        self._busy, self._used = 0, 0.0
+        self._reaper: threading.Thread | None = None
+
+    def take(self, token: str, build: Callable[[], ShardActor]) -> ShardActor:
+        """Run ``token``'s worker, built now if this process holds another run's or none."""
+        with self._lock:
+            if self._token != token:
+                self._token = self._actor = None
+                self._release()
+                self._actor = build()
+                self._token = token
+            self._busy += 1
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="kept-worker", daemon=True)
+                self._reaper.start()
+            return self._actor
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            self._used = time.monotonic()
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(KEEP_SECONDS / 4)
+            with self._lock:
+                idle = time.monotonic() - self._used > KEEP_SECONDS
+                if self._actor is None or self._busy or not idle:
+                    continue
+                self._token = self._actor = None
+                self._release()
+
+    @staticmethod
+    def _release() -> None:
+        gc.collect()  # A model's modules hold reference cycles.
+        release_free_memory()
+
+
+_kept = _Kept()
+
+
+def process_shard(
+    token: str, layout: OutputLayout, worker: type, args: tuple, kwargs: dict, shard, rows
+) -> dict:
+    """A CPU stage's shard task (:data:`shard_task`): :meth:`ShardActor.process_shard` with
+    this process's worker for run ``token`` (built on the run's first shard here,
+    :class:`_Kept`)."""
+    actor = _kept.take(token, lambda: ShardActor(layout, worker, args, kwargs, "cpu"))
+    try:
+        return actor.process_shard(shard, rows)
+    finally:
+        _kept.give_back()
+
+
+# No retries by Ray: a task lost with its worker or node is sent again by the driver's pool
+# (TaskPool), which so counts the shards written twice; a worker's own error is final. The
+# function stays a plain one of this module, so Ray sends it by reference, not its globals.
+shard_task = ray.remote(num_cpus=1, max_retries=0)(process_shard)
+
+
 @dataclasses.dataclass(frozen=True)
 class Pass:
     """What one run of :func:`run_pass` did.
@@ -251,7 +338,7 @@ class Pass:
     Attributes:
         shards_written: Shards this run wrote and committed.
         hours: Their audio hours.
-        workers: Actors used.
+        workers: Workers used (tasks at a time on CPUs, actors on GPUs).
         bytes_read: Audio bytes of those shards.
         bytes_written: Bytes of the files committed.
         shards_redone: Times a shard was written again from the start because the call
@@ -315,7 +402,7 @@ def run_pass(
         worker: The stage's worker class (see the module docstring).
         rows_by_shard: Manifest rows (``key``, ``shard``, ``offset``, ``size``, ``duration``,
             ...) of each audio shard, in manifest order.
-        workers: CPU actors (default: one per CPU of the cluster).
+        workers: CPU workers: shards in flight at once (default: one per CPU of the cluster).
         gpus_per_worker: GPUs per actor (``None``: one per actor when the cluster has GPUs;
             0: CPUs only).
         progress: Show the audio hours done on the driver, live.
@@ -336,14 +423,29 @@ def run_pass(
         return NOTHING_TO_DO
     layout.make_dirs()
     placement = place(workers, gpus_per_worker)
-    pool = actor_pool(ShardActor, placement, len(pending), layout, worker, args, kwargs,
-                      placement.device, placement.decode_threads)  # fmt: skip
+    if placement.device == "cpu":
+        # One task per shard; the token tells the worker processes which run a shard is of.
+        call = functools.partial(
+            shard_task.options(num_cpus=placement.options["num_cpus"]).remote,
+            uuid.uuid4().hex, layout, worker, args, kwargs,
+        )  # fmt: skip
+        pool = TaskPool(call, placement.actors(len(pending)))
+
+        def send(call, shard):
+            return call(shard, rows_by_shard[shard])
+    else:
+        pool = actor_pool(ShardActor, placement, len(pending), layout, worker, args, kwargs,
+                          placement.device, placement.decode_threads)  # fmt: skip
+
+        def send(actor, shard):
+            return actor.process_shard.remote(shard, rows_by_shard[shard])
+
     # Calls sent per shard: the pool calls submit again for a shard whose call it lost.
     sent: collections.Counter = collections.Counter()
 
-    def submit(actor, shard):
+    def submit(handle, shard):
         sent[shard] += 1
-        return actor.process_shard.remote(shard, rows_by_shard[shard])
+        return send(handle, shard)
 
     hours = {s: column_total(rows_by_shard[s], "duration") / 3600 for s in pending}
     done_hours, bytes_written, redone = 0.0, 0, 0

@@ -1,9 +1,13 @@
-"""Where a stage's Ray actors go: GPU actors when the cluster has GPUs, else one per CPU.
+"""Where a stage's Ray workers go: GPU actors when the cluster has GPUs, else one task per CPU.
 
-Library code of the stages that stream shards through a pool of actors (features, labels,
-wav2vec-U). An actor that dies (a lost node) is restarted from its constructor arguments,
-and the shard it was writing is handed to whichever actor is ready (:class:`ShardPool`);
-every shard call is idempotent, so a retry never duplicates output.
+Library code of the stages that stream shards (features, labels, wav2vec-U). On GPUs a pool
+of actors holds the models: an actor that dies (a lost node) is restarted from its
+constructor arguments, and the shard it was writing is handed to whichever actor is ready
+(:class:`ShardPool`). On CPUs each shard is a Ray task (:class:`TaskPool`) on the cluster's
+pooled workers, which Ray started before the stage with the pipelines' modules imported: an
+actor always starts a process of its own (2-4 s with torch, per run), a task takes one that
+is already up. A task lost with its worker or node is sent again. Every shard call is
+idempotent, so a retry never duplicates output.
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from collections.abc import Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import (
+    ActorUnavailableError,
+    NodeDiedError,
+    ObjectLostError,
+    OutOfMemoryError,
+    RayActorError,
+    WorkerCrashedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +272,76 @@ class ShardPool:
             self._probe(fresh)
         else:
             self._idle.append(actor)
+
+
+#: What a Ray task lost with its worker or node raises (preempted, crashed, killed for memory by
+#: Ray's monitor, or its result lost with the node).
+LOST_TASK = (WorkerCrashedError, NodeDiedError, ObjectLostError, OutOfMemoryError)
+
+
+class TaskPool:
+    """Shard calls as Ray tasks, at most ``slots`` at a time; a call lost with its worker or
+    node is sent again, first in line.
+
+    The interface of :class:`ShardPool` that :func:`map_until_failure` uses: ``submit(fn,
+    value)`` runs ``fn(call, value)``, which sends the task (``call`` is this pool's
+    ``call``) and returns its ref. Nothing is placed ahead: Ray runs each task on a pooled
+    worker of whichever node has a free CPU, so a lost node's shards go to the nodes left.
+
+    Args:
+        call: Handed to each ``fn``: what sends one task (a remote function's ``remote``
+            with the stage's arguments bound, say).
+        slots: Calls in flight at most (the stage's workers).
+        attempts: Times a shard may lose its worker before it fails.
+    """
+
+    def __init__(self, call: Callable, slots: int, *, attempts: int = 5):
+        if slots < 1:
+            raise ValueError(f"slots={slots} should be >= 1")
+        self.call, self.slots, self.attempts = call, slots, attempts
+        self._queue: collections.deque = collections.deque()  # (fn, value, losses)
+        self._running: dict = {}  # task ref -> (fn, value, losses)
+
+    def submit(self, fn: Callable, value) -> None:
+        """Queues ``fn(call, value)`` for the next free slot."""
+        self._queue.append((fn, value, 0))
+        self._dispatch()
+
+    def has_free(self) -> bool:
+        """Whether another submission would start without waiting for a call to return."""
+        return len(self._queue) + len(self._running) < self.slots
+
+    def has_next(self) -> bool:
+        """Whether any submission has not been returned yet."""
+        return bool(self._queue or self._running)
+
+    def get_next_unordered(self):
+        """The result of the first call to finish; lost calls are sent again meanwhile.
+
+        Raises:
+            StopIteration: Nothing was submitted that has not been returned.
+            Exception: The call's own error, or the loss of a shard that lost its worker more
+                than ``attempts`` times.
+        """
+        if not self.has_next():
+            raise StopIteration("No more results to get")
+        while True:
+            self._dispatch()
+            ref = ray.wait(list(self._running), num_returns=1)[0][0]
+            fn, value, losses = self._running.pop(ref)
+            try:
+                return ray.get(ref)
+            except LOST_TASK as e:
+                if losses + 1 > self.attempts:
+                    raise
+                _forget_traceback(e)
+                log.warning("a shard lost its worker (%s); handing it out again", _brief(e))
+                self._queue.appendleft((fn, value, losses + 1))
+
+    def _dispatch(self) -> None:
+        while self._queue and len(self._running) < self.slots:
+            fn, value, losses = self._queue.popleft()
+            self._running[fn(self.call, value)] = (fn, value, losses)
 
 
 def _forget_traceback(error: BaseException) -> None:

@@ -9,7 +9,10 @@ added back after them); k-means, which needs every part, gets a replacement node
 
 The stage runs in a thread (``Cluster.add_node``/``remove_node`` use signal handlers: main
 thread only) and is held at a point where it is certainly mid-way (after its first unit is
-committed, with the rest not yet handed out) while the node is removed.
+committed, with the rest not yet handed out) while the node is removed. The feature and label
+stages run each shard as a task on a pooled worker: the lost node is one whose worker was
+caught in the middle of a shard and stopped there (SIGSTOP), so the loss always takes a shard
+with it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from shards.core.atomic import read_json
 from shards.plan import ShardingOptions
 from shards.ray_sharding import run as shard
 from tests.clusters import NODE, simulated_cluster, wait_for_cpus
-from tests.processes import remove_whole_node
+from tests.processes import freeze_running, remove_whole_node
 from tests.stores import frames
 from units.features.extractors import ExtractorOptions
 from units.features.sampling import SampleRequest
@@ -71,19 +74,27 @@ class NodeLoss:
             replacement comes after it, for the next test.
     """
 
-    def __init__(self, cluster, committed, *, replace_during: bool = False):
+    def __init__(self, cluster, committed, *, replace_during: bool = False, task=None):
         self.cluster, self.committed = cluster, committed
         self.replace_during = replace_during
+        self.task = task
         self.reached, self.resume = threading.Event(), threading.Event()
         self.committed_at_loss: int | None = None
-        self.actor_nodes: list[str] = []  # Of the stage's pool, when it has one.
+        self.victim = None  # The node to lose: one caught running ``task``, if given.
         self.lost_node: str | None = None
 
     def hold(self) -> None:
-        """Called from the stage's thread: the first call waits until a node is gone."""
-        if not self.reached.is_set():
-            self.reached.set()
-            assert self.resume.wait(timeout=120), "the node was never removed"
+        """Called from the stage's thread: the first call that finds its node to lose waits
+        until the node is gone. With ``task``, a call that catches no worker running it (the
+        shards in flight finished meanwhile) lets the stage go on to its next result."""
+        if self.reached.is_set():
+            return
+        if self.task is not None:
+            self.victim = freeze_running(self.cluster, self.task)
+            if self.victim is None:
+                return
+        self.reached.set()
+        assert self.resume.wait(timeout=120), "the node was never removed"
 
     def run(self, stage, *args, **kwargs):
         outcome: dict = {}
@@ -101,7 +112,7 @@ class NodeLoss:
         assert self.reached.wait(timeout=180), "the stage never reached its hold point"
         assert thread.is_alive(), f"the stage ended before the node was lost: {outcome}"
         self.committed_at_loss = self.committed()
-        victim = sorted(self.cluster.worker_nodes, key=lambda n: n.unique_id)[0]
+        victim = self.victim or sorted(self.cluster.worker_nodes, key=lambda n: n.unique_id)[0]
         self.lost_node = victim.node_id
         assert remove_whole_node(self.cluster, victim), "the node has no worker to lose"
         self.resume.set()
@@ -117,17 +128,12 @@ class NodeLoss:
         return outcome["result"]
 
 
-def _node_of(actor) -> str:
-    return ray.get_runtime_context().get_node_id()
-
-
 def _held(module, loss: NodeLoss):
-    """``module.map_until_failure`` that holds the stage at the first finished shard (the
-    generator is suspended there: no further shard is handed out until it goes on)."""
+    """``module.map_until_failure`` that holds the stage at a finished shard (the generator
+    is suspended there: no further shard is handed out until it goes on)."""
     real = module.map_until_failure
 
     def map_until_failure(pool, submit, items):
-        loss.actor_nodes = ray.get([a.__ray_call__.remote(_node_of) for a in pool.actors])
         for result in real(pool, submit, items):
             loss.hold()
             yield result
@@ -135,11 +141,11 @@ def _held(module, loss: NodeLoss):
     return map_until_failure
 
 
-def _assert_lost_an_actor(loss: NodeLoss, caplog) -> None:
-    """The lost node took one of the pool's two actors with it, shards still to write; the
-    shard it held, or the next one it was given, went to the other actor."""
-    assert len(loss.actor_nodes) == 2 and loss.lost_node in loss.actor_nodes
-    assert "handing it out again" in caplog.text
+def _assert_lost_a_shard(loss: NodeLoss, caplog) -> None:
+    """The lost node was writing a shard (its worker was caught in it); the shard went to
+    the node left."""
+    assert loss.victim is not None and loss.lost_node == loss.victim.node_id
+    assert "a shard lost its worker" in caplog.text and "handing it out again" in caplog.text
 
 
 def _files(directory) -> list[str]:
@@ -206,7 +212,7 @@ def test_a_node_lost_while_sharding(cluster, corpus, root, tmp_path):
 
 def test_a_node_lost_while_extracting_features(cluster, root, caplog, monkeypatch):
     store = root / "features" / "mfcc_lost"
-    loss = NodeLoss(cluster, _count(str(store / "shards" / "*.commit.json")))
+    loss = NodeLoss(cluster, _count(str(store / "shards" / "*.commit.json")), task="process_shard")
     monkeypatch.setattr(units.stage, "map_until_failure", _held(units.stage, loss))
     with caplog.at_level(logging.WARNING, logger="shards.core.placement"):
         meta = loss.run(
@@ -216,9 +222,10 @@ def test_a_node_lost_while_extracting_features(cluster, root, caplog, monkeypatc
             ExtractorOptions("mfcc"),
             SampleRequest(percent=100, seed=0),
         )
-    # Held at the first shard: one more in flight per actor (2), the others still queued.
-    assert 0 < loss.committed_at_loss <= 3 < SHARDS == meta["shards_written"]
-    _assert_lost_an_actor(loss, caplog)
+    # Held at a finished shard with one caught mid-shard: the others still queued.
+    assert 0 < loss.committed_at_loss < SHARDS == meta["shards_written"]
+    assert meta["shards_redone"] == 1
+    _assert_lost_a_shard(loss, caplog)
     _same_files(root / "features" / "mfcc", store)
     keys = _keys(glob.glob(str(store / "shards" / "*.index.parquet")))
     assert len(keys) == len(set(keys)) == 16
@@ -260,12 +267,13 @@ def test_a_node_lost_while_fitting_kmeans(cluster, root, caplog, monkeypatch):
 
 def test_a_node_lost_while_labelling(cluster, root, caplog, monkeypatch):
     out = root / "labels" / "units_lost"
-    loss = NodeLoss(cluster, _count(str(out / "commits" / "*.json")))
+    loss = NodeLoss(cluster, _count(str(out / "commits" / "*.json")), task="process_shard")
     monkeypatch.setattr(units.stage, "map_until_failure", _held(units.stage, loss))
     with caplog.at_level(logging.WARNING, logger="shards.core.placement"):
         meta = loss.run(label, str(root), "km", "units_lost")
-    assert 0 < loss.committed_at_loss <= 3 < SHARDS == meta["shards_written"]
-    _assert_lost_an_actor(loss, caplog)
+    assert 0 < loss.committed_at_loss < SHARDS == meta["shards_written"]
+    assert meta["shards_redone"] == 1
+    _assert_lost_a_shard(loss, caplog)
     _same_files(root / "labels" / "units", out)
     keys = _keys(glob.glob(str(out / "units" / "*.parquet")))
     assert len(keys) == len(set(keys)) == meta["utterances"] == 16

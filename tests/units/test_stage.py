@@ -1,9 +1,12 @@
-"""The stage engine's read-ahead: results in order, a bounded window, errors in place."""
+"""The stage engine's read-ahead (results in order, a bounded window, errors in place) and
+the worker a pooled process keeps for one run's shards."""
 
 import threading
+import time
 
 import pytest
 
+import units.stage
 from units.stage import read_ahead
 
 
@@ -71,3 +74,39 @@ def test_a_caller_that_stops_early_leaves_no_thread_behind():
     assert [next(results) for _ in range(4)] == [0, 1, 2, 3]
     results.close()
     assert threading.active_count() == before
+
+
+class Built:
+    """Counts the stage workers built, as a pooled process builds them."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self):
+        self.count += 1
+        return f"worker {self.count}"
+
+
+def test_a_pooled_process_builds_a_runs_worker_once_and_a_new_run_gets_its_own():
+    kept, build = units.stage._Kept(), Built()
+    for _ in range(3):  # Three shards of run a.
+        assert kept.take("a", build) == "worker 1"
+        kept.give_back()
+    assert kept.take("b", build) == "worker 2"  # Another run's shard: a worker of its own.
+    kept.give_back()
+    assert kept.take("a", build) == "worker 3"  # Run a's worker was dropped for b's.
+    kept.give_back()
+    assert build.count == 3
+
+
+def test_a_kept_worker_goes_once_idle_and_never_while_a_shard_uses_it(monkeypatch):
+    monkeypatch.setattr(units.stage, "KEEP_SECONDS", 0.1)
+    kept, build = units.stage._Kept(), Built()
+    assert kept.take("a", build) == "worker 1"
+    time.sleep(0.5)  # Busy all along: kept.
+    kept.give_back()
+    assert kept.take("a", build) == "worker 1"
+    kept.give_back()
+    time.sleep(0.5)  # Idle for longer than KEEP_SECONDS: dropped.
+    assert kept.take("a", build) == "worker 2"
+    kept.give_back()

@@ -1,4 +1,5 @@
-"""The shard pool: lost actors and their shards, actors that never start, poison shards."""
+"""The shard pools: lost actors or tasks and their shards, actors that never start, poison
+shards, a full pool."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 import pytest
 import ray
 
-from shards.core.placement import RETRIES, ShardPool, map_until_failure
+from shards.core.placement import RETRIES, ShardPool, TaskPool, map_until_failure
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -102,3 +103,56 @@ def test_actors_whose_constructor_fails_fail_the_stage_with_its_error():
     pool = ShardPool(_actors(2, Broken))
     with pytest.raises(RuntimeError, match="every actor .* gone(.|\n)*no such checkpoint"):
         list(map_until_failure(pool, _write, [{"id": 0}, {"id": 1}]))
+
+
+@ray.remote(num_cpus=0.5, max_retries=0)
+def _write_task(shard: dict, marks: str) -> dict:
+    """:meth:`Worker.write` as a task; a poison shard kills its worker the first time only
+    when ``marks`` is a directory (a file there remembers it), every time otherwise."""
+    if shard.get("poison") and os.path.isdir(marks):
+        mark = os.path.join(marks, str(shard["id"]))
+        if not os.path.exists(mark):
+            open(mark, "w").close()
+            os._exit(1)
+    elif shard.get("poison"):
+        os._exit(1)
+    return Worker().write(dict(shard, poison=False))
+
+
+def _task_pool(marks: str, slots: int = 2, **kwargs) -> TaskPool:
+    return TaskPool(lambda shard: _write_task.remote(shard, marks), slots, **kwargs)
+
+
+def _send(call, shard):
+    return call(shard)
+
+
+def test_a_task_lost_with_its_worker_is_sent_again_and_written_once(tmp_path, caplog):
+    shards = [{"id": 0, "poison": True}] + [{"id": i, "seconds": 0.05} for i in range(1, 5)]
+    with caplog.at_level(logging.WARNING, logger="shards.core.placement"):
+        done = [r["shard"] for r in map_until_failure(_task_pool(str(tmp_path)), _send, shards)]
+    assert sorted(done) == list(range(5))  # Each once: shard 0 the second time.
+    assert "a shard lost its worker" in caplog.text and "handing it out again" in caplog.text
+
+
+def test_a_task_that_kills_its_worker_every_time_fails_after_its_attempts(tmp_path):
+    pool = _task_pool(str(tmp_path / "never"), attempts=1)
+    shards = [{"id": 0, "poison": True}] + [{"id": i, "seconds": 0.05} for i in range(1, 5)]
+    done = []
+    with pytest.raises(ray.exceptions.WorkerCrashedError):
+        for record in map_until_failure(pool, _send, shards):
+            done.append(record["shard"])
+    assert set(done) <= {1, 2, 3, 4} and len(done) == len(set(done))
+
+
+def test_a_task_pool_keeps_at_most_its_slots_in_flight(tmp_path):
+    pool = _task_pool(str(tmp_path), slots=1)
+    assert pool.has_free() and not pool.has_next()
+    pool.submit(_send, {"id": 0, "seconds": 0.2})
+    assert not pool.has_free() and pool.has_next()
+    pool.submit(_send, {"id": 1})  # Queued: sent once the first returns.
+    assert [pool.get_next_unordered()["shard"] for _ in range(2)] == [0, 1]
+    with pytest.raises(StopIteration):
+        pool.get_next_unordered()
+    with pytest.raises(ValueError, match="slots=0"):
+        TaskPool(_send, 0)
