@@ -136,13 +136,13 @@ def decoders() -> tuple[dict[str, Callable], list[str]]:
             handle = lib.ma_dr_flac_open_memory(data, len(data), ffi.NULL)
             try:
                 total, rate = handle.totalPCMFrameCount, handle.sampleRate
-                out = np.empty(total, np.int16)
-                n = lib.ma_dr_flac_read_pcm_frames_s16(
-                    handle, total, ffi.from_buffer("ma_dr_flac_int16 *", out)
+                out = np.empty(total, np.float32)
+                n = lib.ma_dr_flac_read_pcm_frames_f32(
+                    handle, total, ffi.from_buffer("float *", out)
                 )
             finally:
                 lib.ma_dr_flac_close(handle)
-            return _scaled(out[:n], 16), rate
+            return out[:n], rate
 
         def flac_read_s16(data: bytes):
             decoded = miniaudio.flac_read_s16(data)

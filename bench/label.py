@@ -55,9 +55,9 @@ to its exit, both scripts added; for ours, from the start of the first ``process
 (Ray's task timeline) to the return of ``run``. ``busy_seconds``: the ``process_shard`` tasks'
 own time, summed over both worker processes; the rest of two cores' share of
 ``seconds_less_startup`` is Ray's dispatch and idle tails. ``first_shard_seconds`` (a worker
-process's first shard of the run, which also builds its ``LabelWorker``) and ``later_shard_seconds`` (the median of the others) show what
-a steady worker costs per shard. Between runs the script waits for the cores to go idle (Ray
-starts fresh idle workers after a run, for a second or two).
+process's first shard of the run, which also builds its ``LabelWorker``) and
+``later_shard_seconds`` (the median of the others) show what a steady worker costs per
+shard. Between runs the script waits for the cores to go idle.
 
 The units of the two must agree (same frame counts; same unit on nearly every frame: the two
 MFCCs differ by ~1e-4 in float32 rounding, which can only flip a near tie). The agreement
@@ -103,6 +103,7 @@ Usage:
     python bench/label.py --quick      # a smoke run: 40 utterances, about 7 audio minutes
     python bench/label.py --hours 4 --repeats 2 --no-memory   # start-up mostly amortised
     python bench/label.py --profile    # also cProfile one worker's process_shard in-process
+    python bench/label.py --librispeech ../shared/data/librispeech-sample   # real speech
 """
 
 from __future__ import annotations
@@ -154,8 +155,10 @@ SAMPLE_PERCENT = 25.0
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """A generated corpus with its fairseq tsv and its root (sharded, k-means fitted)."""
+    """A corpus (generated, or real speech) with its fairseq tsv and its root (sharded,
+    k-means fitted); ``name`` says which."""
 
+    name: str
     directory: str
     tsv: str
     root: str
@@ -187,12 +190,18 @@ def write_tsv(directory: str, tsv: str) -> None:
 
 
 def build_corpus(
-    workdir: str, speakers: int, max_samples: int | None, seed: int, fit: bool = True
+    workdir: str,
+    speakers: int,
+    max_samples: int | None,
+    seed: int,
+    fit: bool = True,
+    source: str | None = None,
 ) -> Corpus:
     """Makes (or reuses) the corpus, its tsv and its root; fits the k-means when ``fit``.
 
     ``max_samples`` (utterances per shard) defaults to the utterances over
-    ``SHARDS_PER_WORKER * CORES``.
+    ``SHARDS_PER_WORKER * CORES``. ``source``: a LibriSpeech-layout directory of real
+    speech to use as it is, instead of the generated corpus (``speakers`` is then unused).
     """
     import pyarrow.parquet as pq
 
@@ -200,24 +209,31 @@ def build_corpus(
     from shards.ray_sharding import run as shard
     from shards.synthetic import write_librispeech
 
-    utterances = speakers * CHAPTERS * UTTERANCES_PER_CHAPTER
+    if source is None:
+        utterances = speakers * CHAPTERS * UTTERANCES_PER_CHAPTER
+        name = f"corpus-{speakers}spk"
+    else:
+        utterances = sum(f.endswith(".flac") for _, _, files in os.walk(source) for f in files)
+        name = "corpus-" + os.path.basename(os.path.normpath(source))
     if max_samples is None:
         max_samples = math.ceil(utterances / (SHARDS_PER_WORKER * CORES))
-    base = os.path.join(workdir, f"corpus-{speakers}spk-{max_samples}per-shard-seed{seed}")
-    directory, root = os.path.join(base, "flac"), os.path.join(base, "root")
+    base = os.path.join(workdir, f"{name}-{max_samples}per-shard-seed{seed}")
+    directory, root = source or os.path.join(base, "flac"), os.path.join(base, "root")
     tsv = os.path.join(base, f"{SPLIT}.tsv")
     ready = os.path.join(base, "ready.json")
     if not os.path.exists(ready):
         shutil.rmtree(base, ignore_errors=True)
+        os.makedirs(base)
         started = time.perf_counter()
-        write_librispeech(
-            directory,
-            speakers=speakers,
-            chapters=CHAPTERS,
-            utterances=UTTERANCES_PER_CHAPTER,
-            seconds=(MIN_SECONDS, MAX_SECONDS),
-            seed=seed,
-        )
+        if source is None:
+            write_librispeech(
+                directory,
+                speakers=speakers,
+                chapters=CHAPTERS,
+                utterances=UTTERANCES_PER_CHAPTER,
+                seconds=(MIN_SECONDS, MAX_SECONDS),
+                seed=seed,
+            )
         write_tsv(directory, tsv)
         shard([directory], root, ShardingOptions(layout="librispeech", max_samples=max_samples))
         with open(ready, "w") as f:
@@ -240,6 +256,7 @@ def build_corpus(
         os.path.join(root, "manifest", "utterances.parquet"), columns=["shard", "duration"]
     )
     return Corpus(
+        name="generated" if source is None else os.path.basename(os.path.normpath(source)),
         directory=directory,
         tsv=tsv,
         root=root,
@@ -793,7 +810,7 @@ def bench_label(corpus: Corpus, workdir: str, repeats: int) -> None:
     shutil.rmtree(os.path.join(corpus.root, "labels", "warmup"), ignore_errors=True)
 
     head = (
-        f"RESULT bench=label case=mfcc_k{K} hours={corpus.hours:.2f}"
+        f"RESULT bench=label case=mfcc_k{K} corpus={corpus.name} hours={corpus.hours:.2f}"
         f" utterances={corpus.utterances} shards={corpus.shards} k={K} cores={CORES}"
     )
     ours_s, ours_less = _report(
@@ -802,7 +819,8 @@ def bench_label(corpus: Corpus, workdir: str, repeats: int) -> None:
     fs_s, fs_less = _report(head, "fairseq", fairseq, corpus.hours, f" npy_MB={npy_mb:.0f}")
     speedup, speedup_less = fs_s / ours_s, fs_less / ours_less
     print(
-        f"RESULT bench=label case=mfcc_k{K} speedup_vs_fairseq={speedup:.2f}"
+        f"RESULT bench=label case=mfcc_k{K} corpus={corpus.name}"
+        f" speedup_vs_fairseq={speedup:.2f}"
         f" target={TARGET_SPEEDUP:g} met={speedup >= TARGET_SPEEDUP}"
         f" speedup_less_startup={speedup_less:.2f} agreement={share:.5f}"
         f" frame_counts_equal={counts_equal} frames={frames} repeats={repeats}",
@@ -864,6 +882,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip label.memory")
+    parser.add_argument(
+        "--librispeech",
+        metavar="DIR",
+        help="label this LibriSpeech-layout directory of real speech (the repository's sample:"
+        " ../shared/data/librispeech-sample) instead of a generated corpus; no label.memory",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile one worker in-process")
     parser.add_argument(
         "--workdir",
@@ -914,10 +938,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False, **local_options())
     try:
         speakers = _speakers(args.hours)
-        corpus = build_corpus(workdir, speakers, None, args.seed)
+        corpus = build_corpus(workdir, speakers, None, args.seed, source=args.librispeech)
         print(
-            f"setup: {corpus.hours:.3f} audio hours, {corpus.utterances} utterances of"
-            f" {MIN_SECONDS:g}-{MAX_SECONDS:g} s, {corpus.shards} shards of"
+            f"setup: {corpus.hours:.3f} audio hours, {corpus.utterances} utterances"
+            + (
+                f" of {args.librispeech}"
+                if args.librispeech
+                else f" of {MIN_SECONDS:g}-{MAX_SECONDS:g} s"
+            )
+            + f", {corpus.shards} shards of"
             f" {corpus.max_samples} utterances, k={K}, cores={CORES} (ours: {CORES} Ray"
             f" tasks at a time; fairseq: nshard={CORES}), repeats={args.repeats}",
             flush=True,
@@ -925,7 +954,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_label(corpus, workdir, args.repeats)
         if args.profile:
             profile_worker(corpus)
-        big = None if args.no_memory else build_memory_corpus(corpus, workdir, speakers, args.seed)
+        # The memory check needs a corpus four times larger: generated ones only.
+        memory = not args.no_memory and args.librispeech is None
+        big = build_memory_corpus(corpus, workdir, speakers, args.seed) if memory else None
     finally:
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)

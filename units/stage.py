@@ -306,7 +306,7 @@ class _Kept:
     @staticmethod
     def _release() -> None:
         gc.collect()  # A model's modules hold reference cycles.
-        release_free_memory()
+        release_free_memory(force=True)
 
 
 _kept = _Kept()

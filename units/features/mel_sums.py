@@ -2,16 +2,21 @@
 
 Kaldi's triangular filters are sparse: each FFT bin feeds at most two neighbouring filters, so
 a dense ``(bins, filters)`` matmul spends most of its work on exact zeros, and reading the
-``rfft`` output again to square it costs one more pass. Here one loop per frame forms each
+``rfft`` output again to square it costs one more pass. Here a compiled loop forms each
 bin's power ``re^2 + im^2`` and adds it, weighted, into the filters whose triangle covers it
-(23 filters: about 500 multiply-adds a frame instead of about 12,000). Measured on 1,000
-frames of 512-point spectra, one core: 0.37 ms against 0.98 ms for the squaring and banded
-matmuls it replaces (``KaldiMFCC``'s CPU path, 1.3-1.5x faster as a whole).
+(23 filters: about 500 multiply-adds a frame instead of about 12,000).
+
+One filter's sum is a chain of dependent adds, so a loop over one frame waits on the adder's
+latency. The loop takes :data:`FRAMES_PER_BLOCK` frames at a time instead, their powers laid
+out bin by bin, and runs each filter's chain for all of them at once: the frames are
+independent lanes, which LLVM puts in SIMD registers without reordering any frame's own sum.
+Measured on 1,000 frames of 512-point spectra, one core (AMD EPYC, AVX2): 0.26 ms, against
+0.57 ms one frame at a time and 0.98 ms for the squaring and banded matmuls both replace.
 
 Each filter's sum runs over its bins in ascending order in float32, every product rounded
 before it is added (no ``fastmath``, so LLVM neither reorders nor fuses them): the energies
 are a function of the frame alone, the same bits for a frame batched with others or alone,
-on any CPU; a BLAS matmul picks its order by shape and CPU instead.
+in any lane of a block, on any CPU; a BLAS matmul picks its order by shape and CPU instead.
 """
 
 from __future__ import annotations
@@ -21,21 +26,33 @@ import torch
 
 _compiled = None  # The numba kernel, compiled (or loaded from numba's cache) on first use.
 
+#: Frames whose sums run side by side (one AVX2 register of float32; 16 was slower here).
+FRAMES_PER_BLOCK = 8
+
 
 def _sums(spectrum, first, count, offset, weights, out):  # pragma: no cover - compiled.
     frames, bins = spectrum.shape[0], spectrum.shape[1] // 2
-    power = np.empty(bins, np.float32)
-    for i in range(frames):
-        for k in range(bins):
-            re = spectrum[i, 2 * k]
-            im = spectrum[i, 2 * k + 1]
-            power[k] = re * re + im * im
+    power = np.zeros((bins, FRAMES_PER_BLOCK), np.float32)  # A block's powers, bin by bin.
+    acc = np.empty(FRAMES_PER_BLOCK, np.float32)
+    for i0 in range(0, frames, FRAMES_PER_BLOCK):
+        n = min(FRAMES_PER_BLOCK, frames - i0)
+        for f in range(n):
+            for k in range(bins):
+                re = spectrum[i0 + f, 2 * k]
+                im = spectrum[i0 + f, 2 * k + 1]
+                power[k, f] = re * re + im * im
         for j in range(first.shape[0]):
-            acc = np.float32(0.0)
+            # Lanes past n (a short last block) sum an earlier block's powers (or zeros) and
+            # are never written out.
+            for f in range(FRAMES_PER_BLOCK):
+                acc[f] = np.float32(0.0)
             lo, at = first[j], offset[j]
             for t in range(count[j]):
-                acc += weights[at + t] * power[lo + t]
-            out[i, j] = acc
+                w = weights[at + t]
+                for f in range(FRAMES_PER_BLOCK):
+                    acc[f] += w * power[lo + t, f]
+            for f in range(n):
+                out[i0 + f, j] = acc[f]
 
 
 def _kernel():
