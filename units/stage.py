@@ -278,8 +278,9 @@ class _Kept:
         """Run ``token``'s worker, built now if this process holds another run's or none."""
         with self._lock:
             if self._token != token:
-                self._token = self._actor = None
-                self._release()
+                if self._actor is not None:  # Another run's: its memory goes first.
+                    self._token = self._actor = None
+                    self._release()
                 self._actor = build()
                 self._token = token
             self._busy += 1
