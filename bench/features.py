@@ -49,11 +49,12 @@ default 120 s: about two minutes on two idle cores), two threads for everyone:
   reference; it is not what fairseq does.
 * ``pipeline`` (CPU only): the feature stage on Ray as a user runs it,
   ``units.features.stage.run`` with ``ExtractorOptions("hf:MODEL_DIR", layer=6)`` and
-  ``SampleRequest(percent=100)``, Ray started with ``num_cpus=2``: one single-threaded actor
-  per core. The utterances are written as 16 kHz 16-bit FLAC and sharded by the shard stage
-  (at least two shards per actor) before timing; each timed call, into a fresh store,
-  includes the actors' start-up and model load. Its store must hold every utterance with
-  ``SSL.frames(n)`` frames, within ``SSL_PIPELINE_ATOL`` of the loop on the same 16-bit audio.
+  ``SampleRequest(percent=100)``, Ray started with ``num_cpus=2``: one single-threaded task
+  per core on Ray's pooled workers. The utterances are written as 16 kHz 16-bit FLAC and
+  sharded by the shard stage (at least two shards per worker) before timing; each timed
+  call, into a fresh store, includes each worker's model load on its first shard. Its store
+  must hold every utterance with ``SSL.frames(n)`` frames, within ``SSL_PIPELINE_ATOL`` of
+  the loop on the same 16-bit audio.
 
 Prints, for example::
 
@@ -504,11 +505,12 @@ class _Pipeline:
     """The ``pipeline`` contender: the feature stage on Ray (``units.features.stage.run``).
 
     Set up off the clock: the benchmark's utterances as 16 kHz 16-bit FLAC files, sharded
-    by the shard stage into at least two shards per actor, under ``directory``. Each call
+    by the shard stage into at least two shards per worker, under ``directory``. Each call
     extracts every utterance into a fresh feature store and returns its name. A call is the
-    whole stage as a user runs it: planning, one single-threaded actor per core (Ray sets
-    OMP_NUM_THREADS=1 for ``num_cpus=1`` actors), each starting a Ray worker, importing torch
-    and loading the model, then decoding, extracting and committing float16 shards.
+    whole stage as a user runs it: planning, one single-threaded task per core on Ray's
+    pooled workers (Ray sets OMP_NUM_THREADS=1 for ``num_cpus=1`` tasks), each loading the
+    model on its first shard of the call, then decoding, extracting and committing float16
+    shards.
     """
 
     def __init__(self, audio: Sequence[np.ndarray], model_dir: str, directory: str):
@@ -523,7 +525,7 @@ class _Pipeline:
 
         wav_dir = os.path.join(directory, "wav")
         os.makedirs(wav_dir)
-        #: What the pipeline's actors decode: the audio after 16-bit quantisation.
+        #: What the pipeline's workers decode: the audio after 16-bit quantisation.
         self.audio16: list[np.ndarray] = []
         for i, wav in enumerate(audio):
             path = os.path.join(wav_dir, f"utt{i:05d}.flac")
@@ -531,7 +533,7 @@ class _Pipeline:
             self.audio16.append(sf.read(path, dtype="float32")[0])
         self.root = os.path.join(directory, "root")
         self.workers = int(ray.cluster_resources().get("CPU", 1))
-        per_shard = max(1, len(audio) // (2 * self.workers))  # Two shards or more per actor.
+        per_shard = max(1, len(audio) // (2 * self.workers))  # Two shards or more per worker.
         self.shards = math.ceil(len(audio) / per_shard)
         shard([wav_dir], self.root, ShardingOptions(layout="dir", max_samples=per_shard))
         self.options = ExtractorOptions(f"hf:{model_dir}", layer=SSL_LAYER)

@@ -12,8 +12,8 @@ from ._schema import REQUIRED, Float, Int, Option, Optional, Str, add_option, ad
 
 ROOT = Option(Str(), REQUIRED, "dataset root: a local path or a URL (s3://bucket/prefix)", "ROOT")
 
-#: Ray actors of the stages that run them (k-means, labels, wav2vec-U).
-WORKERS = Option(Optional(Int(lo=1)), None, "Ray actors (default: one per CPU)", "N")
+#: Ray workers of the stages that run them (k-means actors; label and wav2vec-U tasks at once).
+WORKERS = Option(Optional(Int(lo=1)), None, "Ray workers (default: one per CPU)", "N")
 
 #: In-process local Ray or a cluster; also the ``ray`` section of the hubert config.
 RAY = {

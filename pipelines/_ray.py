@@ -11,10 +11,11 @@ import os
 log = logging.getLogger(__name__)
 
 #: Modules every worker process of a local Ray imports while it idles, before it takes work
-#: (Ray's ``preload_python_modules``). A stage's actors then start in a fraction of a
-#: second: importing torch and the stage costs each new worker 1.5 s on an idle core and
-#: 5 s on a busy one, which on a short stage was a third of its time. Ray starts one idle
-#: worker per CPU; torch's libraries are shared pages, so the cost is little memory.
+#: (Ray's ``preload_python_modules``). A CPU stage's shard tasks, which run on these pooled
+#: workers (``units.stage``), then start in a fraction of a second: importing torch and the
+#: stage costs each new worker 1.5 s on an idle core and 5 s on a busy one, which on a short
+#: stage was a third of its time. Ray starts one idle worker per CPU; torch's libraries are
+#: shared pages, so the cost is little memory.
 WORKER_PRELOAD = ("torch", "units.labels.stage", "units.features.stage", "shards.shard_job")
 
 

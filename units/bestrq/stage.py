@@ -118,7 +118,7 @@ def run(
             :func:`default_sample` with the config's seed). Ignored with ``features``.
         features: Measure the statistics on this finished feature store instead (its spec
             must be the extractor's).
-        workers: Label actors (default: one per CPU).
+        workers: CPU label workers: shards at once (default: one per CPU).
         gpus_per_worker: GPUs per label actor (default: one when the cluster has GPUs).
         dedup: Also store GSLM-style deduplicated units of the first codebook.
         progress: Live progress bars on the driver.

@@ -1,10 +1,11 @@
 """The feature stage on Ray: a seeded sample of the corpus into the feature store.
 
 The driver draws the sample from the utterances manifest and plans one feature shard per
-audio shard. Workers are Ray actors, each of which builds its extractor once (one model load
-per worker): on a cluster with GPUs, GPU actors take decoded audio from CPU tasks, so a GPU
-never waits on FLAC decoding; without GPUs, CPU actors decode for themselves. A feature shard
-is committed atomically; a rerun skips committed shards and a finished run does nothing.
+audio shard, written by the stage engine (:mod:`units.stage`): on CPUs a task per shard on
+Ray's pooled workers, each of which builds its extractor once per run (one model load per
+worker process); on a cluster with GPUs, GPU actors whose threads decode the audio ahead, so
+a GPU never waits on FLAC decoding. A feature shard is committed atomically; a rerun skips
+committed shards and a finished run does nothing.
 
 Determinism (README, "Determinism"): :func:`batches` cuts one shard's rows, in manifest
 order, at ``batch_seconds`` of audio, a rule of the shard alone, so neither the number of

@@ -295,7 +295,7 @@ def run(
         root: Dataset root.
         kmeans: Finished k-means under ``ROOT/kmeans``.
         name: Label set name.
-        workers: CPU actors (default: one per CPU).
+        workers: CPU workers: shards labelled at once (default: one per CPU).
         gpus_per_worker: GPUs per actor, for the model and the centroid search (default:
             one per actor when the cluster has GPUs; 0: CPUs only).
         extractor: Build this extractor instead of the one the k-means recorded; it must

@@ -61,7 +61,7 @@ class W2VUOptions:
         rate: Mean-pool subsample rate.
         remove_extra: Drop frames that do not pool evenly instead of padding with the last.
         seed: k-means seed.
-        workers: CPU actors (default: one per CPU).
+        workers: CPU workers: shards at once (default: one per CPU).
         gpus_per_worker: GPUs per actor (default: one when the cluster has GPUs; 0: CPUs).
     """
 
