@@ -53,7 +53,7 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "hubert-mfcc.yaml")
 WORKERS = 6
-SHARDS = 12  # One utterance per shard (shard.max_samples=1), in each shard stage.
+SHARDS = 26  # One utterance per shard (shard.max_samples=1), in each shard stage.
 #: The stages whose unit is a shard: where a shard being written has its temporary files,
 #: and where its commit record goes.
 WRITING = {"shard": "shards", "features": "features/*/shards", "label": "labels/*/*"}
@@ -63,7 +63,9 @@ COMMITS = {
     "label": "labels/*/commits/{}.json",
 }
 #: Seconds between random preemptions (adding the replacement node takes about 3 s more).
-PERIOD = 4.0
+#: The CPU stages' shard tasks start on pooled workers at once, so the run is short: at 4 s
+#: as few as two preemptions fell inside its stages.
+PERIOD = 1.0
 
 
 def _argv(corpus, root, *overrides: str) -> list[str]:
@@ -83,9 +85,9 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """12 utterances of about 5 s, two speakers, with phone alignments for the report."""
+    """26 utterances of about 5 s, two speakers, with phone alignments for the report."""
     root = tmp_path_factory.mktemp("corpus")
-    write_demo_corpus(str(root), minutes=1.0, speakers=2, seed=3)
+    write_demo_corpus(str(root), minutes=2.0, speakers=2, seed=3)
     return root
 
 
