@@ -53,7 +53,10 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "hubert-mfcc.yaml")
 WORKERS = 6
-SHARDS = 26  # One utterance per shard (shard.max_samples=1), in each shard stage.
+#: One utterance per shard (shard.max_samples=1), in each shard stage. The CPU stages' shard
+#: tasks start on pooled workers at once, so a run of 12 shards was short enough that as few
+#: as two preemptions fell inside its stages.
+SHARDS = 26
 #: The stages whose unit is a shard: where a shard being written has its temporary files,
 #: and where its commit record goes.
 WRITING = {"shard": "shards", "features": "features/*/shards", "label": "labels/*/*"}
@@ -63,9 +66,7 @@ COMMITS = {
     "label": "labels/*/commits/{}.json",
 }
 #: Seconds between random preemptions (adding the replacement node takes about 3 s more).
-#: The CPU stages' shard tasks start on pooled workers at once, so the run is short: at 4 s
-#: as few as two preemptions fell inside its stages.
-PERIOD = 1.0
+PERIOD = 4.0
 
 
 def _argv(corpus, root, *overrides: str) -> list[str]:
