@@ -25,6 +25,11 @@ components and there is no clean answer. Contenders, all on two cores:
 * ``sklearn_lloyd``: scikit-learn ``KMeans(algorithm="lloyd", init="k-means++", n_init=1,
   max_iter=50)``, its default ``tol``.
 
+The three baselines each run in a fresh process of this script (:func:`run_isolated`, on the
+same rows saved to a file, with the same thread limits): in one process, an OpenMP library
+that had run before slowed the next one (faiss: 4.6-5.0 s after MiniBatchKMeans or after our
+in-process fit, 2.7 s alone). Ours in process runs last.
+
 Every contender's inertia is computed by the same function, :func:`full_inertia` (an exact
 float64 sum over all rows), from its centroids; ours must also agree with its own
 ``inertia_``. On 1M x 39, the run then starts a simulated two-node Ray cluster
@@ -66,6 +71,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -344,6 +350,43 @@ def run_sklearn_lloyd(x: np.ndarray, k: int, seed: int) -> Run:
     return Run("sklearn_lloyd", seconds, km.cluster_centers_, fields, model=km)
 
 
+#: Baselines, each run in a fresh process by :func:`run_isolated`.
+BASELINES = ("faiss", "minibatch", "sklearn_lloyd")
+
+
+def _baseline(name: str, x: np.ndarray, k: int, seed: int, mbk_n_init: int) -> Run:
+    if name == "faiss":
+        return run_faiss(x, k, seed)
+    if name == "minibatch":
+        return run_minibatch(x, k, seed, mbk_n_init)
+    return run_sklearn_lloyd(x, k, seed)
+
+
+def run_isolated(
+    name: str, data: str, k: int, seed: int, args: argparse.Namespace, scratch: str
+) -> Run:
+    """Baseline ``name`` on the rows saved at ``data``, in a child process of this script
+    (the same thread limits, BLAS choice and timing as in this one): its best of
+    ``--repeats`` fits, with its centroids."""
+    out = os.path.join(scratch, f"{name}.npz")
+    command = [sys.executable, os.path.abspath(__file__), "--baseline-child", name, data, out]
+    command += ["--seed", str(seed), "--mbk-n-init", str(args.mbk_n_init)]
+    command += ["--repeats", str(args.repeats), "--k", str(k)]
+    subprocess.run(command, check=True)
+    with np.load(out) as saved:
+        fields = json.loads(str(saved["fields"]))
+        return Run(name, float(saved["seconds"]), saved["centroids"], fields)
+
+
+def baseline_child(args: argparse.Namespace) -> None:
+    """The child side of :func:`run_isolated`."""
+    name, data, out = args.baseline_child
+    x = np.load(data)
+    run = best_of(args.repeats, lambda: _baseline(name, x, args.k, args.seed, args.mbk_n_init))
+    fields = json.dumps({key: str(value) for key, value in run.fields.items()})
+    np.savez(out, centroids=run.centroids, seconds=run.seconds, fields=fields)
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray
 
@@ -574,15 +617,21 @@ def bench_case(case: Case, args: argparse.Namespace) -> None:
         lambda: run_ours_ray(x, k, seed, name="ours_20iter", max_iter=20, tol=0.0),
         ray=True,
     )
+    # Each baseline runs in a fresh process of its own (run_isolated): after another
+    # OpenMP library has run in the same process, faiss took 4.6-5.0 s where a fresh process
+    # takes 2.7 s (after MiniBatchKMeans, or after our in-process fit; measured on the 2-core
+    # EPYC), which would flatter time_vs_faiss, and the same could flatter the others.
+    with tempfile.TemporaryDirectory(prefix="km-data-") as scratch:
+        data = os.path.join(scratch, "x.npy")
+        np.save(data, x)
+        for name in BASELINES:
+            contender(name, lambda name=name: run_isolated(name, data, k, seed, args, scratch))
     contender("ours_inprocess", lambda: run_ours_inprocess(x, k, seed))
     if "ours_inprocess" in runs:
         ray_c, inproc_c = runs["ours"].centroids, runs["ours_inprocess"].centroids
         same = bool(np.array_equal(ray_c, inproc_c))
         diff = "" if same else f" (max |diff| {_max_diff(ray_c, inproc_c):.1e})"
         print(f"  ours on Ray and in process: identical centroids {same}{diff}", flush=True)
-    contender("minibatch", lambda: run_minibatch(x, k, seed, args.mbk_n_init))
-    contender("faiss", lambda: run_faiss(x, k, seed))
-    contender("sklearn_lloyd", lambda: run_sklearn_lloyd(x, k, seed))
     report_ratios(case, runs, args.mbk_n_init)
     report_iterations(case, runs)
     if case.name == CLUSTER_CASE or (args.quick and case.dim == 39):
@@ -630,6 +679,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", action="append", choices=CONTENDERS, help="leave out")
     parser.add_argument("--no-cluster", action="store_true", help="no two-node cluster run")
+    parser.add_argument("--baseline-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--k", type=int, help=argparse.SUPPRESS)  # With --baseline-child.
     args = parser.parse_args(argv)
     if args.mbk_n_init is None:
         args.mbk_n_init = QUICK_MBK_N_INIT if args.quick else MBK_N_INIT
@@ -644,6 +695,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from threadpoolctl import threadpool_info, threadpool_limits
 
     _limits = threadpool_limits(CORES)  # In force for the rest of the process.
+    if args.baseline_child:
+        baseline_child(args)
+        return 0
     blas = ",".join(
         f"{info['prefix']}:{info.get('architecture')}"
         for info in threadpool_info()

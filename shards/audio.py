@@ -113,11 +113,19 @@ def iter_16k(path: str, block_frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray
                 if len(out):
                     yield out
     except sf.LibsndfileError as e:
-        raise AudioError(Reason.CORRUPT, f"decoder failed: {e}") from e
+        raise AudioError(Reason.CORRUPT, f"decoder failed: {decoder_words(e)}") from e
     except PermissionError as e:
         raise AudioError(Reason.PERMISSION_DENIED, str(e)) from e
     except OSError as e:
         raise AudioError(Reason.IO_ERROR, f"read failed: {e}") from e
+
+
+def decoder_words(e: Exception) -> str:
+    """What the decoder said, for a reject message: libsndfile's own words, without
+    soundfile's "Error opening <file object ...>" prefix. The reject row names the file, and
+    the object's repr differs with how the file was opened and, for an in-memory copy, holds
+    a memory address, which would make two runs' rejects differ."""
+    return e.error_string if isinstance(e, sf.LibsndfileError) else str(e)
 
 
 def verify_decodes(source: str | BinaryIO, block_frames: int = BLOCK_FRAMES) -> int:
@@ -138,7 +146,7 @@ def verify_decodes(source: str | BinaryIO, block_frames: int = BLOCK_FRAMES) -> 
             raise AudioError(Reason.TRUNCATED, f"decoded {n} of the {declared} frames declared")
         return n
     except sf.LibsndfileError as e:
-        raise AudioError(Reason.CORRUPT, f"decoder failed: {e}") from e
+        raise AudioError(Reason.CORRUPT, f"decoder failed: {decoder_words(e)}") from e
 
 
 class _Window(io.RawIOBase):

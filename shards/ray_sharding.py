@@ -35,7 +35,7 @@ from .shard_job import write_shard
 log = logging.getLogger(__name__)
 
 #: Fewest inputs probed by one task (more when there are many, a few tasks per CPU).
-PROBE_BATCH = 128
+PROBE_BATCH = 1024
 
 
 class UsageError(ValueError):

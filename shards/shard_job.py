@@ -367,7 +367,7 @@ def _open_source(source: str, fd: int | None):
 
 def _size(opened) -> int:
     """The size of an open source; leaves it at its start."""
-    if isinstance(opened, io.BufferedReader):
+    if isinstance(opened, (io.FileIO, io.BufferedReader)):
         return os.fstat(opened.fileno()).st_size
     size = opened.seek(0, io.SEEK_END)
     opened.seek(0)

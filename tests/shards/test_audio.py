@@ -107,3 +107,16 @@ def test_16bit_files_read_as_int16_give_exactly_what_the_float_path_gives(tmp_pa
     slow = np.concatenate(list(iter_16k(str(tmp_path / "float.wav"), block_frames=5000)))
     assert fast.dtype == (np.int16 if (rate, channels) == (16000, 1) else np.float32)
     np.testing.assert_array_equal(audio.to_pcm16(fast), audio.to_pcm16(slow))
+
+
+def test_a_decoder_failure_says_what_libsndfile_said_and_never_names_a_file_object():
+    """Reject messages land in rejects.parquet: a file object's repr in them (soundfile's
+    "Error opening <_io.BytesIO object at 0x...>") would differ from run to run."""
+    garbage = b"not audio at all " * 64
+    with pytest.raises(AudioError) as in_memory:
+        audio.verify_decodes(io.BytesIO(garbage))
+    with pytest.raises(AudioError) as again:
+        audio.verify_decodes(io.BytesIO(garbage))
+    assert in_memory.value.reason == "corrupt"
+    assert str(in_memory.value) == "decoder failed: Format not recognised."
+    assert str(again.value) == str(in_memory.value)
