@@ -25,6 +25,7 @@ import ray
 from . import discover
 from . import plan as planning
 from .core import storage, throughput
+from .core.placement import LOST_TASK
 from .discover import Source
 from .manifest import finalize, read_summary
 from .plan import ShardingOptions
@@ -35,7 +36,10 @@ from .shard_job import write_shard
 log = logging.getLogger(__name__)
 
 #: Fewest inputs probed by one task (more when there are many, a few tasks per CPU).
-PROBE_BATCH = 1024
+PROBE_BATCH = 128
+#: A corpus with fewer inputs than this per CPU is probed by one task per CPU: a task costs
+#: about 10 ms to send and return, as much as probing 300 files from a warm cache.
+PROBE_ONE_TASK_PER_CPU = 1024
 
 
 class UsageError(ValueError):
@@ -93,6 +97,13 @@ def validate(inputs: list[str], root: str, opts: ShardingOptions) -> None:
             )
 
 
+def probe_batch(inputs: int, cpus: int) -> int:
+    """Inputs per probe task: four tasks per CPU on a large corpus (so that slow storage
+    evens out), one per CPU on a small one, never fewer than :data:`PROBE_BATCH` inputs."""
+    one_per_cpu = min(PROBE_ONE_TASK_PER_CPU, -(-inputs // max(1, cpus)))
+    return max(PROBE_BATCH, one_per_cpu, -(-inputs // (4 * max(1, cpus))))
+
+
 def _plan(inputs: list[str], layout: RootLayout, opts: ShardingOptions) -> planning.Plan:
     fingerprint = planning.fingerprint(inputs, opts)
     saved = planning.load(layout)
@@ -116,9 +127,7 @@ def _plan(inputs: list[str], layout: RootLayout, opts: ShardingOptions) -> plann
             f"{','.join(opts.extensions)}); check the path, --layout and --extensions"
         )
     log.info("discovered %d inputs (%s); probing headers", len(sources), ", ".join(layouts))
-    per_task = max(
-        PROBE_BATCH, -(-len(sources) // (4 * int(ray.cluster_resources().get("CPU", 1))))
-    )
+    per_task = probe_batch(len(sources), int(ray.cluster_resources().get("CPU", 1)))
     # Each batch is copied out of the table (take): a slice would send the whole table.
     refs = [
         _probe_task.remote(sources.take(np.arange(i, min(i + per_task, len(sources)))), opts)
@@ -231,14 +240,9 @@ def _source_bytes(made: planning.Plan, pending: list[int]) -> int:
 
 
 #: A shard task lost with its worker or node (preempted, crashed, killed for memory by
-#: Ray's monitor) or its result; sent again up to _RESUBMITS times before it counts as
-#: failed, so that a shard that kills its worker every time cannot go round forever.
-_LOST = (
-    ray.exceptions.WorkerCrashedError,
-    ray.exceptions.NodeDiedError,
-    ray.exceptions.ObjectLostError,
-    ray.exceptions.OutOfMemoryError,
-)
+#: Ray's monitor) or its result (``LOST_TASK``) is sent again up to _RESUBMITS times before
+#: it counts as failed, so that a shard that kills its worker every time cannot go round
+#: forever.
 _RESUBMITS = 5
 
 
@@ -283,7 +287,7 @@ def _write_all(layout, made, pending, opts, progress, on_shard) -> _Written:
             try:
                 record = ray.get(ref)
             except Exception as e:
-                if isinstance(e, _LOST) and lost[i] < _RESUBMITS and not stop:
+                if isinstance(e, LOST_TASK) and lost[i] < _RESUBMITS and not stop:
                     # The lost task is gone (its worker with it), and a shard is written
                     # from scratch, so send it once more.
                     lost[i] += 1

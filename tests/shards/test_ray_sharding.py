@@ -16,7 +16,7 @@ import webdataset as wds
 import shards
 from shards import synthetic
 from shards.plan import ShardingOptions
-from shards.ray_sharding import UsageError, run
+from shards.ray_sharding import PROBE_BATCH, UsageError, probe_batch, run
 from tests.conftest import tone
 from tests.corpora import write_bad_corpus, write_vad_corpus
 
@@ -337,3 +337,21 @@ def test_a_multi_hour_recording_is_stored_whole_and_split_by_vad(tmp_path):
     durations = [u["duration"] for u in _manifest(tmp_path / "cut", "utterances")]
     assert cut["segments"] == len(durations) > 100
     assert max(durations) < 60  # Voiced stretches are at most 2.5 s: segments stay near 30 s.
+
+
+@pytest.mark.parametrize(
+    ("inputs", "cpus", "tasks"),
+    [
+        (100, 2, 1),  # Fewer than PROBE_BATCH: one task.
+        (2_000, 2, 2),  # A small corpus: one task per CPU.
+        (10_000, 16, 16),
+        (100_000, 16, 64),  # A large one: four per CPU, so that slow storage evens out.
+        (7_000_000, 400, 1_600),
+    ],
+)
+def test_probe_tasks_are_one_per_cpu_on_small_corpora_and_four_per_cpu_on_large(
+    inputs, cpus, tasks
+):
+    per_task = probe_batch(inputs, cpus)
+    assert -(-inputs // per_task) == tasks
+    assert per_task >= min(inputs, PROBE_BATCH)
