@@ -12,7 +12,8 @@ corpus at a path that every run shares: tar shards record their source paths). T
   every worker killed at once, and a fresh node joins in its place. Most of a run this small
   is workers starting, so a random moment often falls between shards; once in each shard
   stage the loop also takes the node of a worker caught writing a shard (the temporary file
-  names the writer's PID), so that work is certainly lost and must be redone.
+  names the writer's PID), so that work is certainly lost and must be redone, and once in
+  the k-means stage a random node half a second in, while its actors start or fit.
 - The same command as a driver process of its own, SIGKILLed once the shard stage has
   committed some of its shards but not all, then run again to the end (in this process):
   it must write only the shards that were not committed, and every later stage in full.
@@ -67,6 +68,12 @@ COMMITS = {
 }
 #: Seconds between random preemptions (adding the replacement node takes about 3 s more).
 PERIOD = 4.0
+#: The k-means stage has no shard to catch being written: a node is lost this many seconds
+#: into the stage, once, while its actors start or fit. With the writers caught in the
+#: three shard stages (each stage waits until the loop has seen it start), four
+#: preemptions land inside stages whatever the stages' length: a random one every PERIOD
+#: alone missed every stage of a fast run.
+KMEANS_AFTER = 0.5
 
 
 def _argv(corpus, root, *overrides: str) -> list[str]:
@@ -141,21 +148,40 @@ class Chaos:
         self.cluster, self.root, self.stage = cluster, str(root), stage
         self.rng = random.Random(seed)
         self.kills: list[dict] = []  # Each: stage, how it was chosen, what it cost.
+        #: Set once the loop has seen each stage it preempts for sure running; the stage waits
+        #: for it before it starts, as the loop may be busy adding a node for seconds, longer
+        #: than a small stage lasts.
+        self.seen = {name: threading.Event() for name in (*WRITING, "kmeans")}
 
     def run(self, thread: threading.Thread, timeout: float = 300) -> None:
-        """Preempts until ``thread`` ends: a random node every ``PERIOD`` seconds, and in each
-        shard stage, once, the node of a worker caught writing a shard."""
+        """Preempts until ``thread`` ends: a random node every ``PERIOD`` seconds; in each
+        shard stage, once, the node of a worker caught writing a shard; in the k-means
+        stage, once, a random node ``KMEANS_AFTER`` seconds in."""
         deadline = time.monotonic() + timeout
         next_kill = time.monotonic() + PERIOD
         caught: set[str] = set()
+        kmeans_started = None
         while thread.is_alive():
             assert time.monotonic() < deadline, f"the run did not end; kills: {self.kills}"
             stage = self.stage()
+            if stage in self.seen:
+                self.seen[stage].set()
+            if stage == "kmeans" and kmeans_started is None:
+                kmeans_started = time.monotonic()
             writing = self._writing(stage) if stage in WRITING and stage not in caught else None
             if writing is not None:
                 node, shard = writing
                 caught.add(stage)
                 self._preempt(node, stage, shard=shard)
+                next_kill = time.monotonic() + PERIOD
+            elif (
+                stage == "kmeans"
+                and stage not in caught
+                and time.monotonic() - kmeans_started >= KMEANS_AFTER
+            ):
+                caught.add(stage)
+                nodes = sorted(self.cluster.worker_nodes, key=lambda n: n.unique_id)
+                self._preempt(self.rng.choice(nodes), stage)
                 next_kill = time.monotonic() + PERIOD
             elif time.monotonic() >= next_kill:
                 nodes = sorted(self.cluster.worker_nodes, key=lambda n: n.unique_id)
@@ -196,6 +222,8 @@ def test_a_preempted_cluster_finishes_with_the_same_outputs(
 
     def stage(name, args, call):
         running[0] = name
+        if name in chaos.seen:
+            assert chaos.seen[name].wait(60), f"the chaos loop never saw the {name} stage"
         try:
             return real_stage(name, args, call)
         finally:
