@@ -180,12 +180,10 @@ class Chaos:
                 and time.monotonic() - kmeans_started >= KMEANS_AFTER
             ):
                 caught.add(stage)
-                nodes = sorted(self.cluster.worker_nodes, key=lambda n: n.unique_id)
-                self._preempt(self.rng.choice(nodes), stage)
+                self._preempt_random(stage)
                 next_kill = time.monotonic() + PERIOD
             elif time.monotonic() >= next_kill:
-                nodes = sorted(self.cluster.worker_nodes, key=lambda n: n.unique_id)
-                self._preempt(self.rng.choice(nodes), stage)
+                self._preempt_random(stage)
                 next_kill = time.monotonic() + PERIOD
             else:
                 time.sleep(0.005)
@@ -200,6 +198,11 @@ class Chaos:
             if node is not None:  # Not a file the driver writes (a manifest, a plan).
                 return node, name.split(".")[0]
         return None
+
+    def _preempt_random(self, stage) -> None:
+        """Preempts a worker node of the seeded random choice (in a fixed order of nodes)."""
+        nodes = sorted(self.cluster.worker_nodes, key=lambda n: n.unique_id)
+        self._preempt(self.rng.choice(nodes), stage)
 
     def _preempt(self, node, stage, shard=None) -> None:
         workers = remove_whole_node(self.cluster, node)

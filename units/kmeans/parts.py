@@ -423,7 +423,10 @@ class Part:
         self._sqnorms: dict[int, float] = {}
         self._projection: tuple[np.ndarray, np.ndarray] | None = None
         self._seeding: dict | None = None
-        kernels.warm_up()  # The compiler's start-up runs beside the loading and seeding.
+        # The compiled sums pay for their loading only on parts that hold enough values; when
+        # they do, the compiler's start-up runs beside the loading and seeding.
+        rows = blocks.span(hi - 1)[1] - blocks.span(lo)[0] if hi > lo else 0
+        kernels.warm_up(rows * source.dim)
 
     # ----------------------------------------------------------------- data access
     def _raw(self, block: int) -> np.ndarray:

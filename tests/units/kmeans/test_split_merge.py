@@ -4,6 +4,9 @@ a kill or how the sums are computed."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from sklearn.metrics import v_measure_score
@@ -154,12 +157,20 @@ def test_split_merge_rounds_give_the_same_centroids_for_any_parts_and_after_a_ki
         assert resumed.n_iter_ == results[0].n_iter_
 
 
-@pytest.mark.parametrize("shape", [(1000, 39, 100), (300, 768, 50), (0, 3, 2)])
-def test_compiled_sums_equal_the_sparse_product_bit_for_bit(shape):
+# Sizes on both sides of the sparse product's chunk of rows (4,096), and none.
+@pytest.mark.parametrize(
+    "shape", [(1000, 39, 100), (300, 768, 50), (4096, 5, 3), (10_001, 39, 100), (0, 3, 2)]
+)
+@pytest.mark.parametrize("scipy_loop", ["private", "public"])
+def test_compiled_sums_equal_the_sparse_product_bit_for_bit(shape, scipy_loop, monkeypatch):
+    if scipy_loop == "public":  # Where scipy's private loop is gone: its public product.
+        monkeypatch.setattr(kernels, "_csc_matvecs", None)
     n, d, k = shape
     rng = np.random.default_rng(0)
     x = rng.normal(0, 3, (n, d)).astype(np.float32)
     labels = rng.integers(0, k, n)
+    kernels.warm_up()  # This process compiles, whatever its parts hold.
+    assert kernels._kernel()
     sums, counts = kernels.cluster_sums(x, labels, k)
     ref_sums, ref_counts = kernels._sparse_sums(x, labels, k)
     np.testing.assert_array_equal(sums, ref_sums)
@@ -209,6 +220,35 @@ def test_sums_taken_while_the_compiler_warms_up_are_the_same_bits():
     after = kernels.cluster_sums(x, labels, 100)
     np.testing.assert_array_equal(during[0], after[0])
     np.testing.assert_array_equal(during[1], after[1])
+
+
+_LOADS_NUMBA = """
+import sys
+import numpy as np
+from units.kmeans import kernels
+from units.kmeans.estimator import KMeans
+kernels.COMPILE_FOR = int(sys.argv[1])
+x = np.random.default_rng(0).normal(0, 1, (6000, 8)).astype(np.float32)
+km = KMeans(20, seed=0, parts=2, block_rows=1000).fit(x)
+np.save(sys.argv[2], km.cluster_centers_)
+print("numba" in sys.modules)
+"""
+
+
+def test_only_a_process_holding_enough_values_loads_the_compiled_sums(tmp_path):
+    # Loading numba costs a process about half a second of CPU: parts that hold fewer
+    # values than COMPILE_FOR (together, in one process) sum with the sparse product, and
+    # the fit ends with the same centroids, bit for bit, either way.
+    def fit(compile_for: int) -> tuple[bool, np.ndarray]:
+        out = tmp_path / f"centroids-{compile_for}.npy"
+        command = [sys.executable, "-c", _LOADS_NUMBA, str(compile_for), str(out)]
+        printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        return printed.split()[-1] == "True", np.load(out)
+
+    small, small_centroids = fit(6000 * 8 + 1)  # The two parts hold 48,000 values.
+    large, large_centroids = fit(6000 * 8)
+    assert (small, large) == (False, True)
+    np.testing.assert_array_equal(small_centroids, large_centroids)
 
 
 class _CallLog(LocalParts):
