@@ -355,11 +355,12 @@ BASELINES = ("faiss", "minibatch", "sklearn_lloyd")
 
 
 def _baseline(name: str, x: np.ndarray, k: int, seed: int, mbk_n_init: int) -> Run:
-    if name == "faiss":
-        return run_faiss(x, k, seed)
-    if name == "minibatch":
-        return run_minibatch(x, k, seed, mbk_n_init)
-    return run_sklearn_lloyd(x, k, seed)
+    runs = {
+        "faiss": lambda: run_faiss(x, k, seed),
+        "minibatch": lambda: run_minibatch(x, k, seed, mbk_n_init),
+        "sklearn_lloyd": lambda: run_sklearn_lloyd(x, k, seed),
+    }
+    return runs[name]()
 
 
 def run_isolated(
