@@ -44,7 +44,7 @@ COMPILE_FOR = 1 << 25
 
 _compiled = None  # The numba kernel once compiled, False where numba is missing.
 _compiling: threading.Thread | None = None
-_held = 0  # Values that this process's parts said they hold (warm_up).
+_held = 0  # Values that this process's parts have held, added up over its life (warm_up).
 _lock = threading.Lock()
 
 
@@ -66,8 +66,9 @@ def _compile() -> None:
 
 def warm_up(values: int = COMPILE_FOR) -> None:
     """Notes that a part of this process holds ``values`` values (rows x dimensions); once
-    the process holds :data:`COMPILE_FOR` or more, starts making the compiled loop ready on a
-    thread of its own, and returns.
+    its parts have held :data:`COMPILE_FOR` or more, added up over the life of the process
+    (one large fit, or many small ones in one interpreter), starts making the compiled loop
+    ready on a thread of its own, and returns.
 
     A process's first compiled call costs about half a second (importing numba, loading the
     machine code from its cache): a k-means part calls this when it is created, so that
