@@ -82,7 +82,7 @@ def largest_share(
         return 0, 0
     blocks = Blocks(frames, block_rows)
     ranges = blocks.split(max(1, workers))
-    share = max(blocks.span(hi - 1)[1] - blocks.span(lo)[0] for lo, hi in ranges)
+    share = max(end - first for first, end in (blocks.rows_of(lo, hi) for lo, hi in ranges))
     return len(ranges), share
 
 

@@ -64,6 +64,10 @@ class Blocks:
         lo = block * self.block_rows
         return lo, min(lo + self.block_rows, self.rows)
 
+    def rows_of(self, lo: int, hi: int) -> tuple[int, int]:
+        """The global rows ``[first, end)`` of blocks ``[lo, hi)`` (none when ``hi == lo``)."""
+        return min(lo * self.block_rows, self.rows), min(hi * self.block_rows, self.rows)
+
     def split(self, parts: int) -> list[tuple[int, int]]:
         """Contiguous block ranges ``[lo, hi)`` for ``parts`` parts (none empty)."""
         parts = max(1, min(parts, self.count))
@@ -425,8 +429,8 @@ class Part:
         self._seeding: dict | None = None
         # The compiled sums pay for their loading only on parts that hold enough values; when
         # they do, the compiler's start-up runs beside the loading and seeding.
-        rows = blocks.span(hi - 1)[1] - blocks.span(lo)[0] if hi > lo else 0
-        kernels.warm_up(rows * source.dim)
+        first, end = blocks.rows_of(lo, hi)
+        kernels.warm_up((end - first) * source.dim)
 
     # ----------------------------------------------------------------- data access
     def _raw(self, block: int) -> np.ndarray:
@@ -484,7 +488,7 @@ class Part:
 
     def rows(self, indices: Sequence[int]) -> np.ndarray:
         """The rows with these global indices (sorted) that this part holds, projected."""
-        lo, hi = self.blocks.span(self.lo)[0], self.blocks.span(self.hi - 1)[1]
+        lo, hi = self.blocks.rows_of(self.lo, self.hi)
         idx = np.asarray(indices, dtype=np.int64)
         idx = idx[(idx >= lo) & (idx < hi)]
         if len(idx) == 0:

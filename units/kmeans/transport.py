@@ -110,7 +110,7 @@ class _ArrayPart(_RayPart):
 
 class _StorePart(_RayPart):
     def __init__(self, root, name, blocks, lo, hi, hold, device):
-        row_lo, row_hi = blocks.span(lo)[0], blocks.span(hi - 1)[1]
+        row_lo, row_hi = blocks.rows_of(lo, hi)
         source = StoreSource(root, name, row_lo, row_hi)
         super().__init__(source, blocks, lo, hi, hold=hold, device=device)
 
@@ -276,7 +276,7 @@ def distribute(
     cls = ray.remote(**options)(_ArrayPart)
     actors, refs = [], []
     for lo, hi in blocks.split(max(1, workers)):
-        row_lo, row_hi = blocks.span(lo)[0], blocks.span(hi - 1)[1]
+        row_lo, row_hi = blocks.rows_of(lo, hi)
         refs.append(ray.put(x[row_lo:row_hi]))
         actors.append(cls.remote(refs[-1], row_lo, blocks, lo, hi, hold, device))
     return RayParts(actors, blocks, x.shape[1], refs=refs)
