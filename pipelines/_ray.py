@@ -16,7 +16,13 @@ log = logging.getLogger(__name__)
 #: stage costs each new worker 1.5 s on an idle core and 5 s on a busy one, which on a short
 #: stage was a third of its time. Ray starts one idle worker per CPU; torch's libraries are
 #: shared pages, so the cost is little memory.
-WORKER_PRELOAD = ("torch", "units.labels.stage", "units.features.stage", "shards.shard_job")
+WORKER_PRELOAD = (
+    "torch",
+    "units.labels.stage",
+    "units.features.stage",
+    "units.kmeans.transport",
+    "shards.shard_job",
+)
 
 
 def local_options() -> dict:

@@ -26,8 +26,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError
 
-from shards.core.placement import use_allotted_threads
-from units.features.store import FeatureStore
+from shards.core.threads import use_allotted_threads
 from units.kmeans.parts import (
     DEFAULT_BLOCK_ROWS,
     ArraySource,
@@ -237,6 +236,9 @@ def distribute(
         block_rows: Rows per block (fixes the order of every sum).
         spread: Place actors on as many nodes as possible.
     """
+    # Here, not at the top: an actor's process imports this module, and needs no pyarrow.
+    from units.features.store import FeatureStore
+
     resources = ray.cluster_resources()
     use_gpu = gpus_per_worker > 0 and resources.get("GPU", 0) >= gpus_per_worker
     if workers is None:

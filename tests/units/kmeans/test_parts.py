@@ -8,7 +8,7 @@ import inspect
 import numpy as np
 import pytest
 
-from units.kmeans.parts import LocalParts, Part, StateEffect, state_effect
+from units.kmeans.parts import Assigner, LocalParts, Part, StateEffect, state_effect
 
 
 class _NotAPart:
@@ -45,3 +45,54 @@ def test_only_the_projection_and_the_seeding_distances_are_state_a_lost_part_nee
         "seed_update": StateEffect(sets=True),
         "seed_weights": StateEffect(ends=(Part.seed_update,)),
     }
+
+
+def _integer_grid(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Small integers, so that every float32 distance is exact on any CPU and BLAS; the
+    centroids repeat, so that nearest and second nearest tie."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-8, 9, (20_000, 5)).astype(np.float32)
+    centroids = rng.integers(-8, 9, (12, 5)).astype(np.float32)
+    centroids[7] = centroids[3]
+    return x, centroids
+
+
+def test_two_nearest_gives_the_first_nearest_and_the_second_distance_with_ties_kept():
+    x, centroids = _integer_grid()
+    exact = ((x[:, None, :].astype(np.int64) - centroids[None].astype(np.int64)) ** 2).sum(2)
+    labels, first, second = Assigner(centroids).two_nearest(x)
+    np.testing.assert_array_equal(labels, exact.argmin(1))  # The first of tied centroids.
+    np.testing.assert_array_equal(first, exact.min(1))
+    np.testing.assert_array_equal(second, np.sort(exact, 1)[:, 1])  # A tie: the same again.
+    assert (second[labels == 3] == first[labels == 3]).all() and (labels == 3).any()
+    assert not (labels == 7).any()
+
+
+def test_a_seeded_sample_gives_the_same_stats_drawn_afresh_or_remembered():
+    x, centroids = _integer_grid(1)
+    x = x + np.float32(0.25)  # Not the grid: sums and norms round as real data do.
+
+    def part():
+        return LocalParts.from_array(x, parts=1, block_rows=4096).parts[0]
+
+    remembered = part()
+    for key, rate in [([0, 3], 0.05), ([1, 3], 0.05), ([0, 3], 0.2), ([0, 3], 0.05)]:
+        got = remembered.sample_stats(centroids, key, rate)
+        fresh = part().sample_stats(centroids, key, rate)
+        assert _same_nodes(got, fresh), (key, rate)
+    # Rows that change (a projection) draw their norms again.
+    mean, matrix = x.mean(0), np.eye(5, 3, dtype=np.float32)
+    remembered.set_projection(mean, matrix)
+    projected = part()
+    projected.set_projection(mean, matrix)
+    assert _same_nodes(
+        remembered.sample_stats(centroids[:, :3], [0, 3], 0.05),
+        projected.sample_stats(centroids[:, :3], [0, 3], 0.05),
+    )
+
+
+def _same_nodes(a, b) -> bool:
+    """Tree nodes equal bit for bit (arrays and floats alike)."""
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_nodes(x, y) for x, y in zip(a, b, strict=True))
+    return bool(np.array_equal(a, b))
