@@ -623,11 +623,16 @@ def bench_case(case: Case, args: argparse.Namespace) -> None:
     def contender(name: str, run: Callable[[], Run], ray: bool = False) -> None:
         if name in skip:
             return
-        warn_if_busy(name)
-        if ray:
+        if ray:  # Each run waits for a quiet machine (Ray's idle workers start meanwhile).
+
+            def settled_run() -> Run:
+                settle_ray_workers()
+                return run()
+
             with local_ray():
-                runs[name] = best_of(repeats, lambda: (settle_ray_workers(), run())[1])
+                runs[name] = best_of(repeats, settled_run)
         else:
+            warn_if_busy(name)
             runs[name] = best_of(repeats, run)
         report_run(case, runs[name], x)
 

@@ -76,8 +76,8 @@ from shards.core.placement import (
     longest_first,
     map_until_failure,
     place,
-    use_allotted_threads,
 )
+from shards.core.threads import use_allotted_threads
 from shards.reader import read_audio
 from units.features.extractor import FeatureSpec
 

@@ -30,9 +30,6 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
-# Stage actors import it from here; it lives apart so that importing it costs no pyarrow.
-from .threads import use_allotted_threads  # noqa: F401
-
 log = logging.getLogger(__name__)
 
 

@@ -81,20 +81,42 @@ class NodeLoss:
         self.reached, self.resume = threading.Event(), threading.Event()
         self.committed_at_loss: int | None = None
         self.victim = None  # The node to lose: one caught running ``task``, if given.
+        self.watcher: threading.Thread | None = None
         self.lost_node: str | None = None
 
     def hold(self) -> None:
         """Called from the stage's thread: the first call that finds its node to lose waits
-        until the node is gone. With ``task``, a call that catches no worker running it (the
-        shards in flight finished meanwhile) lets the stage go on to its next result."""
-        if self.reached.is_set():
-            return
+        until the node is gone.
+
+        With ``task``, a call that catches no worker running it (the shards in flight all
+        finished meanwhile, as shards of one size on idle workers do together) lets the
+        stage go on, and a watcher catches the next worker that starts the task: the node is
+        lost while the stage goes on with the other, and the frozen shard cannot commit."""
+        if self.reached.is_set() or self.watcher is not None:
+            return  # Lost already, or the watcher freezes the victim: never two of them.
         if self.task is not None:
             self.victim = freeze_running(self.cluster, self.task)
             if self.victim is None:
+                self._watch()
                 return
         self.reached.set()
         assert self.resume.wait(timeout=120), "the node was never removed"
+
+    def _watch(self) -> None:
+        """Starts a thread that freezes the first worker it finds running ``task``."""
+
+        def watch():
+            deadline = time.monotonic() + 120
+            while not self.reached.is_set() and time.monotonic() < deadline:
+                victim = freeze_running(self.cluster, self.task)
+                if victim is not None:
+                    self.victim = victim
+                    self.reached.set()
+                    return
+                time.sleep(0.002)
+
+        self.watcher = threading.Thread(target=watch, daemon=True)
+        self.watcher.start()
 
     def run(self, stage, *args, **kwargs):
         outcome: dict = {}
@@ -222,7 +244,7 @@ def test_a_node_lost_while_extracting_features(cluster, root, caplog, monkeypatc
             ExtractorOptions("mfcc"),
             SampleRequest(percent=100, seed=0),
         )
-    # Held at a finished shard with one caught mid-shard: the others still queued.
+    # A shard was caught mid-way on the lost node, after one was committed: it was redone.
     assert 0 < loss.committed_at_loss < SHARDS == meta["shards_written"]
     assert meta["shards_redone"] == 1
     _assert_lost_a_shard(loss, caplog)

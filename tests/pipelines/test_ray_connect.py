@@ -15,7 +15,7 @@ _PROGRAM = textwrap.dedent(
     import argparse, json, sys
     import ray
     from pipelines._ray import connect
-    from shards.core.placement import use_allotted_threads
+    from shards.core.threads import use_allotted_threads
 
     connect(argparse.Namespace(num_cpus=2, address=None))
 

@@ -559,20 +559,28 @@ class Part:
         c64 = assign.centroids.astype(np.float64)
         per = {}
         for b in range(self.lo, self.hi):
-            x, sqnorm = self._sample_rows(b, key, rate)
+            _, x, sqnorm = self._sample_rows(b, key, rate)
             per[b] = block_stats(assign, c64, x, sqnorm, detail)
         return self._nodes(per)
 
-    def _sample_rows(self, b: int, key: Sequence[int], rate: float) -> tuple[np.ndarray, float]:
-        """Block ``b``'s rows in the seeded sample ``(key, rate)`` and their squared norm
-        (float64). Which rows, and their norm, are worked out once per sample: the
+    def _sample_rows(
+        self, b: int, key: Sequence[int], rate: float
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Block ``b``'s rows in the seeded sample ``(key, rate)``: their indices in the
+        block, the rows, and their squared norm (float64).
+
+        Which rows, and their norm, are worked out once per sample: the seeding, the
         refinement and the split-merge trials ask for the same sample pass after pass, and
         drawing a block's sample costs a random number per row (0.3 ms a block, more than
         the sampled rows' GEMM)."""
         if self._samples is None or self._samples[0] != (tuple(key), rate):
             self._samples = ((tuple(key), rate), {})
         known = self._samples[1].get(b)
-        pick = self._sample_of(b, (key, rate)) if known is None else known[0]
+        if known is None:  # One uniform number per row, from a generator of the key and block.
+            lo, hi = self.blocks.span(b)
+            pick = np.flatnonzero(np.random.default_rng([*key, b]).random(hi - lo) < rate)
+        else:
+            pick = known[0]
         if self.hold or b in self._held:
             x = self.block(b)[pick]
         else:  # Streaming: read only the sampled rows.
@@ -581,18 +589,9 @@ class Part:
         if known is None:
             x64 = x.astype(np.float64)
             known = self._samples[1][b] = (pick, float(np.einsum("ij,ij->", x64, x64)))
-        return x, known[1]
+        return pick, x, known[1]
 
     # ----------------------------------------------------------------- k-means||
-    def _sample_of(self, b: int, sample: tuple | None) -> np.ndarray | None:
-        """The rows of block ``b`` (indices in it) in the seeded sample ``(key, rate)``: the
-        rows :meth:`sample_stats` draws with that key and rate. None: every row."""
-        if sample is None:
-            return None
-        key, rate = sample
-        lo, hi = self.blocks.span(b)
-        return np.flatnonzero(np.random.default_rng([*key, b]).random(hi - lo) < rate)
-
     @sets_state
     def seed_update(self, candidates: np.ndarray, first_id: int, sample=None) -> list:
         """Folds new candidates into each row's nearest-candidate distance; returns the total
@@ -604,8 +603,10 @@ class Part:
         per = {}
         for b in range(self.lo, self.hi):
             state = self._seeding.get(b)
-            pick = self._sample_of(b, sample) if state is None else state[2]
-            x = self.block(b) if pick is None else self.block(b)[pick]
+            if sample is None:
+                pick, x = None, self.block(b)
+            else:  # The sample the refinement and the trials run on: drawn once.
+                pick, x, _ = self._sample_rows(b, *sample)
             labels, dist = assign(x)
             if state is None:
                 state = self._seeding[b] = (dist.copy(), labels + first_id, pick)

@@ -3,6 +3,7 @@ leave state behind say so where they are defined."""
 
 from __future__ import annotations
 
+import collections
 import inspect
 
 import numpy as np
@@ -89,6 +90,29 @@ def test_a_seeded_sample_gives_the_same_stats_drawn_afresh_or_remembered():
         remembered.sample_stats(centroids[:, :3], [0, 3], 0.05),
         projected.sample_stats(centroids[:, :3], [0, 3], 0.05),
     )
+
+
+def test_the_seeding_and_the_refinement_draw_each_block_of_their_sample_once(monkeypatch):
+    x, centroids = _integer_grid(2)
+    sample = ([0, 3], 0.05)
+    drawn = collections.Counter()
+    real = np.random.default_rng
+
+    def counting(seed=None):
+        if isinstance(seed, list) and seed[:2] == sample[0]:
+            drawn[seed[2]] += 1  # The block.
+        return real(seed)
+
+    part = LocalParts.from_array(x, parts=1, block_rows=4096).parts[0]
+    monkeypatch.setattr(np.random, "default_rng", counting)
+    part.seed_update(centroids[:1], 0, sample)
+    part.seed_update(centroids[1:4], 1, sample)
+    part.seed_weights(4)
+    remembered = [part.sample_stats(centroids, *sample) for _ in range(2)]
+    monkeypatch.undo()
+    assert drawn == {b: 1 for b in range(5)}  # 20,000 rows in blocks of 4,096.
+    fresh = LocalParts.from_array(x, parts=1, block_rows=4096).parts[0]
+    assert _same_nodes(remembered[1], fresh.sample_stats(centroids, *sample))
 
 
 def _same_nodes(a, b) -> bool:
