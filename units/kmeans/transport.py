@@ -4,10 +4,10 @@ own blocks.
 :func:`distribute` turns an array or a feature store into parts that live in Ray actors,
 one per worker, with the interface of :class:`units.kmeans.parts.LocalParts`. Rows never
 travel to the driver: an array is cut on the driver (where it already is) and each actor
-gets only its slice through the object store; a feature store is read by each actor from
-its own row range. A part whose node is lost is restarted by Ray and given back the state
-that earlier calls set (:class:`StateJournal`, read from the marks on
-:class:`~units.kmeans.parts.Part`'s methods).
+gets only its slice through the object store, by its first call; a feature store is read by
+each actor from its own row range. A part whose node is lost is restarted by Ray and given
+back its rows and the state that earlier calls set (:class:`StateJournal`, read from the
+marks on :class:`~units.kmeans.parts.Part`'s methods).
 
 Example:
     >>> parts = distribute(FeatureStore(root, "mfcc"), workers=4)  # doctest: +SKIP
@@ -102,9 +102,33 @@ def _restarted() -> bool:
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
+class _NotLoaded:
+    """The source of an array part until its rows come (:meth:`_ArrayPart.load`)."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def read(self, *args):
+        raise RuntimeError("this k-means part was given no rows (load)")
+
+    take = describe = read
+
+
 class _ArrayPart(_RayPart):
-    def __init__(self, array, offset, blocks, lo, hi, hold, device):
-        super().__init__(ArraySource(array, offset), blocks, lo, hi, hold=hold, device=device)
+    """A part of an array, whose rows come by :meth:`load`: the first call
+    :func:`distribute` makes, and the first a restarted part replays.
+
+    Not as a constructor argument: Ray logs an error for an actor that may restart and whose
+    constructor takes an object from the store (it could be gone by the restart), though
+    :class:`RayParts` keeps those objects alive for exactly that.
+    """
+
+    def __init__(self, dim, offset, blocks, lo, hi, hold, device):
+        super().__init__(_NotLoaded(dim), blocks, lo, hi, hold=hold, device=device)
+        self._offset = offset
+
+    def load(self, array: np.ndarray) -> None:
+        self.source = ArraySource(array, self._offset)
 
 
 class _StorePart(_RayPart):
@@ -152,11 +176,13 @@ class RayParts:
     """Parts held by Ray actors; ``map`` calls a method on all of them at once."""
 
     def __init__(
-        self, actors: list, blocks: Blocks, dim: int, fingerprint: str | None = None, refs=()
+        self, actors: list, blocks: Blocks, dim: int, fingerprint: str | None = None, rows=()
     ):
         self.actors, self.blocks, self.dim = actors, blocks, dim
         self._fingerprint = fingerprint
-        self._refs = list(refs)  # Keeps the actors' data alive for restarts.
+        # Array parts: each actor's rows in the object store (kept alive here), which a
+        # restarted part loads again before it replays the journal.
+        self._rows = list(rows)
         self._journal = StateJournal()
 
     @property
@@ -174,22 +200,23 @@ class RayParts:
         # Large arguments (centroids, candidates) go to the object store once, not per actor.
         refs = [ray.put(a) if isinstance(a, np.ndarray) and a.nbytes > 65536 else a for a in args]
         calls = [actor.call.remote(name, *refs) for actor in self.actors]
-        results = [
-            self._get(actor, call, name, refs)
-            for actor, call in zip(self.actors, calls, strict=True)
-        ]
+        results = [self._get(i, call, name, refs) for i, call in enumerate(calls)]
         self._journal.record(method, refs)
         return results
 
-    def _get(self, actor, call, name: str, refs: list):
-        """``call``'s result. A part whose node was lost meanwhile gets its state back and
-        the call again: Ray restarts its actor, and every call is a pure function of the
-        part's rows and state (replaying ``seed_update`` on a part that had it is harmless:
-        distances to the same candidates are the same minimum)."""
+    def _get(self, i: int, call, name: str, refs: list):
+        """Actor ``i``'s ``call``'s result. A part whose node was lost meanwhile gets its
+        rows and state back and the call again: Ray restarts its actor, and every call is a
+        pure function of the part's rows and state (replaying ``seed_update`` on a part that
+        had it is harmless: distances to the same candidates are the same minimum)."""
+        actor = self.actors[i]
         for attempt in range(_RESTORE_ATTEMPTS):
             try:
                 if call is None:
-                    ray.get(actor.restore.remote(self._journal.replay()))
+                    journal = self._journal.replay()
+                    if self._rows:
+                        journal = [("load", [self._rows[i]]), *journal]
+                    ray.get(actor.restore.remote(journal))
                     call = actor.call.remote(name, *refs)
                 return ray.get(call)
             except (PartRestarted, ActorUnavailableError) as e:
@@ -276,9 +303,10 @@ def distribute(
     if blocks.rows == 0:
         raise DataError("no rows to cluster: the data is empty")
     cls = ray.remote(**options)(_ArrayPart)
-    actors, refs = [], []
+    actors, rows = [], []
     for lo, hi in blocks.split(max(1, workers)):
         row_lo, row_hi = blocks.rows_of(lo, hi)
-        refs.append(ray.put(x[row_lo:row_hi]))
-        actors.append(cls.remote(refs[-1], row_lo, blocks, lo, hi, hold, device))
-    return RayParts(actors, blocks, x.shape[1], refs=refs)
+        actors.append(cls.remote(x.shape[1], row_lo, blocks, lo, hi, hold, device))
+        rows.append(ray.put(x[row_lo:row_hi]))
+        actors[-1].load.remote(rows[-1])  # Before any call of this driver's: Ray keeps order.
+    return RayParts(actors, blocks, x.shape[1], rows=rows)

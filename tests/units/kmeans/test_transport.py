@@ -3,6 +3,11 @@ part is given back."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -85,3 +90,46 @@ def test_a_distributed_feature_store_fits_as_its_rows_in_one_array(root):
         parts.shutdown()
     reference = KMeans(K, seed=0, max_iter=5, tol=0, block_rows=256).fit(rows.astype(np.float32))
     np.testing.assert_array_equal(km.cluster_centers_, reference.cluster_centers_)
+
+
+#: In a fresh interpreter: Ray logs the error below once per process, so a process that has
+#: spread an array before could not show it again.
+_SPREAD_AN_ARRAY = textwrap.dedent(
+    """
+    import numpy as np
+    import ray
+    from units.kmeans.estimator import KMeans
+    from units.kmeans.transport import distribute
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    x = np.random.default_rng(0).standard_normal((3000, 4), dtype=np.float32)
+    parts = distribute(x, workers=2, block_rows=500)
+    fitted = KMeans(4, seed=0, max_iter=3, block_rows=500).fit(parts)
+    parts.shutdown()
+    here = KMeans(4, seed=0, max_iter=3, block_rows=500).fit(x)
+    print(np.array_equal(fitted.cluster_centers_, here.cluster_centers_))
+    """
+)
+
+
+@pytest.mark.slow
+def test_an_array_spread_over_actors_fits_with_no_error_logged():
+    """Ray logs an error for an actor that may restart and whose constructor takes an object
+    from the store ("the actor restart will fail" if it is gone): array parts get their rows
+    by their first call instead, and a restarted one by its restore."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SPREAD_AN_ARRAY],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_AUTH_MODE": "disabled",
+            "PATH": "/usr/bin:/bin",
+        },
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "True"
+    # Ray's own lines at error level: "[2026-12-07 15:20:35,737 E 19241 19241] file.cc:N: ...".
+    errors = re.findall(r"^\[[^\]]* E \d+ \d+\] .*$", done.stderr, re.MULTILINE)
+    assert not errors, errors
