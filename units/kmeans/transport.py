@@ -56,18 +56,18 @@ _RESTORE_ATTEMPTS = 20
 
 
 class PartRestarted(RuntimeError):
-    """A part's actor was restarted (its node was lost): its rows are back, but not the state
-    that earlier calls set (a PCA projection, k-means|| distances)."""
+    """A part's actor was restarted (its node was lost): it lacks the state that earlier calls
+    set (a PCA projection, k-means|| distances) and, for a part of an array, its rows."""
 
 
 class _RayPart(Part):
     """A part in a Ray actor, which knows whether Ray restarted it.
 
-    Ray restarts a lost actor from its constructor arguments, so the rows come back (read
-    again from the store, or from the array's object), but not what earlier calls set. Until
-    :meth:`restore` has replayed those calls, :meth:`call` refuses to compute on the bare
-    part: a wrong answer would be silent (a missing projection changes the dimension only
-    when PCA reduces it).
+    Ray restarts a lost actor from its constructor arguments, so a part of a store reads its
+    rows again, but not what earlier calls set (a part of an array lacks its rows too: they
+    came by a call, :meth:`_ArrayPart.load`). Until :meth:`restore` has replayed those
+    calls, :meth:`call` refuses to compute on the bare part: a wrong answer would be silent
+    (a missing projection changes the dimension only when PCA reduces it).
     """
 
     def __init__(self, *args, **kwargs):
