@@ -4,7 +4,26 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+
+
+def run_fresh_python(program: str, *args: str, timeout: float = 240):
+    """Runs ``program`` (``python -c``) in a fresh interpreter with a bare environment (no
+    RAY_ADDRESS or thread settings of this process), for what a process shows only once or
+    must start without: its own Ray, say. Returns the finished process, output as text."""
+    return subprocess.run(
+        [sys.executable, "-c", program, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_AUTH_MODE": "disabled",
+            "PATH": "/usr/bin:/bin",
+        },
+    )
 
 
 def kill_ray_of(marker: str) -> None:

@@ -2,11 +2,10 @@
 and an actor still runs on the threads it was given."""
 
 import json
-import subprocess
-import sys
 import textwrap
 
 from pipelines._ray import WORKER_PRELOAD
+from tests.processes import run_fresh_python
 
 # In a fresh interpreter: this process may already run a Ray of its own, and what is
 # defined in ``__main__`` travels by value, so the worker imports nothing for it.
@@ -41,17 +40,7 @@ _PROGRAM = textwrap.dedent(
 
 
 def _run(names):
-    done = subprocess.run(
-        [sys.executable, "-c", _PROGRAM, *names],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            "RAY_AUTH_MODE": "disabled",
-            "PATH": "/usr/bin:/bin",
-        },
-    )
+    done = run_fresh_python(_PROGRAM, *names)
     assert done.returncode == 0, done.stderr[-2000:]
     return [json.loads(line) for line in done.stdout.strip().splitlines()[-2:]]
 

@@ -4,13 +4,12 @@ part is given back."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
+from tests.processes import run_fresh_python
 from tests.stores import K, frames, write_store
 from units.features.store import FeatureStore
 from units.kmeans.estimator import KMeans
@@ -117,17 +116,7 @@ def test_an_array_spread_over_actors_fits_with_no_error_logged():
     """Ray logs an error for an actor that may restart and whose constructor takes an object
     from the store ("the actor restart will fail" if it is gone): array parts get their rows
     by their first call instead, and a restarted one by its restore."""
-    done = subprocess.run(
-        [sys.executable, "-c", _SPREAD_AN_ARRAY],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            "RAY_AUTH_MODE": "disabled",
-            "PATH": "/usr/bin:/bin",
-        },
-    )
+    done = run_fresh_python(_SPREAD_AN_ARRAY)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "True"
     # Ray's own lines at error level: "[2026-12-07 15:20:35,737 E 19241 19241] file.cc:N: ...".
