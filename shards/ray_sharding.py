@@ -227,6 +227,7 @@ def run(
             bytes_read=_source_bytes(made, pending),
             bytes_written=bytes_written,
         ),
+        made.table.column("source"),
     )
     return dict(summary, shards_written=len(pending), shards_skipped=skipped, shards_redone=redone)
 
