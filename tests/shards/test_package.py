@@ -3,13 +3,11 @@ small module (a k-means actor) does not pay for pyarrow and the reader."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 import shards
 from shards import plan, reader
+from tests.processes import run_fresh_python
 
 
 def test_the_package_names_are_the_modules_own():
@@ -32,5 +30,6 @@ def test_a_k_means_actor_imports_no_pyarrow(module):
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'pyarrow', 'soundfile'})\n"
         "print(','.join(heavy))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_fresh_python(code)
+    assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == ""
