@@ -107,7 +107,8 @@ class KMeans:
         n_clusters: k.
         init: ``"k-means||"``, ``"k-means++"``, ``"random"`` or a (k, d) array.
         max_iter: Lloyd iterations at most (mini-batch: passes over the data at most).
-        tol: Stop when the inertia improves by less than this fraction.
+        tol: Stop when the inertia changes by less than this fraction (a pass whose
+            inertia rose by more goes on).
         seed: Everything random derives from it.
         algorithm: ``"lloyd"`` (all rows each iteration) or ``"minibatch"``.
         batch_size: Rows per mini-batch (mini-batch only, on average).
@@ -479,7 +480,10 @@ class KMeans:
             change = (previous - inertia) / inertia if inertia > 0 else 0.0
             swapping = state.get("swaps_left", 0) > 0
             # Before a split-merge step Lloyd stops earlier: the step moves centroids far.
-            converged = bool(history) and change < self.tol * (_SWAP_TOL_FACTOR if swapping else 1)
+            # A rise is no convergence: after a trial kept on the sample, the first pass over
+            # all rows may rise (Lloyd then goes on from the moved centroids).
+            limit = self.tol * (_SWAP_TOL_FACTOR if swapping else 1)
+            converged = bool(history) and abs(change) < limit
             at_max = state["iteration"] >= self.max_iter
             stats = {
                 "iteration": state["iteration"],
