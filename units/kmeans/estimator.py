@@ -18,8 +18,10 @@ per-cluster sums, counts and inertia per block; the driver sums them in a fixed 
   nearly converged, the centroids whose removal costs least move to split the clusters
   that hold the most inertia (:func:`split_merge`), and Lloyd passes run on from there: a
   trial, kept only if it ends below the inertia it started from (its passes are not
-  iterations, so the inertia of the iterations never rises). A trial runs on the
-  refinement sample where there is one (a few percent of the rows), on all rows otherwise.
+  iterations). A trial runs on the refinement sample where there is one (a few percent of
+  the rows), on all rows otherwise. On all rows the inertia of the iterations never rises;
+  a trial kept on the sample may leave one iteration that rises, which Lloyd then goes on
+  from (a rise is never taken for convergence).
   On 200k x 768, k = 500, two rounds took the inertia from 969 to 949 per point, below
   MiniBatchKMeans's best of 20.
 - ``algorithm="minibatch"``: Sculley's mini-batch updates (per-centroid learning rate
