@@ -12,9 +12,10 @@ components and there is no clean answer. Contenders, all on two cores:
   is left out (actors starting, the data
   going into the object store and to the actors, the NaN scan, the initialisation, every
   iteration). ``load_seconds`` is the part until the actors are up and hold their rows.
-  Ray's own start-up is not timed: each run waits until the workers that Ray keeps idle
-  are up and the machine is quiet (:func:`settle_ray_workers`), and its actors start on
-  those workers, as on a running cluster.
+  Ray's own start-up is not timed: each run starts a local Ray as the pipelines do (idle
+  workers preload the project, ``pipelines._ray.local_options``), waits until those
+  workers are up and the machine is quiet (:func:`settle_ray_workers`), and its actors
+  start on them, as on a running cluster.
 * ``ours_20iter``: the same with faiss's budget, ``max_iter=20, tol=0``: twenty full passes.
 * ``ours_inprocess``: the same fit on the array in this process (``parts=2``, run one after
   the other, BLAS with two threads). For reference.
@@ -397,9 +398,13 @@ def baseline_child(args: argparse.Namespace) -> None:
 
 @contextlib.contextmanager
 def local_ray() -> Iterator[None]:
+    """A local Ray started as the pipelines start one (``pipelines._ray.local_options``:
+    idle workers that have imported the project and what Ray's serialization needs)."""
     import ray
 
-    ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False)
+    from pipelines._ray import local_options
+
+    ray.init(num_cpus=CORES, include_dashboard=False, log_to_driver=False, **local_options())
     try:
         yield
     finally:
@@ -409,12 +414,15 @@ def local_ray() -> Iterator[None]:
 @contextlib.contextmanager
 def two_node_cluster(object_store_bytes: int) -> Iterator[None]:
     """A head with no CPUs and two nodes of one CPU each, on this machine; the driver
-    connects to the head."""
+    connects to the head, whose system config is a local Ray's (as ``cluster.yaml``'s)."""
     import ray
     from ray.cluster_utils import Cluster
 
+    from pipelines._ray import local_options
+
     node = {"object_store_memory": object_store_bytes, "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **node})
+    head = {"num_cpus": 0, **node, **local_options()}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=1, **node)
@@ -445,13 +453,15 @@ def settle_ray_workers(limit: float = 20.0) -> None:
     """Waits until the machine is quiet: Ray's idle workers are up.
 
     ``ray.init`` returns before the worker processes it keeps idle (one per CPU) have
-    imported Ray, and killing a fit's actors ends their processes, which Ray then starts
-    again: about a second of CPU each, in the background. Timed at once, a run shared the
-    cores with that start-up, more or less of it by chance (``load_seconds`` went from 0.53
-    to 1.15 s between runs of the same code). The workers are not touched while waiting: a
-    worker that has run a task is not given an actor (Ray starts a new process for it), so
-    a warm-up task would slow the fit down instead. A fit's actors start inside the timed
-    span, on these idle workers, as on a running cluster.
+    imported Ray and the preloaded modules (2.3 s of CPU each with torch), in the
+    background. Timed at once, a run shared the cores with that start-up, more or less of
+    it by chance (``load_seconds`` went from 0.53 to 1.15 s between runs of the same code).
+    The workers are not touched while waiting: a worker that has run a task is not given an
+    actor (Ray starts a new process for it), so a warm-up task would slow the fit down
+    instead. A fit's actors start inside the timed span, on these idle workers, as on a
+    running cluster. Ray does not start idle workers again when a fit's actors end (a
+    second fit's actors start new processes, which import the preload in the timed span),
+    so each timed run has a Ray of its own.
     """
     deadline = time.monotonic() + limit
     while busy_cores(0.5) > 0.3 and time.monotonic() < deadline:
@@ -623,14 +633,14 @@ def bench_case(case: Case, args: argparse.Namespace) -> None:
     def contender(name: str, run: Callable[[], Run], ray: bool = False) -> None:
         if name in skip:
             return
-        if ray:  # Each run waits for a quiet machine (Ray's idle workers start meanwhile).
+        if ray:  # Each run on a Ray of its own, once its idle workers are up.
 
             def settled_run() -> Run:
-                settle_ray_workers()
-                return run()
+                with local_ray():
+                    settle_ray_workers()
+                    return run()
 
-            with local_ray():
-                runs[name] = best_of(repeats, settled_run)
+            runs[name] = best_of(repeats, settled_run)
         else:
             warn_if_busy(name)
             runs[name] = best_of(repeats, run)

@@ -564,7 +564,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # address="local": a fresh instance of our own, never a cluster that another program
     # started on this machine (ray.init would join it, with its CPUs and its load).
-    ray.init(address="local", num_cpus=CORES, include_dashboard=False, log_to_driver=False)
+    # Started as the pipelines start a local Ray (idle workers preload the project).
+    from pipelines._ray import local_options
+
+    ray.init(
+        address="local",
+        num_cpus=CORES,
+        include_dashboard=False,
+        log_to_driver=False,
+        **local_options(),
+    )
     try:
         warmup_s = warm_up(workdir, corpus)
         passthrough, transcode = [], None
