@@ -297,13 +297,18 @@ def test_a_fit_does_not_stop_on_the_rise_after_a_trial_kept_on_the_sample():
     # first pass over all rows may still show a rise. That pass is not convergence (Lloyd
     # has not run on all rows from the moved centroids yet); a fit that stopped there
     # ended above the inertia it had before the step (on the real 52 minutes of
-    # LibriSpeech MFCC, k = 100, one round: 1,510 against 1,496 per frame).
-    x = overlapping(n=6000, seed=0)
-    km = KMeans(40, seed=1, swap_rounds=1, refine_sample=50, block_rows=1000).fit(x)
-    changes = [it.relative_change for it in km.iterations_[1:]]
-    rises = [i for i, change in enumerate(changes, start=1) if change < -km.tol]
-    assert rises, "the data no longer gives a kept trial whose full pass rises"
-    rise = rises[0]
-    assert km.n_iter_ > rise
-    assert abs(changes[-1]) < km.tol
-    assert km.inertia_ < km.iterations_[rise - 1].inertia
+    # LibriSpeech MFCC, k = 100, one round: 1,510 against 1,496 per frame). Four fits: on
+    # this machine each has such a rise; where float rounding moves a trajectory (another
+    # CPU's GEMM), at least one still has.
+    x = overlapping(n=6000, seed=1)
+    rose = 0
+    for seed in range(4):
+        km = KMeans(40, seed=seed, swap_rounds=1, refine_sample=50, block_rows=1000).fit(x)
+        changes = [it.relative_change for it in km.iterations_[1:]]
+        rises = [i for i, change in enumerate(changes, start=1) if change < -km.tol]
+        rose += bool(rises)
+        assert abs(changes[-1]) < km.tol  # Stopped where the inertia settled.
+        for rise in rises:
+            assert km.n_iter_ > rise
+            assert km.inertia_ < km.iterations_[rise - 1].inertia
+    assert rose, "no fit had a kept trial whose pass over all rows rose: the test tests nothing"
