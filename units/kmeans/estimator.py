@@ -550,7 +550,9 @@ class KMeans:
         if state.get("price_next", False):
             return True
         last = state["history"][-1]["relative_change"] if state["history"] else math.nan
-        return bool(last < _PRICE_AHEAD * self.tol * _SWAP_TOL_FACTOR)  # False for NaN.
+        # By its size, as in _lloyd: a large rise (after a trial kept on the sample) is far
+        # from the step, where its sign alone priced the next pass.
+        return bool(abs(last) < _PRICE_AHEAD * self.tol * _SWAP_TOL_FACTOR)  # False for NaN.
 
     def _trial(self, parts, centroids: np.ndarray, inertia: float) -> dict:
         """A split-merge trial's start: where its passes run and the inertia to beat.
