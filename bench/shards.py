@@ -15,7 +15,8 @@ it for us and lhotse alike. Starting Ray and importing lhotse are not.
 
 Prints one ``RESULT`` line per workload, then a table, for example::
 
-    RESULT bench=shards.passthrough hours=2.00 ours_hours_per_s=... ratio_vs_tar=... target=0.5
+    RESULT bench=shards.passthrough cache=warm hours=2.00 ... ratio_vs_tar=... target=0.5
+    RESULT bench=shards.passthrough cache=cold hours=2.00 ... ratio_vs_tar=... target=1.0
 
 Usage:
     python bench/shards.py                 # full size: 2,000 files, about 2 hours
@@ -54,8 +55,9 @@ CORPUS_VERSION = 1
 #: Cores given to every contender.
 CORES = 2
 
-#: Targets from the issue: ours / tar for pass-through, ours / lhotse for transcoding.
-TARGET_VS_TAR = 0.5
+#: Targets from the issue: ours / tar for pass-through by page cache (a warm cache is a
+#: memory copy for tar, while ours also hashes and fsyncs), ours / lhotse for transcoding.
+TARGET_VS_TAR = {"warm": 0.5, "cold": 1.0}
 TARGET_VS_LHOTSE = 2.0
 
 WAV_RATE = 48_000
@@ -457,7 +459,7 @@ def report(
             f"ours_MBps={mb / s['ours']:.1f} tar_MBps={mb / s['tar']:.1f} "
             f"ratio_vs_tar={s['tar'] / s['ours']:.3f} "
             f"tar_fsync_hours_per_s={h / s['tar_fsync']:.3f} "
-            f"ratio_vs_tar_fsync={s['tar_fsync'] / s['ours']:.3f} target={TARGET_VS_TAR}"
+            f"ratio_vs_tar_fsync={s['tar_fsync'] / s['ours']:.3f} target={TARGET_VS_TAR[cache]}"
         )
         for key, label in (
             ("ours", "ours (shard stage)"),
