@@ -23,11 +23,15 @@ flat index (:class:`Assigner`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import numpy as np
@@ -701,19 +705,66 @@ class LocalParts:
 
     def map(self, method: Callable[..., T], *args) -> list[T]:
         """Calls :class:`Part` method ``method`` (``Part.stats``, ...) with ``args`` on every
-        part; results in part order.
+        part, the parts on threads of their own; results in part order.
+
+        Each part computes as a Ray actor with one CPU does: on one BLAS thread
+        (:func:`one_blas_thread`). OpenBLAS cuts a GEMM between its threads in ways that
+        change the last bit of some products (at 1 against 2 threads, 8,192 x 40 by 40 x
+        100 differs), and a nearest centroid that flips on such a tie sends a fit down
+        another trajectory: so the centroids are the same in process and on any number of
+        Ray workers. The threads give back the cores (numpy and scipy release the GIL).
 
         Raises:
             TypeError: ``method`` is not a method of ``Part``.
         """
         name = method_name(method)
         # By name, as a remote part is called: a part of a subclass runs its own override.
-        return [getattr(p, name)(*args) for p in self.parts]
+        calls = [getattr(p, name) for p in self.parts]
+        with one_blas_thread():
+            if len(calls) == 1:
+                return [calls[0](*args)]
+            with ThreadPoolExecutor(len(calls), thread_name_prefix="kmeans-part") as pool:
+                futures = [pool.submit(call, *args) for call in calls]
+                return [f.result() for f in futures]
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             self._fingerprint = fingerprint_of(self)
         return self._fingerprint
+
+
+_blas_lock = threading.Lock()
+_blas_controller = None
+_blas_depth = 0
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """numpy's BLAS on one thread inside (as in a Ray actor with one CPU), as it was after;
+    re-entrant. threadpoolctl's controller is made once (2 ms; a limit costs 0.03 ms)."""
+    global _blas_controller, _blas_depth
+    with _blas_lock:
+        if _blas_controller is None:
+            from threadpoolctl import ThreadpoolController
+
+            _blas_controller = ThreadpoolController()
+        _blas_depth += 1
+        limit = _blas_controller.limit(limits=1, user_api="blas") if _blas_depth == 1 else None
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_depth -= 1
+            if limit is not None:
+                limit.restore_original_limits()
+
+
+def cores() -> int:
+    """The CPUs this process may run on: in-process k-means parts by default."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS has no affinity call.
+        return os.cpu_count() or 1
 
 
 def method_name(method: Callable) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 from shards.core import storage
 from shards.core.atomic import read_json, write_atomic, write_npy_atomic
 from units.kmeans import parts as kmeans_parts
-from units.kmeans.parts import DataError, LocalParts, Part
+from units.kmeans.parts import DataError, LocalParts, Part, cores
 
 
 class PCA:
@@ -58,7 +58,10 @@ class PCA:
         Raises:
             DataError: No rows, fewer than two, or ``n_components`` larger than the dimension.
         """
-        parts = LocalParts.from_array(data) if isinstance(data, np.ndarray) else data
+        if isinstance(data, np.ndarray):  # One part per CPU: each runs on one BLAS thread.
+            parts = LocalParts.from_array(data, parts=cores())
+        else:
+            parts = data
         if not 1 <= self.n_components <= parts.dim:
             raise DataError(
                 f"n_components={self.n_components} must be between 1 and the dimension {parts.dim}"

@@ -230,8 +230,30 @@ def test_bad_arguments_are_refused_before_any_work():
         KMeans(0).fit(x)
     with pytest.raises(ValueError, match="init='kmeans'"):
         KMeans(2, init="kmeans").fit(x)
+    with pytest.raises(ValueError, match="refine_sample=0 must be None or >= 1"):
+        KMeans(2, refine_sample=0).fit(x)
+    with pytest.raises(ValueError, match="refine_iter=-1 must be None or >= 0"):
+        KMeans(2, refine_iter=-1).fit(x)
     with pytest.raises(RuntimeError, match="not fitted"):
         KMeans(2).predict(x)
+
+
+def test_the_refinement_sample_is_512_rows_per_centroid_up_to_a_quarter_else_256_up_to_half():
+    def refinement(rows, **kwargs):
+        parts = LocalParts.from_array(np.zeros((rows, 2), np.float32), block_rows=4096)
+        return KMeans(10, seed=7, **kwargs)._refinement(parts)
+
+    # 512 rows per centroid (5,120) while that is at most a quarter of the rows: 40 iterations.
+    assert refinement(20_480) == (([7, 3], 0.25), 40)
+    # Over a quarter: 256 per centroid (2,560) while that is at most half: 20 iterations.
+    assert refinement(20_479) == (([7, 3], 2560 / 20_479), 20)
+    assert refinement(5120) == (([7, 3], 0.5), 20)
+    assert refinement(5119) is None  # Most of the rows: Lloyd on all of them.
+    # A size of one's own counts up to half the rows; refine_iter sets the iterations.
+    assert refinement(20_480, refine_sample=1000) == (([7, 3], 10_000 / 20_480), 20)
+    assert refinement(20_479, refine_sample=1024) is None
+    assert refinement(20_480, refine_iter=5) == (([7, 3], 0.25), 5)
+    assert refinement(20_480, refine_iter=0) is None
 
 
 def test_it_follows_scikit_learns_estimator_contract():

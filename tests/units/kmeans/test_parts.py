@@ -24,6 +24,47 @@ def test_parts_run_a_part_method_passed_as_itself_on_every_part():
     assert [len(r) for r in rows] == [1, 1]
 
 
+def _blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+
+class _Watched(Part):
+    """A part that notes the BLAS threads and the thread it computes its stats on."""
+
+    seen: list = []
+
+    def stats(self, centroids, detail=False):
+        import threading
+
+        self.seen.append((_blas_threads(), threading.current_thread().name))
+        return super().stats(centroids, detail)
+
+
+def test_in_process_parts_each_compute_on_one_blas_thread_as_a_ray_worker_does():
+    # OpenBLAS cuts a GEMM between its threads in ways that change the last bit of some
+    # products; a nearest centroid that flips on such a tie sends a fit elsewhere. So an
+    # in-process part computes as a one-CPU Ray actor does, on one BLAS thread, and the parts
+    # run side by side on threads of their own instead.
+    from threadpoolctl import threadpool_limits
+
+    from units.kmeans.estimator import KMeans
+    from units.kmeans.parts import ArraySource, Blocks
+
+    x = np.random.default_rng(0).normal(size=(4000, 5)).astype(np.float32)
+    blocks = Blocks(len(x), 500)
+    members = [_Watched(ArraySource(x), blocks, lo, hi) for lo, hi in blocks.split(2)]
+    _Watched.seen = []
+    with threadpool_limits(2, user_api="blas"):
+        fitted = KMeans(8, seed=0, max_iter=3).fit(LocalParts(members, blocks, 5))
+        assert _blas_threads() == 2  # The caller's limit is back after the fit.
+    assert _Watched.seen and {threads for threads, _ in _Watched.seen} == {1}
+    assert len({name for _, name in _Watched.seen}) >= 2  # Side by side, not in turn.
+    alone = KMeans(8, seed=0, max_iter=3, parts=1, block_rows=500).fit(x)
+    np.testing.assert_array_equal(fitted.cluster_centers_, alone.cluster_centers_)
+
+
 @pytest.mark.parametrize(
     "method",
     ["dim", _NotAPart.dim, lambda part: part.dim(), print],
