@@ -741,7 +741,9 @@ _blas_depth = 0
 @contextlib.contextmanager
 def one_blas_thread():
     """numpy's BLAS on one thread inside (as in a Ray actor with one CPU), as it was after;
-    re-entrant. threadpoolctl's controller is made once (2 ms; a limit costs 0.03 ms)."""
+    re-entrant. threadpoolctl's controller is made once (2 ms; a limit costs 0.03 ms): it
+    holds the libraries loaded by then, numpy's among them, which is the one the parts'
+    GEMMs run on."""
     global _blas_controller, _blas_depth
     with _blas_lock:
         if _blas_controller is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import os
 
 import numpy as np
 import pytest
@@ -25,9 +26,17 @@ def test_parts_run_a_part_method_passed_as_itself_on_every_part():
 
 
 def _blas_threads() -> int:
+    """The threads of numpy's BLAS, which the parts' GEMMs run on (faiss's OpenMP OpenBLAS,
+    loaded by other tests, keeps a thread count per calling thread and is not theirs)."""
     from threadpoolctl import threadpool_info
 
-    return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+    numpy_blas = [
+        i["num_threads"]
+        for i in threadpool_info()
+        if i["user_api"] == "blas" and os.sep + "numpy" in i["filepath"]
+    ]
+    assert numpy_blas, "numpy's BLAS not found among the loaded libraries"
+    return max(numpy_blas)
 
 
 class _Watched(Part):
