@@ -735,30 +735,34 @@ class LocalParts:
 
 _blas_lock = threading.Lock()
 _blas_controller = None
+_blas_limit = None  # The limit in force while any caller is inside one_blas_thread.
 _blas_depth = 0
 
 
 @contextlib.contextmanager
 def one_blas_thread():
-    """numpy's BLAS on one thread inside (as in a Ray actor with one CPU), as it was after;
-    re-entrant. threadpoolctl's controller is made once (2 ms; a limit costs 0.03 ms): it
+    """numpy's BLAS on one thread inside (as in a Ray actor with one CPU), as it was after
+    the last caller inside leaves; re-entrant, and across threads (two fits in one process
+    may overlap). threadpoolctl's controller is made once (2 ms; a limit costs 0.03 ms): it
     holds the libraries loaded by then, numpy's among them, which is the one the parts'
     GEMMs run on."""
-    global _blas_controller, _blas_depth
+    global _blas_controller, _blas_depth, _blas_limit
     with _blas_lock:
         if _blas_controller is None:
             from threadpoolctl import ThreadpoolController
 
             _blas_controller = ThreadpoolController()
+        if _blas_depth == 0:
+            _blas_limit = _blas_controller.limit(limits=1, user_api="blas")
         _blas_depth += 1
-        limit = _blas_controller.limit(limits=1, user_api="blas") if _blas_depth == 1 else None
     try:
         yield
     finally:
         with _blas_lock:
             _blas_depth -= 1
-            if limit is not None:
-                limit.restore_original_limits()
+            if _blas_depth == 0:
+                _blas_limit.restore_original_limits()
+                _blas_limit = None
 
 
 def cores() -> int:

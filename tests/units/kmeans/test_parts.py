@@ -74,6 +74,23 @@ def test_in_process_parts_each_compute_on_one_blas_thread_as_a_ray_worker_does()
     np.testing.assert_array_equal(fitted.cluster_centers_, alone.cluster_centers_)
 
 
+def test_the_one_blas_thread_limit_holds_until_the_last_caller_inside_leaves():
+    # Two in-process fits may overlap (on two threads of a caller): the first to end must
+    # not give the other's parts back their BLAS threads.
+    from threadpoolctl import threadpool_limits
+
+    from units.kmeans.parts import one_blas_thread
+
+    first, second = one_blas_thread(), one_blas_thread()
+    with threadpool_limits(2, user_api="blas"):
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert _blas_threads() == 1
+        second.__exit__(None, None, None)
+        assert _blas_threads() == 2
+
+
 @pytest.mark.parametrize(
     "method",
     ["dim", _NotAPart.dim, lambda part: part.dim(), print],
